@@ -1,0 +1,154 @@
+"""nbdkit plugin: a pmemblk target's region as an NBD export, over one-sided RDMA.
+
+    nbdkit python plugin/pmemblk.py target=HOST:PORT [flush=gpspm|apm] [readonly=true]
+
+Callbacks are in lifecycle order and only forward to pmemblk.nbdplugin; errors become
+nbdkit.set_error(errno) and then raise. See docs/nbdkit-plugin.md.
+"""
+
+import errno
+import logging
+import os
+import sys
+
+import nbdkit
+
+try:
+    import pmemblk  # noqa: F401
+except ImportError:  # running from a checkout: the package sits beside plugin/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pmemblk.client import Client
+from pmemblk.errors import PmemblkError
+from pmemblk.nbdplugin import PluginConfig, connect_verbs, describe
+
+API_VERSION = 2
+
+# nbdkit prints a failed callback with traceback.format_exception, which honours this limit:
+# expected errors (PmemblkError) then read as one line. Unexpected ones are bugs: _guard logs
+# their full traceback itself.
+sys.tracebacklimit = 0
+
+_cfg = PluginConfig()
+_log = logging.getLogger("pmemblk.plugin")
+
+
+class _NbdkitLog(logging.Handler):
+    """Library logs go to nbdkit's debug stream (-v); warnings and errors also to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        nbdkit.debug(msg)
+        if record.levelno >= logging.WARNING:
+            print(f"pmemblk: {record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except PmemblkError as exc:
+        nbdkit.set_error(exc.errno)
+        raise
+    except Exception:
+        _log.exception("internal error in %s (please report it)", fn.__name__)
+        nbdkit.set_error(errno.EIO)
+        raise
+
+
+def thread_model():
+    # Requests on one connection run one at a time; connections run in parallel, each with
+    # its own queue pair and buffer pool. pyverbs is not thread-safe per QP and holds the GIL
+    # while it blocks, so one QP per connection is the sound unit (docs/design.md).
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+
+
+def config(key, value):
+    _guard(_cfg.set, key, value)
+
+
+def config_complete():
+    _guard(_cfg.complete)
+    root = logging.getLogger("pmemblk")
+    if not any(isinstance(h, _NbdkitLog) for h in root.handlers):
+        root.addHandler(_NbdkitLog())
+        root.setLevel(logging.DEBUG)
+
+
+def open(readonly):
+    # Verbs resources are made here, after nbdkit forked: ones made before the fork are dead.
+    return _guard(connect_verbs, _cfg, readonly or _cfg.readonly)
+
+
+def close(h: Client):
+    h.close()
+
+
+def get_size(h: Client):
+    return h.size
+
+
+def block_size(h: Client):
+    # RDMA is byte-addressable: any alignment works; the region's block size is preferred.
+    return (1, h.block_size, 32 * 1024 * 1024)
+
+
+def export_description(h: Client):
+    return describe(h)
+
+
+def is_rotational(h: Client):
+    return False
+
+
+def can_write(h: Client):
+    return not h.readonly
+
+
+def can_flush(h: Client):
+    return True
+
+
+def can_fua(h: Client):
+    # Native: FUA persists just that write's range (a READ after it, or a one-range COMMIT),
+    # which is cheaper than the full flush nbdkit would emulate it with.
+    return nbdkit.FUA_NATIVE
+
+
+def can_zero(h: Client):
+    # Zeroing is RDMA WRITEs from a registered zero chunk: no zero buffer crosses Python.
+    return True
+
+
+def can_fast_zero(h: Client):
+    # Zeroing costs as much as writing: not "fast" in the NBD sense.
+    return False
+
+
+def can_trim(h: Client):
+    # The region is fixed memory: deallocation would free nothing, and zero covers the need.
+    return False
+
+
+def can_multi_conn(h: Client):
+    # False: a flush persists the writes of its own connection only (apm: its own QP's
+    # writes; gpspm: the ranges this connection recorded), not every connection's.
+    return False
+
+
+def pread(h: Client, buf, offset, flags):
+    _guard(h.pread, memoryview(buf), offset)
+
+
+def pwrite(h: Client, buf, offset, flags):
+    _guard(h.pwrite, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h: Client, count, offset, flags):
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        nbdkit.set_error(errno.ENOTSUP)
+        raise OSError(errno.ENOTSUP, "fast zero is not supported")
+    _guard(h.zero, offset, count, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h: Client, flags):
+    _guard(h.flush)

@@ -1,0 +1,170 @@
+"""The ``pmemblk`` command: create, info, serve.
+
+Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
+130 interrupted. Tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from . import __version__, layout
+from .errors import ConfigError, PmemblkError
+from .pmem import PmemRegion, is_devdax
+
+log = logging.getLogger("pmemblk")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64M``, ``64MiB``, ``1G``: binary units."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"size {text!r} is not a number with an optional K, M, G or T suffix")
+    value = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return value
+
+
+def human(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.6g} {unit}"
+    return f"{n} bytes"
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    path: str = args.path
+    layout.check_block_size(args.block_size, ConfigError)
+    size = parse_size(args.size) if args.size is not None else None
+    if is_devdax(path):
+        region = PmemRegion.open(path)
+        if size is not None and size != region.size:
+            region.close()
+            raise ConfigError(f"{path} is a devdax device of {region.size} bytes: its size is "
+                              "fixed, so leave out --size")
+    elif os.path.exists(path):
+        if not args.force:
+            raise ConfigError(f"{path} already exists; pmemblk never overwrites silently: pass "
+                              "--force to erase it and create a new region")
+        if size is None:
+            size = os.path.getsize(path)
+        os.unlink(path)
+        region = PmemRegion.create(path, size)
+    else:
+        if size is None:
+            raise ConfigError(f"{path} does not exist: give its size with --size, e.g. --size 1G")
+        region = PmemRegion.create(path, size)
+    with region:
+        if is_devdax(path) and layout.has_header(region) and not args.force:
+            raise ConfigError(f"{path} already holds a pmemblk region; pass --force to erase it")
+        header = layout.format_region(region, args.block_size)
+        print(f"created {path}: {human(header.data_size)} of data "
+              f"({header.data_size // header.block_size} blocks of {header.block_size} bytes), "
+              f"uuid {header.uuid}, is_pmem={int(region.is_pmem)} "
+              f"(persistence by {region.persist_method})")
+
+
+def region_info(path: str) -> dict[str, object]:
+    with PmemRegion.open(path) as region:
+        try:
+            header = layout.read_header(region)
+        except PmemblkError as exc:
+            raise PmemblkError(f"{path}: {exc}. Create a region with: pmemblk create {path} "
+                               "--size SIZE") from None
+        state = layout.read_state(region)
+        return {
+            "path": path,
+            "kind": "devdax" if is_devdax(path) else "file",
+            "region_size": region.size,
+            "is_pmem": region.is_pmem,
+            "persistence": region.persist_method,
+            "layout_version": header.version,
+            "uuid": str(header.uuid),
+            "block_size": header.block_size,
+            "data_offset": header.data_offset,
+            "data_size": header.data_size,
+            "created_ns": header.created_ns,
+            "clean_shutdown": state.clean,
+            "times_served": state.times_served,
+        }
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = region_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key in ("region_size", "data_size"):
+            assert isinstance(value, int)
+            value = f"{value} ({human(value)})"
+        print(f"{key + ':':<16}{value}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .target import ServeConfig, parse_listen, serve
+
+    host, port = parse_listen(args.listen)
+    if args.max_clients < 1:
+        raise ConfigError("--max-clients must be at least 1")
+    serve(ServeConfig(path=args.path, host=host, port=port, readonly=args.readonly,
+                      max_clients=args.max_clients, pid_file=args.pid_file))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pmemblk", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"pmemblk {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--debug", action="store_true", help="debug log and tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("create", help="write a new region header (file or devdax)")
+    c.add_argument("path")
+    c.add_argument("--size", help="region size for a new file, e.g. 1G (binary units)")
+    c.add_argument("--block-size", type=int, default=layout.DEFAULT_BLOCK_SIZE,
+                   help="block size advertised to clients (default 4096)")
+    c.add_argument("--force", action="store_true", help="erase an existing file or region")
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("info", help="show a region's header and state")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="export a region over RDMA")
+    s.add_argument("path")
+    s.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="address of the RDMA interface and port, e.g. 192.0.2.1:7000")
+    s.add_argument("--readonly", action="store_true", help="clients may only read")
+    s.add_argument("--max-clients", type=int, default=64)
+    s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose or args.debug else (
+        logging.INFO if args.command == "serve" else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="pmemblk[%(process)d]: %(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except PmemblkError as exc:
+        if args.debug:
+            raise
+        print(f"pmemblk: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

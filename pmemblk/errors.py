@@ -1,0 +1,65 @@
+"""The closed error hierarchy of pmemblk.
+
+Every error a user can meet is one of these classes. Messages say what was wrong and, where
+there is one, what to do about it. The class tells the caller what to do with the connection:
+
+- ``ConfigError``: bad user input (command-line, plugin keys). Fix the input; nothing to retry.
+- ``PmemError``: the region could not be mapped or persisted.
+- ``LayoutError``: the region's header is missing, corrupt or incompatible.
+- ``ProtocolError``: a peer sent something that is not valid protocol. Drop that peer.
+- ``TransportError``: the RDMA (or later TCP) transport failed; the connection is unusable.
+- ``RequestError``: one block request is invalid; the connection is fine.
+- ``RemoteError``: the target answered a request with an error status; the connection is fine.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class PmemblkError(Exception):
+    """Base class: every error pmemblk raises on purpose."""
+
+    #: errno reported to an NBD client when this error ends a request.
+    errno: int = _errno.EIO
+
+
+class ConfigError(PmemblkError):
+    errno = _errno.EINVAL
+
+
+class PmemError(PmemblkError):
+    pass
+
+
+class LayoutError(PmemblkError):
+    pass
+
+
+class ProtocolError(PmemblkError):
+    pass
+
+
+class TransportError(PmemblkError):
+    pass
+
+
+class ConnectionLost(TransportError):
+    """The peer went away (disconnect event, QP in error, deadline passed)."""
+
+
+class RequestError(PmemblkError):
+    """A block request is invalid (out of range, write to a read-only export)."""
+
+    def __init__(self, message: str, errno_value: int = _errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+class RemoteError(PmemblkError):
+    """The target refused or failed a request and said why."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errno = status if status > 0 else _errno.EIO

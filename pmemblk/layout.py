@@ -1,0 +1,163 @@
+"""On-media layout: a versioned, checksummed header at the start of the region.
+
+Bytes 0..63 hold the immutable header (little-endian, CRC32 over bytes 0..55 stored at 56).
+Bytes 64..71 hold the state word, written with one aligned 8-byte store so that a crash during
+an update leaves either the old or the new word, never a torn header. The data area starts at
+``data_offset`` (4 KiB aligned) and is ``data_size`` bytes, a multiple of ``block_size``.
+
+    offset  size  field
+    0       8     magic "PMEMBLK\\0"
+    8       2     layout version (1)
+    10      2     header size (64)
+    12      4     block size
+    16      16    region UUID
+    32      8     data offset
+    40      8     data size
+    48      8     creation time (ns since the epoch)
+    56      4     CRC32 of bytes 0..55
+    60      4     reserved, zero
+    64      8     state word: bit 0 = clean shutdown, bits 8.. = times served
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+from .errors import LayoutError
+from .pmem import PmemRegion
+
+MAGIC = b"PMEMBLK\0"
+LAYOUT_VERSION = 1
+HEADER_STRUCT = struct.Struct("<8sHHI16sQQQII")
+HEADER_SIZE = HEADER_STRUCT.size  # 64
+STATE_OFFSET = 64
+DATA_ALIGN = 4096
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 65536
+DEFAULT_BLOCK_SIZE = 4096
+
+STATE_CLEAN = 1 << 0
+_SERVED_SHIFT = 8
+
+assert HEADER_SIZE == 64
+
+
+@dataclass(frozen=True)
+class Header:
+    uuid: uuid.UUID
+    block_size: int
+    data_offset: int
+    data_size: int
+    created_ns: int
+    version: int = LAYOUT_VERSION
+
+    def encode(self) -> bytes:
+        body = HEADER_STRUCT.pack(
+            MAGIC, self.version, HEADER_SIZE, self.block_size, self.uuid.bytes,
+            self.data_offset, self.data_size, self.created_ns, 0, 0,
+        )
+        crc = zlib.crc32(body[:56])
+        return body[:56] + struct.pack("<II", crc, 0)
+
+    @classmethod
+    def decode(cls, raw: bytes, region_size: int) -> Header:
+        """Parse and validate a header; every failure says what is wrong."""
+        if len(raw) < HEADER_SIZE:
+            raise LayoutError(f"header truncated: {len(raw)} of {HEADER_SIZE} bytes")
+        (magic, version, hsize, block_size, uuid_b, data_offset, data_size, created,
+         crc, reserved) = HEADER_STRUCT.unpack_from(raw)
+        if magic != MAGIC:
+            raise LayoutError(f"no pmemblk header (magic is {magic!r}, expected {MAGIC!r})")
+        if version != LAYOUT_VERSION:
+            raise LayoutError(
+                f"layout version {version} is not supported (this pmemblk reads version "
+                f"{LAYOUT_VERSION})"
+            )
+        if hsize != HEADER_SIZE:
+            raise LayoutError(f"header size {hsize} is invalid (expected {HEADER_SIZE})")
+        actual = zlib.crc32(raw[:56])
+        if crc != actual:
+            raise LayoutError(
+                f"header checksum mismatch (stored 0x{crc:08x}, computed 0x{actual:08x}): "
+                "the header is corrupt"
+            )
+        if reserved != 0:
+            raise LayoutError("reserved header field is not zero")
+        check_block_size(block_size, LayoutError)
+        if data_offset < DATA_ALIGN or data_offset % DATA_ALIGN:
+            raise LayoutError(f"data offset {data_offset} is not a positive multiple of 4096")
+        if data_size <= 0 or data_size % block_size:
+            raise LayoutError(
+                f"data size {data_size} is not a positive multiple of the block size {block_size}"
+            )
+        if data_offset + data_size > region_size:
+            raise LayoutError(
+                f"data area [{data_offset}, {data_offset + data_size}) runs past the end of "
+                f"the {region_size}-byte region"
+            )
+        return cls(uuid.UUID(bytes=uuid_b), block_size, data_offset, data_size, created, version)
+
+
+@dataclass(frozen=True)
+class State:
+    clean: bool
+    times_served: int
+
+    def encode(self) -> int:
+        return (self.times_served << _SERVED_SHIFT) | (STATE_CLEAN if self.clean else 0)
+
+    @classmethod
+    def decode(cls, word: int) -> State:
+        return cls(bool(word & STATE_CLEAN), word >> _SERVED_SHIFT)
+
+
+def check_block_size(block_size: int, exc: type[Exception]) -> None:
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
+        raise exc(
+            f"block size {block_size} is invalid: it must be a power of two from "
+            f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )
+
+
+def data_size_for(region_size: int, block_size: int) -> int:
+    """How much data a region of ``region_size`` bytes holds after the header."""
+    return max(0, (region_size - DATA_ALIGN) // block_size * block_size)
+
+
+def format_region(region: PmemRegion, block_size: int = DEFAULT_BLOCK_SIZE) -> Header:
+    """Write a new header (the caller has decided that overwriting is wanted)."""
+    check_block_size(block_size, LayoutError)
+    data_size = data_size_for(region.size, block_size)
+    if data_size <= 0:
+        raise LayoutError(
+            f"{region.path}: {region.size} bytes is too small: the header takes {DATA_ALIGN} "
+            f"bytes and at least one {block_size}-byte block must follow"
+        )
+    header = Header(uuid.uuid4(), block_size, DATA_ALIGN, data_size, time.time_ns())
+    region.write(0, header.encode() + bytes(DATA_ALIGN - HEADER_SIZE))
+    region.store_u64(STATE_OFFSET, State(clean=True, times_served=0).encode())
+    region.persist(0, DATA_ALIGN)
+    return header
+
+
+def has_header(region: PmemRegion) -> bool:
+    return region.size >= HEADER_SIZE and region.read(0, len(MAGIC)) == MAGIC
+
+
+def read_header(region: PmemRegion) -> Header:
+    if region.size < DATA_ALIGN:
+        raise LayoutError(f"{region.size} bytes is too small to hold a region")
+    return Header.decode(region.read(0, HEADER_SIZE), region.size)
+
+
+def read_state(region: PmemRegion) -> State:
+    return State.decode(int.from_bytes(region.read(STATE_OFFSET, 8), "little"))
+
+
+def write_state(region: PmemRegion, state: State) -> None:
+    region.store_u64(STATE_OFFSET, state.encode())
+    region.persist(STATE_OFFSET, 8)

@@ -1,0 +1,116 @@
+"""What the nbdkit plugin does, without nbdkit: configuration and per-connection handles.
+
+``plugin/pmemblk.py`` is a thin shim that nbdkit loads; it forwards each callback here and maps
+errors to ``nbdkit.set_error``. Keeping the logic here lets it be tested on any host.
+
+Keys::
+
+    target=HOST:PORT      the target (required)
+    flush=gpspm|apm       flush method (default gpspm; see docs/persistence.md)
+    readonly=true|false   open the export read-only (default false)
+    timeout=SECONDS       deadline for every completion (default 30)
+    depth=N               RDMA work requests in flight per request (default 8, 1..64)
+    chunk=SIZE            bytes per work request (default 256K, 4K..16M, a power of two)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .client import Client
+from .errors import ConfigError
+from .protocol import FLUSH_METHODS
+from .target import parse_listen
+from .transport.verbs import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DEPTH,
+    DEFAULT_TIMEOUT,
+    VerbsTransport,
+    resolve_ip,
+)
+
+log = logging.getLogger(__name__)
+
+KEYS = ("target", "flush", "readonly", "timeout", "depth", "chunk")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{key}={value!r}: expected true or false")
+
+
+@dataclass
+class PluginConfig:
+    host: str = ""
+    port: int = 0
+    flush: str = "gpspm"
+    readonly: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    depth: int = DEFAULT_DEPTH
+    chunk: int = DEFAULT_CHUNK_SIZE
+    seen: set[str] = field(default_factory=set)
+
+    def set(self, key: str, value: str) -> None:
+        if key not in KEYS:
+            raise ConfigError(f"unknown key {key!r}: this plugin takes {', '.join(KEYS)}")
+        if key in self.seen:
+            raise ConfigError(f"{key} given twice")
+        self.seen.add(key)
+        if key == "target":
+            self.host, self.port = parse_listen(value)
+        elif key == "flush":
+            if value not in FLUSH_METHODS:
+                raise ConfigError(f"flush={value!r}: use gpspm or apm")
+            self.flush = value
+        elif key == "readonly":
+            self.readonly = parse_bool(key, value)
+        elif key == "timeout":
+            try:
+                self.timeout = float(value)
+            except ValueError:
+                raise ConfigError(f"timeout={value!r}: expected seconds, e.g. 30") from None
+            if not 0 < self.timeout <= 3600:
+                raise ConfigError(f"timeout={value!r}: must be more than 0 and at most 3600")
+        elif key == "depth":
+            if not value.isdigit() or not 1 <= int(value) <= 64:
+                raise ConfigError(f"depth={value!r}: expected a whole number from 1 to 64")
+            self.depth = int(value)
+        elif key == "chunk":
+            from .cli import parse_size
+
+            n = parse_size(value)
+            if n & (n - 1) or not 4096 <= n <= 16 << 20:
+                raise ConfigError(f"chunk={value!r}: expected a power of two from 4K to 16M")
+            self.chunk = n
+
+    def complete(self) -> None:
+        if "target" not in self.seen:
+            raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
+        self.host = resolve_ip(self.host, "target")
+
+
+Connector = Callable[[PluginConfig, bool], Client]
+
+
+def connect_verbs(cfg: PluginConfig, readonly: bool) -> Client:
+    transport = VerbsTransport(cfg.host, cfg.port, readonly=readonly, timeout=cfg.timeout,
+                               depth=cfg.depth, chunk_size=cfg.chunk)
+    try:
+        return Client(transport, cfg.flush, readonly)
+    except BaseException:
+        transport.close()
+        raise
+
+
+def describe(client: Client) -> str:
+    info = client.transport.info
+    return (f"pmemblk region {info.region_uuid}: flush={client.flush_method}, "
+            f"target is_pmem={int(info.is_pmem)}")

@@ -1,0 +1,187 @@
+"""libpmem through ctypes: map a region, persist ranges of it, unmap.
+
+A region is a file (on a DAX filesystem or not) or a devdax character device. When libpmem says
+the mapping is real persistent memory, ``persist`` flushes CPU caches (``pmem_persist``); otherwise
+it calls ``pmem_msync``, which is what durability means for a page-cache backed file. Which one is
+in use is logged at map time and reported by ``pmemblk info``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+from types import TracebackType
+from typing import Any
+
+from .errors import PmemError
+
+log = logging.getLogger(__name__)
+
+PMEM_FILE_CREATE = 1 << 0
+PMEM_FILE_EXCL = 1 << 1
+
+_LIBPMEM_NAME = "libpmem.so.1"
+_lib: Any = None
+
+
+def _libpmem() -> Any:
+    """Load libpmem once; a missing library is one clear error naming the package."""
+    global _lib
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL(_LIBPMEM_NAME, use_errno=True)
+        except OSError as e:
+            raise PmemError(
+                f"cannot load {_LIBPMEM_NAME} ({e}); install the Debian package libpmem1 "
+                "(apt-get install libpmem1)"
+            ) from None
+        lib.pmem_map_file.restype = ctypes.c_void_p
+        lib.pmem_map_file.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.POINTER(ctypes.c_int),
+        ]
+        lib.pmem_unmap.restype = ctypes.c_int
+        lib.pmem_unmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.pmem_persist.restype = None
+        lib.pmem_persist.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.pmem_msync.restype = ctypes.c_int
+        lib.pmem_msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.pmem_errormsg.restype = ctypes.c_char_p
+        lib.pmem_errormsg.argtypes = []
+        _lib = lib
+    return _lib
+
+
+def _errormsg(lib: Any) -> str:
+    msg = lib.pmem_errormsg()
+    return msg.decode(errors="replace") if msg else "unknown libpmem error"
+
+
+def is_devdax(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class PmemRegion:
+    """A mapped pmem region. A context manager; ``close()`` is safe to call twice.
+
+    Use :meth:`open` for an existing file or device and :meth:`create` for a new file.
+    """
+
+    def __init__(self, path: str, addr: int, size: int, is_pmem: bool) -> None:
+        self.path = path
+        self.addr = addr
+        self.size = size
+        self.is_pmem = is_pmem
+        self._closed = False
+        log.info(
+            "mapped %s: %d bytes at 0x%x, is_pmem=%d, persistence by %s",
+            path, size, addr, int(is_pmem), self.persist_method,
+        )
+
+    @property
+    def persist_method(self) -> str:
+        return "pmem_persist" if self.is_pmem else "pmem_msync"
+
+    @classmethod
+    def open(cls, path: str) -> PmemRegion:
+        """Map an existing file or devdax device, whole."""
+        if not os.path.exists(path):
+            raise PmemError(f"{path}: no such file or device")
+        return cls._map(path, 0, 0)
+
+    @classmethod
+    def create(cls, path: str, size: int) -> PmemRegion:
+        """Create a new file of ``size`` bytes (refuses an existing one) and map it."""
+        if size <= 0:
+            raise PmemError(f"cannot create {path}: size must be positive, got {size}")
+        return cls._map(path, size, PMEM_FILE_CREATE | PMEM_FILE_EXCL)
+
+    @classmethod
+    def _map(cls, path: str, length: int, flags: int) -> PmemRegion:
+        lib = _libpmem()
+        mapped = ctypes.c_size_t(0)
+        is_pmem = ctypes.c_int(0)
+        addr = lib.pmem_map_file(
+            os.fsencode(path), length, flags, 0o600, ctypes.byref(mapped), ctypes.byref(is_pmem)
+        )
+        if not addr:
+            err = ctypes.get_errno()
+            hint = ""
+            if err == errno.EINVAL:
+                hint = (
+                    " (the filesystem may not support shared writable mappings, e.g. a 9p or "
+                    "virtiofs share: put the region on a local filesystem, /dev/shm or devdax)"
+                )
+            elif err == errno.EEXIST:
+                hint = " (it already exists)"
+            raise PmemError(f"cannot map {path}: {_errormsg(lib)}{hint}")
+        return cls(path, int(addr), int(mapped.value), bool(is_pmem.value))
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise PmemError(f"{self.path}: region is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise PmemError(
+                f"{self.path}: range [{offset}, {offset + length}) is outside the "
+                f"{self.size}-byte region"
+            )
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A writable view of part of the mapping. Invalid after close(): do not keep it."""
+        self._check(offset, length)
+        return memoryview((ctypes.c_char * length).from_address(self.addr + offset)).cast("B")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.view(offset, length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.view(offset, len(data))[:] = data
+
+    def store_u64(self, offset: int, value: int) -> None:
+        """One aligned 8-byte store: atomic with respect to power failure on pmem."""
+        if offset % 8:
+            raise PmemError(f"store_u64 at unaligned offset {offset}")
+        self._check(offset, 8)
+        ctypes.c_uint64.from_address(self.addr + offset).value = value
+
+    def persist(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) durable: cache flush on pmem, msync otherwise."""
+        self._check(offset, length)
+        if length == 0:
+            return
+        lib = _libpmem()
+        if self.is_pmem:
+            lib.pmem_persist(self.addr + offset, length)
+        elif lib.pmem_msync(self.addr + offset, length) != 0:
+            raise PmemError(
+                f"pmem_msync of {length} bytes at offset {offset} of {self.path} failed: "
+                f"{_errormsg(lib)}"
+            )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if _libpmem().pmem_unmap(self.addr, self.size) != 0:
+            log.warning("pmem_unmap of %s failed: %s", self.path, _errormsg(_libpmem()))
+
+    def __enter__(self) -> PmemRegion:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,265 @@
+"""The pmemblk wire format: every message the client and target exchange.
+
+All messages are little-endian and start with the same 8-byte preamble:
+
+    magic "PMBK" (4) | protocol version u16 | message type u16
+
+Over RDMA CM, HELLO travels as the connect private data (at most 56 bytes), WELCOME as the
+accept private data (at most 196 bytes) and REJECT as the reject private data. CM private data
+may arrive padded with zeros to its full size, so those decoders ignore bytes past their fixed
+layout. COMMIT and COMMIT_REPLY travel as two-sided SEND messages and must have exact lengths.
+
+Every decoder validates before anything is used and raises ProtocolError saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import ProtocolError
+
+MAGIC = b"PMBK"
+PROTOCOL_VERSION = 1
+
+MSG_HELLO = 1
+MSG_WELCOME = 2
+MSG_REJECT = 3
+MSG_COMMIT = 4
+MSG_COMMIT_REPLY = 5
+_TYPE_NAMES = {
+    MSG_HELLO: "HELLO",
+    MSG_WELCOME: "WELCOME",
+    MSG_REJECT: "REJECT",
+    MSG_COMMIT: "COMMIT",
+    MSG_COMMIT_REPLY: "COMMIT_REPLY",
+}
+
+# HELLO flags
+HELLO_READONLY = 1 << 0
+# Region flags in WELCOME
+REGION_IS_PMEM = 1 << 0
+REGION_READONLY = 1 << 1
+# Flush methods (bit mask in WELCOME)
+FLUSH_APM = 1 << 0
+FLUSH_GPSPM = 1 << 1
+FLUSH_METHODS = {"apm": FLUSH_APM, "gpspm": FLUSH_GPSPM}
+
+PREAMBLE = struct.Struct("<4sHH")
+HELLO = struct.Struct("<4sHHII")  # preamble, flags, reserved
+WELCOME = struct.Struct("<4sHHQIIIIQ16sIHH")
+REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason follows
+COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
+RANGE = struct.Struct("<QQ")  # offset, length
+COMMIT_REPLY = struct.Struct("<4sHHiIQ")  # preamble, status (0 or errno), reserved, request id
+
+CM_CONNECT_PRIVATE_MAX = 56
+CM_ACCEPT_PRIVATE_MAX = 196
+REJECT_REASON_MAX = 128  # IB CM REJ carries 148 bytes of private data
+#: Largest COMMIT message: the target posts receive buffers of this size.
+MAX_MESSAGE_SIZE = 4096
+MAX_COMMIT_RANGES = (MAX_MESSAGE_SIZE - COMMIT.size) // RANGE.size
+
+assert HELLO.size <= CM_CONNECT_PRIVATE_MAX
+assert WELCOME.size <= CM_ACCEPT_PRIVATE_MAX
+assert REJECT.size + REJECT_REASON_MAX <= 148
+
+
+def _preamble(raw: bytes, expected: int) -> None:
+    if len(raw) < PREAMBLE.size:
+        raise ProtocolError(f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
+    magic, version, mtype = PREAMBLE.unpack_from(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): not a pmemblk peer")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+    if mtype != expected:
+        raise ProtocolError(
+            f"unexpected message type {_TYPE_NAMES.get(mtype, mtype)} "
+            f"(expected {_TYPE_NAMES[expected]})"
+        )
+
+
+def _need(raw: bytes, size: int, what: str) -> None:
+    if len(raw) < size:
+        raise ProtocolError(f"{what} truncated: {len(raw)} of {size} bytes")
+
+
+def message_type(raw: bytes) -> int:
+    """The type of a message whose preamble is valid (any type)."""
+    if len(raw) < PREAMBLE.size:
+        raise ProtocolError(f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
+    magic, version, mtype = PREAMBLE.unpack_from(raw)
+    if magic != MAGIC or version != PROTOCOL_VERSION:
+        _preamble(raw, mtype)  # raises with the precise reason
+    return int(mtype)
+
+
+# --- HELLO ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    readonly: bool = False
+
+    def encode(self) -> bytes:
+        return HELLO.pack(MAGIC, PROTOCOL_VERSION, MSG_HELLO,
+                          HELLO_READONLY if self.readonly else 0, 0)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Hello:
+        _preamble(raw, MSG_HELLO)
+        _need(raw, HELLO.size, "HELLO")
+        _, _, _, flags, _ = HELLO.unpack_from(raw)
+        if flags & ~HELLO_READONLY:
+            raise ProtocolError(f"HELLO has unknown flags 0x{flags:x}")
+        return cls(readonly=bool(flags & HELLO_READONLY))
+
+
+# --- WELCOME -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Welcome:
+    """What the client learns about the export when the target accepts it."""
+
+    export_size: int
+    block_size: int
+    region_flags: int
+    flush_methods: int
+    rkey: int
+    remote_addr: int
+    region_uuid: uuid.UUID
+    max_message_size: int
+    commit_depth: int
+
+    @property
+    def is_pmem(self) -> bool:
+        return bool(self.region_flags & REGION_IS_PMEM)
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.region_flags & REGION_READONLY)
+
+    def encode(self) -> bytes:
+        return WELCOME.pack(
+            MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
+            self.region_flags, self.flush_methods, self.rkey, self.remote_addr,
+            self.region_uuid.bytes, self.max_message_size, self.commit_depth, 0,
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Welcome:
+        _preamble(raw, MSG_WELCOME)
+        _need(raw, WELCOME.size, "WELCOME")
+        (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
+         _reserved) = WELCOME.unpack_from(raw)
+        if size <= 0:
+            raise ProtocolError(f"WELCOME export size {size} is not positive")
+        if bsize < 512 or bsize > 65536 or bsize & (bsize - 1):
+            raise ProtocolError(f"WELCOME block size {bsize} is not a power of two in 512..65536")
+        if size % bsize:
+            raise ProtocolError(f"WELCOME export size {size} is not a multiple of {bsize}")
+        if rflags & ~(REGION_IS_PMEM | REGION_READONLY):
+            raise ProtocolError(f"WELCOME has unknown region flags 0x{rflags:x}")
+        if methods & ~(FLUSH_APM | FLUSH_GPSPM):
+            raise ProtocolError(f"WELCOME offers unknown flush methods 0x{methods:x}")
+        if addr == 0 or addr + size > 1 << 64:
+            raise ProtocolError(f"WELCOME remote address 0x{addr:x} is invalid")
+        if not (COMMIT.size + RANGE.size <= max_msg <= 1 << 20):
+            raise ProtocolError(f"WELCOME max message size {max_msg} is out of range")
+        if not (1 <= depth <= 1024):
+            raise ProtocolError(f"WELCOME commit depth {depth} is out of range 1..1024")
+        return cls(size, bsize, rflags, methods, rkey, addr, uuid.UUID(bytes=uuid_b),
+                   max_msg, depth)
+
+
+# --- REJECT --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reject:
+    errno: int
+    reason: str
+
+    def encode(self) -> bytes:
+        reason = self.reason.encode("utf-8")[:REJECT_REASON_MAX]
+        return REJECT.pack(MAGIC, PROTOCOL_VERSION, MSG_REJECT, self.errno, len(reason)) + reason
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Reject:
+        _preamble(raw, MSG_REJECT)
+        _need(raw, REJECT.size, "REJECT")
+        _, _, _, err, length = REJECT.unpack_from(raw)
+        if length > REJECT_REASON_MAX:
+            raise ProtocolError(f"REJECT reason length {length} exceeds {REJECT_REASON_MAX}")
+        _need(raw, REJECT.size + length, "REJECT reason")
+        reason = raw[REJECT.size:REJECT.size + length].decode("utf-8", errors="replace")
+        return cls(err, reason)
+
+
+# --- COMMIT --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Commit:
+    """Persist these (offset, length) ranges of the export, then reply."""
+
+    request_id: int
+    ranges: tuple[tuple[int, int], ...]
+
+    def encode(self) -> bytes:
+        if not 1 <= len(self.ranges) <= MAX_COMMIT_RANGES:
+            raise ProtocolError(
+                f"a COMMIT carries 1..{MAX_COMMIT_RANGES} ranges, not {len(self.ranges)}"
+            )
+        head = COMMIT.pack(MAGIC, PROTOCOL_VERSION, MSG_COMMIT, len(self.ranges), 0,
+                           self.request_id)
+        return head + b"".join(RANGE.pack(o, n) for o, n in self.ranges)
+
+    @classmethod
+    def decode(cls, raw: bytes, export_size: int) -> Commit:
+        _preamble(raw, MSG_COMMIT)
+        _need(raw, COMMIT.size, "COMMIT")
+        _, _, _, count, reserved, req_id = COMMIT.unpack_from(raw)
+        if reserved:
+            raise ProtocolError("COMMIT reserved field is not zero")
+        if not 1 <= count <= MAX_COMMIT_RANGES:
+            raise ProtocolError(f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
+        expected = COMMIT.size + count * RANGE.size
+        if len(raw) != expected:
+            raise ProtocolError(f"COMMIT of {count} ranges must be {expected} bytes, got {len(raw)}")
+        ranges = tuple(RANGE.iter_unpack(raw[COMMIT.size:]))
+        for off, length in ranges:
+            if length == 0 or off + length > export_size:
+                raise ProtocolError(
+                    f"COMMIT range [{off}, {off + length}) is empty or past the end of the "
+                    f"{export_size}-byte export"
+                )
+        return cls(req_id, ranges)
+
+
+def commit_batches(ranges: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+    """Split a list of ranges into COMMIT-sized batches."""
+    return [tuple(ranges[i:i + MAX_COMMIT_RANGES])
+            for i in range(0, len(ranges), MAX_COMMIT_RANGES)]
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    request_id: int
+    status: int  # 0 or a positive errno
+
+    def encode(self) -> bytes:
+        return COMMIT_REPLY.pack(MAGIC, PROTOCOL_VERSION, MSG_COMMIT_REPLY, self.status, 0,
+                                 self.request_id)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CommitReply:
+        _preamble(raw, MSG_COMMIT_REPLY)
+        if len(raw) != COMMIT_REPLY.size:
+            raise ProtocolError(f"COMMIT_REPLY must be {COMMIT_REPLY.size} bytes, got {len(raw)}")
+        _, _, _, status, _, req_id = COMMIT_REPLY.unpack_from(raw)
+        if status < 0:
+            raise ProtocolError(f"COMMIT_REPLY status {status} is negative")
+        return cls(req_id, status)

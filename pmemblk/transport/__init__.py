@@ -1,0 +1,36 @@
+"""Transports: how the client moves bytes to and from the target's region.
+
+A transport gives the client core (``pmemblk.client``) five primitives; the flush policy, range
+tracking and request validation live in the core so that every transport shares them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..protocol import Welcome
+
+
+class Transport(Protocol):
+    #: What the target said about the export in its WELCOME.
+    info: Welcome
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from export offset ``offset``."""
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write ``data`` at export offset ``offset``; returns when the transport completed it
+        (for RDMA: the remote NIC acknowledged it, not that it is persistent)."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write ``length`` zero bytes at ``offset``."""
+
+    def read_barrier(self, offset: int) -> None:
+        """APM: a small read on the same channel after writes, which cannot complete before
+        every earlier write has been placed in the target's memory."""
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        """GPSPM: ask the target to persist these ranges and wait for its reply."""
+
+    def close(self) -> None:
+        """Disconnect and free every resource; safe to call twice."""

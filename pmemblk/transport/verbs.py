@@ -1,0 +1,308 @@
+"""The client's RDMA transport: one connection, one-sided READ/WRITE through a pre-registered pool.
+
+Buffer layout (one registration per connection, made at connect time)::
+
+    [ slot 0 | slot 1 | ... | slot depth-1 | zero chunk | send message | receive message ]
+
+Each data slot is ``chunk_size`` bytes. A request is split into chunks and pipelined with up to
+``depth`` work requests in flight, each in its own slot; a slot is reused only after its
+completion. The zero chunk is never written, so every in-flight zeroing WRITE may share it.
+Requests on one connection are serialized by the caller (nbdkit's SERIALIZE_REQUESTS), so the
+pool is never shared between two requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from ..errors import ConfigError, ConnectionLost, ProtocolError, RemoteError, TransportError
+from ..protocol import (
+    COMMIT_REPLY,
+    MAX_MESSAGE_SIZE,
+    Commit,
+    CommitReply,
+    Hello,
+    Reject,
+    Welcome,
+    commit_batches,
+)
+from . import rdma
+from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 8
+DEFAULT_CHUNK_SIZE = 256 * 1024
+DEFAULT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 15.0
+LOOPBACK_HINT = (
+    "RDMA CM does not work on the loopback interface: give the RDMA device (e.g. rxe) a real "
+    "or dummy interface and use its address (see docs/pmemblk.md, 'Soft-RoCE')"
+)
+
+
+def resolve_ip(host: str, what: str) -> str:
+    """Resolve ``host`` to one IP address and refuse addresses RDMA CM cannot use."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{what}: cannot resolve {host!r}: {exc.strerror}") from None
+    ip = ipaddress.ip_address(infos[0][4][0])
+    if ip.is_loopback:
+        raise ConfigError(f"{what}: {ip} is a loopback address. {LOOPBACK_HINT}")
+    if ip.is_unspecified:
+        raise ConfigError(
+            f"{what}: {ip} is a wildcard address; give the address of the interface the RDMA "
+            "device is bound to"
+        )
+    return str(ip)
+
+
+class VerbsTransport(rdma._Closing):
+    """A connection to a pmemblk target over RDMA (RC QP, RDMA CM)."""
+
+    def __init__(self, host: str, port: int, *, readonly: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT, depth: int = DEFAULT_DEPTH,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        require_pyverbs()
+        self.peer = f"{host}:{port}"
+        self.timeout = timeout
+        self.depth = depth
+        self.chunk_size = chunk_size
+        self._broken: str | None = None
+        self._next_id = 1
+        self._closed = False
+        self.cmid: Any = None
+        self.device: Device | None = None
+        self.buffers: RegisteredBuffer | None = None
+        self.ep: Endpoint | None = None
+        self.events = EventChannel()
+        try:
+            self._connect(resolve_ip(host, "target"), port, readonly)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self, ip: str, port: int, readonly: bool) -> None:
+        ce = rdma.ce
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        ms = int(CONNECT_TIMEOUT * 1000)
+        self.cmid = rdma.new_cmid(self.events)
+        try:
+            ai = rdma.AddrInfo(dst=ip, dst_service=str(port), port_space=ce.RDMA_PS_TCP)
+            self.cmid.resolve_addr(ai, ms)
+        except rdma.PyverbsError as exc:
+            raise rdma.rdma_error(f"resolving {self.peer} to an RDMA device failed", exc) from None
+        etype, _ = self.events.wait_for(ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, "address")
+        if etype != ce.RDMA_CM_EVENT_ADDR_RESOLVED:
+            raise TransportError(
+                f"cannot reach {self.peer} through an RDMA device ({event_name(etype)}): is an "
+                "RDMA device (e.g. rxe) bound to the interface that routes to it?"
+            )
+        try:
+            self.cmid.resolve_route(ms)
+        except rdma.PyverbsError as exc:
+            raise rdma.rdma_error(f"resolving the route to {self.peer} failed", exc) from None
+        etype, _ = self.events.wait_for(ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, "route")
+        if etype != ce.RDMA_CM_EVENT_ROUTE_RESOLVED:
+            raise TransportError(f"no RDMA route to {self.peer} ({event_name(etype)})")
+
+        self.device = Device(self.cmid.dev_name)
+        self._zero_off = self.depth * self.chunk_size
+        self._send_off = self._zero_off + self.chunk_size
+        self._recv_off = self._send_off + MAX_MESSAGE_SIZE
+        self.buffers = RegisteredBuffer(self.device.pd, self._recv_off + MAX_MESSAGE_SIZE)
+        self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
+                           recv_depth=2)
+
+        hello = Hello(readonly=readonly).encode()
+        rd = self.device.rd_atom
+        param = rdma.ConnParam(resources=rd, depth=rd, retry=7, rnr_retry=7,
+                               qp_num=self.ep.qp_num, data_len=len(hello))
+        param.set_private_data(hello)
+        try:
+            self.cmid.connect(param)
+        except rdma.PyverbsError as exc:
+            raise rdma.rdma_error(f"connecting to {self.peer} failed", exc) from None
+        etype, data = self.events.wait_for(ce.RDMA_CM_EVENT_CONNECT_RESPONSE, deadline,
+                                           "the target's answer")
+        if etype == ce.RDMA_CM_EVENT_REJECTED:
+            try:
+                rej = Reject.decode(data)
+            except ProtocolError:
+                raise TransportError(
+                    f"{self.peer} rejected the connection: no pmemblk target listens there"
+                ) from None
+            raise RemoteError(f"target {self.peer} refused the connection: {rej.reason}",
+                              rej.errno)
+        if etype != ce.RDMA_CM_EVENT_CONNECT_RESPONSE:
+            raise TransportError(f"connecting to {self.peer} failed: {event_name(etype)}")
+        self.info = Welcome.decode(data)
+        self.ep.connect_qp(self.cmid)
+        try:
+            self.cmid.establish()
+        except rdma.PyverbsError as exc:
+            raise rdma.rdma_error(f"establishing the connection to {self.peer} failed",
+                                  exc) from None
+        log.info(
+            "connected to %s over %s: export %d bytes, block size %d, region %s, is_pmem=%d, "
+            "%s", self.peer, self.device.name, self.info.export_size, self.info.block_size,
+            self.info.region_uuid, int(self.info.is_pmem),
+            "read-only" if self.info.readonly else "read-write",
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _wr_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _usable(self) -> tuple[Endpoint, RegisteredBuffer]:
+        if self._broken is not None:
+            raise ConnectionLost(f"the connection to {self.peer} is unusable: {self._broken}")
+        assert self.ep is not None and self.buffers is not None
+        return self.ep, self.buffers
+
+    def _on_cm_event(self) -> None:
+        for etype, _, event in rdma.iter_cm_events(self.events):
+            event.ack_cm_event()
+            if etype in (rdma.ce.RDMA_CM_EVENT_DISCONNECTED,
+                         rdma.ce.RDMA_CM_EVENT_DEVICE_REMOVAL,
+                         rdma.ce.RDMA_CM_EVENT_TIMEWAIT_EXIT):
+                raise ConnectionLost(f"the target {self.peer} disconnected "
+                                     f"({event_name(etype)})")
+            log.debug("ignoring CM event %s", event_name(etype))
+
+    def _wait(self, ep: Endpoint) -> list[Any]:
+        return ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event)
+
+    def _fail(self, exc: TransportError) -> TransportError:
+        self._broken = str(exc)
+        return exc
+
+    def _pipeline(self, opcode: int, offset: int, length: int, *, src: memoryview | None = None,
+                  dst: memoryview | None = None) -> None:
+        """Move ``length`` bytes at export ``offset`` in chunks, ``depth`` in flight."""
+        ep, bufs = self._usable()
+        chunk = self.chunk_size
+        remote = self.info.remote_addr + offset
+        rkey = self.info.rkey
+        free = list(range(self.depth))
+        inflight: dict[int, tuple[int, int, int]] = {}
+        pos = 0
+        name = rdma.OPCODE_NAMES.get(opcode, str(opcode))
+        try:
+            while pos < length or inflight:
+                while pos < length and free:
+                    n = min(chunk, length - pos)
+                    slot = free.pop()
+                    if src is None and dst is None:
+                        laddr = bufs.addr + self._zero_off
+                    else:
+                        laddr = bufs.addr + slot * chunk
+                        if src is not None:
+                            bufs.view[slot * chunk:slot * chunk + n] = src[pos:pos + n]
+                    wr_id = self._wr_id()
+                    ep.post(wr_id, opcode, laddr, n, bufs.lkey, remote + pos, rkey)
+                    inflight[wr_id] = (slot, pos, n)
+                    pos += n
+                for wc in self._wait(ep):
+                    item = inflight.pop(wc.wr_id, None)
+                    if item is None:
+                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
+                    slot, p, n = item
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, f"RDMA {name}", remote + p, rkey, n)
+                    if dst is not None:
+                        dst[p:p + n] = bufs.view[slot * chunk:slot * chunk + n]
+                    free.append(slot)
+        except TransportError as exc:
+            raise self._fail(exc) from None
+
+    # -- Transport API ---------------------------------------------------------------------
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._pipeline(rdma.e.IBV_WR_RDMA_READ, offset, len(buf), dst=buf)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, len(data), src=data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, length)
+
+    def read_barrier(self, offset: int) -> None:
+        ep, bufs = self._usable()
+        n = min(8, self.info.export_size - offset)
+        remote = self.info.remote_addr + offset
+        wr_id = self._wr_id()
+        try:
+            ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
+                    remote, self.info.rkey)
+            for wc in self._wait(ep):
+                if wc.status != rdma.e.IBV_WC_SUCCESS:
+                    raise rdma.wc_failure(wc, "RDMA READ (flush)", remote, self.info.rkey, n)
+        except TransportError as exc:
+            raise self._fail(exc) from None
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        for batch in commit_batches(ranges):
+            self._commit_one(batch)
+
+    def _commit_one(self, batch: tuple[tuple[int, int], ...]) -> None:
+        ep, bufs = self._usable()
+        req_id = self._wr_id()
+        msg = Commit(req_id, batch).encode()
+        recv_id, send_id = self._wr_id(), self._wr_id()
+        reply: CommitReply | None = None
+        try:
+            ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
+            bufs.view[self._send_off:self._send_off + len(msg)] = msg
+            ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg),
+                    bufs.lkey)
+            sent = False
+            while not (sent and reply is not None):
+                for wc in self._wait(ep):
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, "COMMIT message", length=len(msg))
+                    if wc.wr_id == send_id:
+                        sent = True
+                    elif wc.wr_id == recv_id:
+                        if wc.byte_len != COMMIT_REPLY.size:
+                            raise ProtocolError(f"COMMIT_REPLY of {wc.byte_len} bytes")
+                        reply = CommitReply.decode(
+                            bytes(bufs.view[self._recv_off:self._recv_off + wc.byte_len]))
+                    else:
+                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
+        except (TransportError, ProtocolError) as exc:
+            err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
+            raise self._fail(err) from None
+        if reply.request_id != req_id:
+            raise self._fail(TransportError(
+                f"COMMIT_REPLY answers request {reply.request_id}, expected {req_id}"))
+        if reply.status:
+            raise RemoteError(
+                f"the target could not persist {len(batch)} ranges: "
+                f"{os.strerror(reply.status)}", reply.status)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.cmid is not None and self.ep is not None and self._broken is None:
+            with contextlib.suppress(rdma.PyverbsError):
+                self.cmid.disconnect()
+        for res in (self.ep, self.buffers, self.device):
+            if res is not None:
+                res.close()
+        if self.cmid is not None:
+            with contextlib.suppress(rdma.PyverbsError):
+                self.cmid.close()
+        self.events.close()
