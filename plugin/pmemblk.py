@@ -10,6 +10,8 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import nbdkit
 
@@ -43,7 +45,10 @@ class _NbdkitLog(logging.Handler):
             print(f"pmemblk: {record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
 
 
-def _guard(fn, *args):
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[..., T], *args: object) -> T:
     try:
         return fn(*args)
     except PmemblkError as exc:
@@ -55,18 +60,18 @@ def _guard(fn, *args):
         raise
 
 
-def thread_model():
+def thread_model() -> int:
     # Requests on one connection run one at a time; connections run in parallel, each with
     # its own queue pair and buffer pool. pyverbs is not thread-safe per QP and holds the GIL
     # while it blocks, so one QP per connection is the sound unit (docs/design.md).
-    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
-def config(key, value):
+def config(key: str, value: str) -> None:
     _guard(_cfg.set, key, value)
 
 
-def config_complete():
+def config_complete() -> None:
     _guard(_cfg.complete)
     root = logging.getLogger("pmemblk")
     if not any(isinstance(h, _NbdkitLog) for h in root.handlers):
@@ -74,81 +79,81 @@ def config_complete():
         root.setLevel(logging.DEBUG)
 
 
-def open(readonly):
+def open(readonly: bool) -> Client:
     # Verbs resources are made here, after nbdkit forked: ones made before the fork are dead.
     return _guard(connect_verbs, _cfg, readonly or _cfg.readonly)
 
 
-def close(h: Client):
+def close(h: Client) -> None:
     h.close()
 
 
-def get_size(h: Client):
+def get_size(h: Client) -> int:
     return h.size
 
 
-def block_size(h: Client):
+def block_size(h: Client) -> tuple[int, int, int]:
     # RDMA is byte-addressable: any alignment works; the region's block size is preferred.
     return (1, h.block_size, 32 * 1024 * 1024)
 
 
-def export_description(h: Client):
+def export_description(h: Client) -> str:
     return describe(h)
 
 
-def is_rotational(h: Client):
+def is_rotational(h: Client) -> bool:
     return False
 
 
-def can_write(h: Client):
+def can_write(h: Client) -> bool:
     return not h.readonly
 
 
-def can_flush(h: Client):
+def can_flush(h: Client) -> bool:
     return True
 
 
-def can_fua(h: Client):
+def can_fua(h: Client) -> int:
     # Native: FUA persists just that write's range (a READ after it, or a one-range COMMIT),
     # which is cheaper than the full flush nbdkit would emulate it with.
-    return nbdkit.FUA_NATIVE
+    return int(nbdkit.FUA_NATIVE)
 
 
-def can_zero(h: Client):
+def can_zero(h: Client) -> bool:
     # Zeroing is RDMA WRITEs from a registered zero chunk: no zero buffer crosses Python.
     return True
 
 
-def can_fast_zero(h: Client):
+def can_fast_zero(h: Client) -> bool:
     # Zeroing costs as much as writing: not "fast" in the NBD sense.
     return False
 
 
-def can_trim(h: Client):
+def can_trim(h: Client) -> bool:
     # The region is fixed memory: deallocation would free nothing, and zero covers the need.
     return False
 
 
-def can_multi_conn(h: Client):
+def can_multi_conn(h: Client) -> bool:
     # False: a flush persists the writes of its own connection only (apm: its own QP's
     # writes; gpspm: the ranges this connection recorded), not every connection's.
     return False
 
 
-def pread(h: Client, buf, offset, flags):
+def pread(h: Client, buf: bytearray, offset: int, flags: int) -> None:
     _guard(h.pread, memoryview(buf), offset)
 
 
-def pwrite(h: Client, buf, offset, flags):
+def pwrite(h: Client, buf: bytes, offset: int, flags: int) -> None:
     _guard(h.pwrite, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))
 
 
-def zero(h: Client, count, offset, flags):
+def zero(h: Client, count: int, offset: int, flags: int) -> None:
     if flags & nbdkit.FLAG_FAST_ZERO:
         nbdkit.set_error(errno.ENOTSUP)
         raise OSError(errno.ENOTSUP, "fast zero is not supported")
     _guard(h.zero, offset, count, bool(flags & nbdkit.FLAG_FUA))
 
 
-def flush(h: Client, flags):
+def flush(h: Client, flags: int) -> None:
     _guard(h.flush)

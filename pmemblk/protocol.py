@@ -69,7 +69,8 @@ assert REJECT.size + REJECT_REASON_MAX <= 148
 
 def _preamble(raw: bytes, expected: int) -> None:
     if len(raw) < PREAMBLE.size:
-        raise ProtocolError(f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
+        raise ProtocolError(
+            f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
     magic, version, mtype = PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): not a pmemblk peer")
@@ -92,7 +93,8 @@ def _need(raw: bytes, size: int, what: str) -> None:
 def message_type(raw: bytes) -> int:
     """The type of a message whose preamble is valid (any type)."""
     if len(raw) < PREAMBLE.size:
-        raise ProtocolError(f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
+        raise ProtocolError(
+            f"message truncated: {len(raw)} bytes, a preamble needs {PREAMBLE.size}")
     magic, version, mtype = PREAMBLE.unpack_from(raw)
     if magic != MAGIC or version != PROTOCOL_VERSION:
         _preamble(raw, mtype)  # raises with the precise reason
@@ -225,10 +227,12 @@ class Commit:
         if reserved:
             raise ProtocolError("COMMIT reserved field is not zero")
         if not 1 <= count <= MAX_COMMIT_RANGES:
-            raise ProtocolError(f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
+            raise ProtocolError(
+                f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
         expected = COMMIT.size + count * RANGE.size
         if len(raw) != expected:
-            raise ProtocolError(f"COMMIT of {count} ranges must be {expected} bytes, got {len(raw)}")
+            raise ProtocolError(
+                f"COMMIT of {count} ranges must be {expected} bytes, got {len(raw)}")
         ranges = tuple(RANGE.iter_unpack(raw[COMMIT.size:]))
         for off, length in ranges:
             if length == 0 or off + length > export_size:

@@ -39,14 +39,19 @@ from ..errors import ConnectionLost, TransportError
 log = logging.getLogger(__name__)
 
 try:
+    # Re-exported (``as``) for the target and the verbs transport.
     import pyverbs.cm_enums as ce
     import pyverbs.enums as e
-    from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
+    from pyverbs.cmid import CMID as CMID
+    from pyverbs.cmid import AddrInfo as AddrInfo
+    from pyverbs.cmid import CMEvent, CMEventChannel
+    from pyverbs.cmid import ConnParam as ConnParam
     from pyverbs.cq import CQ, CompChannel
     from pyverbs.device import Context
-    from pyverbs.mr import MR
+    from pyverbs.mr import MR as MR
     from pyverbs.pd import PD
-    from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError
+    from pyverbs.pyverbs_error import PyverbsError as PyverbsError
+    from pyverbs.pyverbs_error import PyverbsRDMAError
     from pyverbs.qp import QP, QPCap, QPInitAttr
     from pyverbs.wr import SGE, RecvWR, SendWR
 
@@ -58,6 +63,12 @@ PYVERBS_MISSING = (
     "pyverbs is not importable: install the Debian package python3-pyverbs and run pmemblk "
     "with /usr/bin/python3 (or a venv made from it with --system-site-packages)"
 )
+
+__all__ = [
+    "CMID", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel", "PyverbsError",
+    "RegisteredBuffer", "ce", "e", "event_name", "iter_cm_events", "new_cmid", "rdma_devices",
+    "rdma_error", "require_pyverbs", "wc_failure",
+]
 
 T = TypeVar("T")
 _FD_LOCK = threading.Lock()
@@ -261,7 +272,7 @@ if HAVE_PYVERBS:
     WC_STATUS_NAMES = {
         getattr(e, n): n[len("IBV_WC_"):]
         for n in dir(e)
-        if n.startswith("IBV_WC_") and n.endswith("_ERR") or n == "IBV_WC_SUCCESS"
+        if (n.startswith("IBV_WC_") and n.endswith("_ERR")) or n == "IBV_WC_SUCCESS"
     }
     OPCODE_NAMES = {e.IBV_WR_RDMA_WRITE: "RDMA_WRITE", e.IBV_WR_RDMA_READ: "RDMA_READ",
                     e.IBV_WR_SEND: "SEND"}

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pmemblk.cli import main, parse_size
+from pmemblk.errors import ConfigError
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pmemblk", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_parse_size() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("64M") == parse_size("64MiB") == 64 << 20
+    assert parse_size("1g") == 1 << 30
+    for bad in ("", "1.5G", "-1", "12Q", "0"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_create_info_and_no_silent_reformat(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "r.img")
+    assert main(["create", path, "--size", "8M", "--block-size", "512"]) == 0
+    assert "blocks of 512 bytes" in capsys.readouterr().out
+    assert main(["info", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["data_size"] == (8 << 20) - 4096 and info["block_size"] == 512
+    assert info["clean_shutdown"] is True and info["is_pmem"] is False
+    uuid1 = info["uuid"]
+    assert main(["create", path, "--size", "8M"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main(["create", path, "--size", "4M", "--force"]) == 0
+    assert os.path.getsize(path) == 4 << 20
+    capsys.readouterr()
+    main(["info", path, "--json"])
+    assert json.loads(capsys.readouterr().out)["uuid"] != uuid1
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\xff" * 65536)
+    cases = [
+        (["info", str(junk)], "no pmemblk header"),
+        (["info", str(tmp_path / "missing")], "no such file"),
+        (["create", str(tmp_path / "n.img")], "--size"),
+        (["create", str(tmp_path / "n.img"), "--size", "10X"], "not a number"),
+        (["create", str(tmp_path / "n.img"), "--size", "1M", "--block-size", "1000"],
+         "block size 1000"),
+        (["create", str(tmp_path / "n.img"), "--size", "4K"], "too small"),
+        (["serve", str(junk), "--listen", "127.0.0.1:7000"], "loopback"),
+        (["serve", str(junk), "--listen", "0.0.0.0:7000"], "wildcard"),
+        (["serve", str(junk), "--listen", "nocolon"], "HOST:PORT"),
+    ]
+    for args, message in cases:
+        res = run(*args)
+        assert res.returncode == 1, (args, res.stderr)
+        assert message in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert junk.read_bytes() == b"\xff" * 65536  # nothing was reformatted
+
+
+def test_serve_refuses_a_region_without_header(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(65536))
+    res = run("serve", str(junk), "--listen", "192.0.2.1:7000")
+    assert res.returncode == 1
+    assert "pmemblk create" in res.stderr and "Traceback" not in res.stderr
+    assert junk.read_bytes() == bytes(65536)

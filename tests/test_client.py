@@ -1,0 +1,141 @@
+"""The client core's flush policy, against an in-memory transport (no RDMA involved)."""
+
+from __future__ import annotations
+
+import errno
+import uuid
+
+import pytest
+
+from pmemblk import protocol as p
+from pmemblk.client import Client
+from pmemblk.errors import ConfigError, RemoteError, RequestError
+
+SIZE = 1 << 20
+
+
+class MemoryTransport:
+    """Records what the client asks for; a 'durable' copy only changes on persistence."""
+
+    def __init__(self, readonly: bool = False, is_pmem: bool = True,
+                 methods: int = p.FLUSH_APM | p.FLUSH_GPSPM) -> None:
+        flags = (p.REGION_READONLY if readonly else 0) | (p.REGION_IS_PMEM if is_pmem else 0)
+        self.info = p.Welcome(SIZE, 4096, flags, methods, 1, 4096, uuid.uuid4(), 4096, 8)
+        self.mem = bytearray(SIZE)
+        self.durable = bytearray(SIZE)
+        self.calls: list[tuple[str, object]] = []
+        self.fail_commit = 0
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        buf[:] = self.mem[offset:offset + len(buf)]
+
+    def write(self, data: memoryview, offset: int) -> None:
+        self.mem[offset:offset + len(data)] = data
+        self.calls.append(("write", (offset, len(data))))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.mem[offset:offset + length] = bytes(length)
+        self.calls.append(("zero", (offset, length)))
+
+    def read_barrier(self, offset: int) -> None:
+        self.durable[:] = self.mem  # apm: everything written on this QP is placed
+        self.calls.append(("barrier", offset))
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        self.calls.append(("commit", list(ranges)))
+        if self.fail_commit:
+            raise RemoteError("cannot persist", self.fail_commit)
+        for off, n in ranges:
+            self.durable[off:off + n] = self.mem[off:off + n]
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_gpspm_flush_commits_exactly_the_dirty_ranges() -> None:
+    t = MemoryTransport()
+    c = Client(t, "gpspm")
+    c.pwrite(memoryview(b"a" * 100), 0)
+    c.pwrite(memoryview(b"b" * 100), 100)  # adjacent: merged
+    c.pwrite(memoryview(b"c" * 10), 5000)
+    c.zero(8192, 4096)
+    assert t.durable == bytes(SIZE)  # nothing persistent before the flush
+    c.flush()
+    assert t.calls[-1] == ("commit", [(0, 200), (5000, 10), (8192, 4096)])
+    assert t.durable == t.mem
+    n = len(t.calls)
+    c.flush()  # nothing dirty: no round trip
+    assert len(t.calls) == n
+
+
+def test_gpspm_fua_persists_only_that_range() -> None:
+    t = MemoryTransport()
+    c = Client(t, "gpspm")
+    c.pwrite(memoryview(b"x" * 10), 0)
+    c.pwrite(memoryview(b"y" * 10), 4096, fua=True)
+    assert t.calls[-1] == ("commit", [(4096, 10)])
+    assert t.durable[4096:4106] == b"y" * 10 and t.durable[0:10] == bytes(10)
+    c.flush()
+    assert t.calls[-1] == ("commit", [(0, 10)])
+
+
+def test_gpspm_failed_commit_keeps_ranges_dirty() -> None:
+    t = MemoryTransport()
+    c = Client(t, "gpspm")
+    c.pwrite(memoryview(b"x" * 10), 0)
+    t.fail_commit = errno.EIO
+    with pytest.raises(RemoteError):
+        c.flush()
+    t.fail_commit = 0
+    c.flush()
+    assert t.calls[-1] == ("commit", [(0, 10)])
+    assert t.durable[:10] == b"x" * 10
+
+
+def test_apm_flush_is_one_read_barrier_after_writes() -> None:
+    t = MemoryTransport()
+    c = Client(t, "apm")
+    c.flush()
+    assert not [x for x in t.calls if x[0] == "barrier"]  # nothing written: nothing to do
+    c.pwrite(memoryview(b"z" * 10), 300)
+    c.flush()
+    assert t.calls[-1] == ("barrier", 300)
+    c.pwrite(memoryview(b"q"), 7, fua=True)
+    assert t.calls[-1] == ("barrier", 7)
+
+
+def test_reads_and_bounds() -> None:
+    t = MemoryTransport()
+    c = Client(t, "gpspm")
+    c.pwrite(memoryview(b"hello"), SIZE - 5)
+    buf = bytearray(5)
+    c.pread(memoryview(buf), SIZE - 5)
+    assert buf == b"hello"
+    with pytest.raises(RequestError, match="outside"):
+        c.pread(memoryview(bytearray(6)), SIZE - 5)
+    with pytest.raises(RequestError, match="outside"):
+        c.pwrite(memoryview(b"x"), SIZE)
+    with pytest.raises(RequestError, match="outside"):
+        c.zero(-1, 2)
+
+
+def test_readonly_export_refuses_writes_with_eperm() -> None:
+    c = Client(MemoryTransport(readonly=True), "gpspm")
+    with pytest.raises(RequestError) as exc:
+        c.pwrite(memoryview(b"x"), 0)
+    assert exc.value.errno == errno.EPERM
+    with pytest.raises(RequestError):
+        c.zero(0, 1)
+    assert Client(MemoryTransport(), "gpspm", readonly=True).readonly
+
+
+def test_flush_method_must_be_known_and_offered() -> None:
+    with pytest.raises(ConfigError, match="unknown flush method"):
+        Client(MemoryTransport(), "magic")
+    with pytest.raises(ConfigError, match="does not offer"):
+        Client(MemoryTransport(methods=p.FLUSH_GPSPM), "apm")
+
+
+def test_apm_on_non_pmem_warns(caplog: pytest.LogCaptureFixture) -> None:
+    Client(MemoryTransport(is_pmem=False), "apm")
+    assert "not real pmem" in caplog.text

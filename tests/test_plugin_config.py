@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+
+from pmemblk.errors import ConfigError
+from pmemblk.nbdplugin import PluginConfig, parse_bool
+
+
+def configured(**keys: str) -> PluginConfig:
+    cfg = PluginConfig()
+    for k, v in keys.items():
+        cfg.set(k, v)
+    cfg.complete()
+    return cfg
+
+
+def test_defaults_and_values() -> None:
+    cfg = configured(target="192.0.2.1:7000")
+    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("192.0.2.1", 7000, "gpspm", False)
+    cfg = configured(target="[2001:db8::1]:9", flush="apm", readonly="yes", timeout="2.5",
+                     depth="4", chunk="64K")
+    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("2001:db8::1", 9, "apm", True)
+    assert (cfg.timeout, cfg.depth, cfg.chunk) == (2.5, 4, 65536)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("bogus", "1", "unknown key 'bogus'"),
+        ("target", "nohostport", "HOST:PORT"),
+        ("target", "host:99999", "outside 1..65535"),
+        ("target", "host:http", "not a number"),
+        ("flush", "always", "use gpspm or apm"),
+        ("readonly", "maybe", "expected true or false"),
+        ("timeout", "soon", "expected seconds"),
+        ("timeout", "0", "more than 0"),
+        ("depth", "0", "1 to 64"),
+        ("depth", "-3", "1 to 64"),
+        ("chunk", "3000", "power of two"),
+        ("chunk", "64M", "power of two"),
+        ("chunk", "lots", "not a number"),
+    ],
+)
+def test_bad_values(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PluginConfig().set(key, value)
+
+
+def test_duplicate_and_missing_keys() -> None:
+    cfg = PluginConfig()
+    cfg.set("flush", "apm")
+    with pytest.raises(ConfigError, match="given twice"):
+        cfg.set("flush", "gpspm")
+    with pytest.raises(ConfigError, match="target=HOST:PORT is required"):
+        cfg.complete()
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1:7000", "localhost:7000", "0.0.0.0:7000"])
+def test_addresses_rdma_cm_cannot_use(addr: str) -> None:
+    cfg = PluginConfig()
+    cfg.set("target", addr)
+    with pytest.raises(ConfigError, match=r"loopback|wildcard"):
+        cfg.complete()
+
+
+def test_parse_bool() -> None:
+    assert parse_bool("k", "ON") and not parse_bool("k", "0")

@@ -1,0 +1,185 @@
+"""Every parser fed valid, truncated, wrong-version, wrong-magic, oversize, out-of-range input."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import struct
+import uuid
+
+import pytest
+
+from pmemblk import protocol as p
+from pmemblk.errors import ProtocolError
+
+EXPORT = 64 << 20
+
+
+def welcome(**kw: object) -> p.Welcome:
+    fields: dict[str, object] = dict(
+        export_size=EXPORT, block_size=4096, region_flags=p.REGION_IS_PMEM,
+        flush_methods=p.FLUSH_APM | p.FLUSH_GPSPM, rkey=0x1234, remote_addr=0x7F0000001000,
+        region_uuid=uuid.uuid4(), max_message_size=p.MAX_MESSAGE_SIZE, commit_depth=8,
+    )
+    fields.update(kw)
+    return p.Welcome(**fields)  # type: ignore[arg-type]
+
+
+def samples() -> list[tuple[bytes, object]]:
+    """(encoded message, decoder) for one valid message of every type."""
+    return [
+        (p.Hello(readonly=True).encode(), p.Hello.decode),
+        (welcome().encode(), p.Welcome.decode),
+        (p.Reject(16, "busy").encode(), p.Reject.decode),
+        (p.Commit(7, ((0, 4096), (8192, 100))).encode(), lambda raw: p.Commit.decode(raw, EXPORT)),
+        (p.CommitReply(7, 0).encode(), p.CommitReply.decode),
+    ]
+
+
+def test_round_trips() -> None:
+    assert p.Hello.decode(p.Hello(readonly=True).encode()) == p.Hello(readonly=True)
+    w = welcome()
+    assert p.Welcome.decode(w.encode()) == w
+    assert p.Reject.decode(p.Reject(16, "busy").encode()) == p.Reject(16, "busy")
+    c = p.Commit(7, ((0, 4096), (8192, 100)))
+    assert p.Commit.decode(c.encode(), EXPORT) == c
+    assert p.CommitReply.decode(p.CommitReply(9, 5).encode()) == p.CommitReply(9, 5)
+
+
+def test_sizes_fit_rdma_cm_private_data() -> None:
+    assert len(p.Hello().encode()) <= p.CM_CONNECT_PRIVATE_MAX
+    assert len(welcome().encode()) <= p.CM_ACCEPT_PRIVATE_MAX
+    assert len(p.Reject(1, "x" * 500).encode()) <= 148  # IB CM REJ private data
+
+
+def test_cm_padding_is_accepted() -> None:
+    # IB CM delivers private data padded with zeros to its full size.
+    raw = p.Hello().encode().ljust(p.CM_CONNECT_PRIVATE_MAX, b"\0")
+    assert p.Hello.decode(raw) == p.Hello()
+    w = welcome()
+    assert p.Welcome.decode(w.encode().ljust(196, b"\0")) == w
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_truncation_is_rejected(index: int) -> None:
+    raw, decode = samples()[index]
+    for n in range(len(raw)):
+        with pytest.raises(ProtocolError):
+            decode(raw[:n])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_wrong_magic_and_version(index: int) -> None:
+    raw, decode = samples()[index]
+    with pytest.raises(ProtocolError, match="bad magic"):
+        decode(b"XXXX" + raw[4:])  # type: ignore[operator]
+    with pytest.raises(ProtocolError, match="protocol version 2"):
+        decode(raw[:4] + struct.pack("<H", 2) + raw[6:])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_wrong_type(index: int) -> None:
+    raw, decode = samples()[index]
+    other = p.MSG_HELLO if index else p.MSG_WELCOME
+    with pytest.raises(ProtocolError, match="unexpected message type"):
+        decode(raw[:6] + struct.pack("<H", other) + raw[8:])  # type: ignore[operator]
+
+
+def test_random_garbage_never_escapes_as_another_error() -> None:
+    rng = random.Random(1)
+    for _ in range(3000):
+        raw = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
+        if rng.random() < 0.5:  # often a valid preamble, so the field checks are reached
+            raw = p.PREAMBLE.pack(p.MAGIC, 1, rng.randrange(1, 6)) + raw
+        for _, decode in samples():
+            with contextlib.suppress(ProtocolError):
+                decode(raw)  # type: ignore[operator]
+
+
+def test_hello_unknown_flags() -> None:
+    raw = p.HELLO.pack(p.MAGIC, 1, p.MSG_HELLO, 0x80, 0)
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        p.Hello.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"export_size": 0}, "not positive"),
+        ({"block_size": 1000}, "block size"),
+        ({"export_size": 4097}, "not a multiple"),
+        ({"region_flags": 0x100}, "unknown region flags"),
+        ({"flush_methods": 0x10}, "unknown flush methods"),
+        ({"remote_addr": 0}, "remote address"),
+        ({"remote_addr": (1 << 64) - 4096}, "remote address"),
+        ({"max_message_size": 8}, "max message size"),
+        ({"max_message_size": 1 << 30}, "max message size"),
+        ({"commit_depth": 0}, "commit depth"),
+        ({"commit_depth": 5000}, "commit depth"),
+    ],
+)
+def test_welcome_out_of_range(kw: dict[str, int], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        p.Welcome.decode(welcome(**kw).encode())
+
+
+def test_reject_reason_length_checked() -> None:
+    raw = p.REJECT.pack(p.MAGIC, 1, p.MSG_REJECT, 5, 200) + b"x" * 200
+    with pytest.raises(ProtocolError, match="exceeds"):
+        p.Reject.decode(raw)
+    raw = p.REJECT.pack(p.MAGIC, 1, p.MSG_REJECT, 5, 10) + b"short"
+    with pytest.raises(ProtocolError, match="truncated"):
+        p.Reject.decode(raw)
+
+
+def commit_raw(count: int, ranges: list[tuple[int, int]], reserved: int = 0) -> bytes:
+    head = p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, count, reserved, 1)
+    return head + b"".join(p.RANGE.pack(o, n) for o, n in ranges)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (commit_raw(0, []), "range count 0"),
+        (commit_raw(p.MAX_COMMIT_RANGES + 1, [(0, 1)] * (p.MAX_COMMIT_RANGES + 1)), "range count"),
+        (commit_raw(2, [(0, 1)]), "must be"),
+        (commit_raw(1, [(0, 1), (0, 1)]), "must be"),
+        (commit_raw(1, [(EXPORT - 10, 11)]), "past the end"),
+        (commit_raw(1, [(EXPORT, 1)]), "past the end"),
+        (commit_raw(1, [((1 << 64) - 1, 1)]), "past the end"),
+        (commit_raw(1, [(0, 0)]), "empty"),
+        (commit_raw(1, [(0, 1)], reserved=1), "reserved"),
+    ],
+)
+def test_commit_hostile(raw: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        p.Commit.decode(raw, EXPORT)
+
+
+def test_commit_encode_limits_and_batches() -> None:
+    with pytest.raises(ProtocolError):
+        p.Commit(1, ()).encode()
+    ranges = [(i * 8192, 4096) for i in range(600)]
+    batches = p.commit_batches(ranges)
+    assert [len(b) for b in batches] == [p.MAX_COMMIT_RANGES, p.MAX_COMMIT_RANGES,
+                                         600 - 2 * p.MAX_COMMIT_RANGES]
+    assert [r for b in batches for r in b] == ranges
+    for b in batches:
+        assert len(p.Commit(1, b).encode()) <= p.MAX_MESSAGE_SIZE
+
+
+def test_commit_reply_exact_length_and_status() -> None:
+    raw = p.CommitReply(1, 0).encode()
+    with pytest.raises(ProtocolError, match="must be"):
+        p.CommitReply.decode(raw + b"\0")
+    bad = p.COMMIT_REPLY.pack(p.MAGIC, 1, p.MSG_COMMIT_REPLY, -5, 0, 1)
+    with pytest.raises(ProtocolError, match="negative"):
+        p.CommitReply.decode(bad)
+
+
+def test_message_type() -> None:
+    assert p.message_type(p.CommitReply(1, 0).encode()) == p.MSG_COMMIT_REPLY
+    with pytest.raises(ProtocolError):
+        p.message_type(b"PMBK")
+    with pytest.raises(ProtocolError, match="bad magic"):
+        p.message_type(b"XXXX\x01\x00\x01\x00")

@@ -1,0 +1,181 @@
+"""The target against several, hostile and vanishing peers, over real verbs (rxe)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pmemblk.client import Client
+from pmemblk.errors import ConnectionLost, RemoteError, TransportError
+from pmemblk.protocol import Reject
+from pmemblk.transport import rdma
+from pmemblk.transport.verbs import VerbsTransport
+
+from .harness import ADDR, PY, Target, pmemblk
+
+SIZE = 16 << 20
+
+
+@pytest.fixture
+def target(shm_region: Path, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    port = 7200 + zlib.crc32(request.node.name.encode()) % 500
+    t = Target(str(shm_region), port, workdir).start()
+    yield t
+    t.stop()
+
+
+def connect(t: Target, **kw: object) -> Client:
+    return Client(VerbsTransport(ADDR, t.port, **kw), "gpspm")  # type: ignore[arg-type]
+
+
+def roundtrip(c: Client, offset: int, n: int = 300_000) -> None:
+    data = os.urandom(n)
+    c.pwrite(memoryview(data), offset)
+    c.flush()
+    buf = bytearray(n)
+    c.pread(memoryview(buf), offset)
+    assert buf == data
+
+
+def test_several_clients_at_once(target: Target) -> None:
+    clients = [connect(target) for _ in range(3)]
+    try:
+        blobs = [os.urandom(1 << 20) for _ in clients]
+        for i, (c, blob) in enumerate(zip(clients, blobs, strict=True)):
+            c.pwrite(memoryview(blob), i << 22)
+        for c in clients:
+            c.flush()
+        for i, blob in enumerate(blobs):  # each client reads what another wrote
+            buf = bytearray(len(blob))
+            clients[(i + 1) % 3].pread(memoryview(buf), i << 22)
+            assert buf == blob
+    finally:
+        for c in clients:
+            c.close()
+    target.wait_log("client 3 disconnected")
+
+
+def raw_connect(port: int, private: bytes) -> tuple[int, bytes]:
+    """Connect with arbitrary private data; return the CM event type and its private data."""
+    with rdma.EventChannel() as events:
+        cmid = rdma.new_cmid(events)
+        try:
+            cmid.resolve_addr(rdma.AddrInfo(dst=ADDR, dst_service=str(port),
+                                            port_space=rdma.ce.RDMA_PS_TCP), 5000)
+            deadline = time.monotonic() + 20
+            events.wait_for(rdma.ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, "address")
+            cmid.resolve_route(5000)
+            events.wait_for(rdma.ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, "route")
+            with rdma.Device(cmid.dev_name) as dev, rdma.Endpoint(dev.ctx, dev.pd, 2, 2) as ep:
+                param = rdma.ConnParam(qp_num=ep.qp_num, data_len=len(private))
+                param.set_private_data(private)
+                cmid.connect(param)
+                return events.wait_for(rdma.ce.RDMA_CM_EVENT_CONNECT_RESPONSE, deadline,
+                                       "answer")
+        finally:
+            cmid.close()
+
+
+@pytest.mark.parametrize("junk", [b"GARBAGE-HELLO-" * 3, b"PMBK\x07\x00\x01\x00" + bytes(8), b""])
+def test_bad_hello_is_rejected_with_a_reason(target: Target, junk: bytes) -> None:
+    good = connect(target)
+    etype, data = raw_connect(target.port, junk)
+    assert etype == rdma.ce.RDMA_CM_EVENT_REJECTED
+    reason = Reject.decode(data).reason
+    assert "bad HELLO" in reason
+    target.wait_log("refusing a client")
+    roundtrip(good, 0)  # the target kept serving the client it had
+    good.close()
+    with connect(target) as again:
+        roundtrip(again, 1 << 20)
+
+
+def test_malformed_commit_disconnects_only_that_peer(target: Target) -> None:
+    good = connect(target)
+    bad = VerbsTransport(ADDR, target.port)
+    try:
+        assert bad.ep is not None and bad.buffers is not None
+        junk = b"PMBK\x01\x00\x04\x00" + b"\xff" * 40  # a COMMIT whose ranges are garbage
+        bad.buffers.view[:len(junk)] = junk
+        bad.ep.post(1, rdma.e.IBV_WR_SEND, bad.buffers.addr, len(junk), bad.buffers.lkey)
+        target.wait_log("disconnecting it")
+        with pytest.raises(TransportError):  # its connection is gone: a clear error, no hang
+            bad.commit([(0, 4096)])
+    finally:
+        bad.close()
+    roundtrip(good, 0)
+    good.close()
+
+
+def test_one_sided_write_past_the_region_fails_remotely(target: Target) -> None:
+    """The MR bounds the export: a forged address gets a remote access error."""
+    good = connect(target)
+    bad = VerbsTransport(ADDR, target.port, timeout=20)
+    before = bytearray(4096)
+    good.pread(memoryview(before), SIZE - 4096 - 4096)
+    try:
+        assert bad.ep is not None and bad.buffers is not None
+        bad.buffers.view[:4096] = b"\xee" * 4096
+        end = bad.info.remote_addr + bad.info.export_size
+        bad.ep.post(9, rdma.e.IBV_WR_RDMA_WRITE, bad.buffers.addr, 4096, bad.buffers.lkey,
+                    end - 2048, bad.info.rkey)
+        wcs = bad.ep.wait(time.monotonic() + 30)
+        assert wcs[0].status == rdma.e.IBV_WC_REM_ACCESS_ERR
+    finally:
+        bad.close()
+    after = bytearray(4096)
+    good.pread(memoryview(after), SIZE - 4096 - 4096)
+    assert after == before
+    roundtrip(good, 0)
+    good.close()
+
+
+CLIENT_SCRIPT = """
+import sys, time
+from pmemblk.transport.verbs import VerbsTransport
+t = VerbsTransport(sys.argv[1], int(sys.argv[2]))
+print("connected", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_client_is_noticed(target: Target) -> None:
+    proc = subprocess.Popen([PY, "-c", CLIENT_SCRIPT, ADDR, str(target.port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+        target.wait_log("client 1 connected")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        target.wait_log("client 1 disconnected")
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with connect(target) as c:
+        roundtrip(c, 0)
+
+
+def test_client_of_a_killed_target_gets_an_error_not_a_hang(target: Target) -> None:
+    c = connect(target, timeout=10)
+    roundtrip(c, 0)
+    target.kill()
+    started = time.monotonic()
+    with pytest.raises((ConnectionLost, TransportError, RemoteError)):
+        c.pread(memoryview(bytearray(4096)), 0)
+    print(f"error after {time.monotonic() - started:.1f}s", flush=True)
+    c.close()
+
+
+def test_readonly_client_cannot_write(target: Target) -> None:
+    c = Client(VerbsTransport(ADDR, target.port, readonly=True), "gpspm", readonly=True)
+    with c, pytest.raises(Exception, match="read-only"):
+        c.pwrite(memoryview(b"x"), 0)
