@@ -156,8 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose or args.debug else (
         logging.INFO if args.command == "serve" else logging.WARNING)
-    logging.basicConfig(level=level, stream=sys.stderr,
+    # pyverbs logs every object it creates (one logger per class): keep -v to pmemblk's own.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pmemblk[%(process)d]: %(levelname)s: %(message)s")
+    log.setLevel(level)
     try:
         args.func(args)
     except PmemblkError as exc:

@@ -130,7 +130,7 @@ def test_fsdax_file_gets_a_clear_error(workdir: Path) -> None:
         target.stop()
         message = str(exc.value)
         assert "fsdax" in message and "devdax" in message and "Traceback" not in message
-        print("fsdax refusal:", message.strip().splitlines()[-1], flush=True)
+        print("fsdax refusal:", [x for x in message.splitlines() if "error:" in x][-1], flush=True)
     finally:
         run("umount", str(mnt))
 
