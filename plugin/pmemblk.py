@@ -1,6 +1,7 @@
-"""nbdkit plugin: a pmemblk target's region as an NBD export, over one-sided RDMA.
+"""nbdkit plugin: a pmemblk target's region as an NBD export, over one-sided RDMA or TCP.
 
-    nbdkit python plugin/pmemblk.py target=HOST:PORT [flush=gpspm|apm] [readonly=true]
+    nbdkit python plugin/pmemblk.py target=HOST:PORT|unix:PATH [transport=auto|verbs|tcp]
+           [flush=gpspm|apm] [readonly=true]
 
 Callbacks are in lifecycle order and only forward to pmemblk.nbdplugin; errors become
 nbdkit.set_error(errno) and then raise. See docs/nbdkit-plugin.md.
@@ -22,7 +23,7 @@ except ImportError:  # running from a checkout: the package sits beside plugin/
 
 from pmemblk.client import Client
 from pmemblk.errors import PmemblkError
-from pmemblk.nbdplugin import PluginConfig, connect_verbs, describe
+from pmemblk.nbdplugin import PluginConfig, connect, describe
 
 API_VERSION = 2
 
@@ -77,11 +78,12 @@ def config_complete() -> None:
     if not any(isinstance(h, _NbdkitLog) for h in root.handlers):
         root.addHandler(_NbdkitLog())
         root.setLevel(logging.DEBUG)
+        root.propagate = False  # importing pyverbs gives the root logger a handler
 
 
 def open(readonly: bool) -> Client:
     # Verbs resources are made here, after nbdkit forked: ones made before the fork are dead.
-    return _guard(connect_verbs, _cfg, readonly or _cfg.readonly)
+    return _guard(connect, _cfg, readonly or _cfg.readonly)
 
 
 def close(h: Client) -> None:

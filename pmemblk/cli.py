@@ -112,13 +112,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .target import ServeConfig, parse_listen, serve
+    from .target import ServeConfig, parse_transports, serve
 
-    host, port = parse_listen(args.listen)
+    transports = parse_transports(args.transport)
+    if args.listen.startswith("unix:") and "verbs" in transports:
+        raise ConfigError("a unix: socket can only serve --transport tcp")
     if args.max_clients < 1:
         raise ConfigError("--max-clients must be at least 1")
-    serve(ServeConfig(path=args.path, host=host, port=port, readonly=args.readonly,
-                      max_clients=args.max_clients, pid_file=args.pid_file))
+    if not 0 < args.handshake_timeout <= 3600:
+        raise ConfigError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+    serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
+                      readonly=args.readonly, max_clients=args.max_clients,
+                      pid_file=args.pid_file, handshake_timeout=args.handshake_timeout))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,10 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("serve", help="export a region over RDMA")
+    s = sub.add_parser("serve", help="export a region over RDMA and/or TCP")
     s.add_argument("path")
-    s.add_argument("--listen", required=True, metavar="ADDR:PORT",
-                   help="address of the RDMA interface and port, e.g. 192.0.2.1:7000")
+    s.add_argument("--listen", required=True, metavar="ADDR:PORT|unix:PATH",
+                   help="for verbs, the address of the RDMA interface and a port, e.g. "
+                   "192.0.2.1:7000; for tcp also a loopback address or unix:PATH")
+    s.add_argument("--transport", default="verbs", metavar="verbs|tcp|verbs,tcp",
+                   help="how clients reach the region (default verbs); both may share a port")
+    s.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="tcp: drop a client that sends no HELLO within this time (default 10)")
     s.add_argument("--readonly", action="store_true", help="clients may only read")
     s.add_argument("--max-clients", type=int, default=64)
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")

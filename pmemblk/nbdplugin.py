@@ -5,7 +5,10 @@ errors to ``nbdkit.set_error``. Keeping the logic here lets it be tested on any 
 
 Keys::
 
-    target=HOST:PORT      the target (required)
+    target=HOST:PORT      the target (required); unix:PATH for a Unix socket (tcp transport)
+    transport=auto|verbs|tcp
+                          auto (default): verbs when an RDMA device with an active port reaches
+                          the target, otherwise TCP; the choice and its reason are logged
     flush=gpspm|apm       flush method (default gpspm; see docs/persistence.md)
     readonly=true|false   open the export read-only (default false)
     timeout=SECONDS       deadline for every completion (default 30)
@@ -16,13 +19,14 @@ Keys::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .client import Client
-from .errors import ConfigError
+from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
 from .target import parse_listen
+from .transport import Transport, rdma
+from .transport.stream import StreamTransport
 from .transport.verbs import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DEPTH,
@@ -33,7 +37,8 @@ from .transport.verbs import (
 
 log = logging.getLogger(__name__)
 
-KEYS = ("target", "flush", "readonly", "timeout", "depth", "chunk")
+KEYS = ("target", "transport", "flush", "readonly", "timeout", "depth", "chunk")
+TRANSPORTS = ("auto", "verbs", "tcp")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -49,8 +54,10 @@ def parse_bool(key: str, value: str) -> bool:
 
 @dataclass
 class PluginConfig:
+    target: str = ""  # as given: HOST:PORT or unix:PATH
     host: str = ""
     port: int = 0
+    transport: str = "auto"
     flush: str = "gpspm"
     readonly: bool = False
     timeout: float = DEFAULT_TIMEOUT
@@ -65,7 +72,16 @@ class PluginConfig:
             raise ConfigError(f"{key} given twice")
         self.seen.add(key)
         if key == "target":
-            self.host, self.port = parse_listen(value)
+            self.target = value
+            if value.startswith("unix:"):
+                if len(value) == len("unix:"):
+                    raise ConfigError("target=unix: needs a socket path")
+            else:
+                self.host, self.port = parse_listen(value)
+        elif key == "transport":
+            if value not in TRANSPORTS:
+                raise ConfigError(f"transport={value!r}: use auto, verbs or tcp")
+            self.transport = value
         elif key == "flush":
             if value not in FLUSH_METHODS:
                 raise ConfigError(f"flush={value!r}: use gpspm or apm")
@@ -94,15 +110,60 @@ class PluginConfig:
     def complete(self) -> None:
         if "target" not in self.seen:
             raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
-        self.host = resolve_ip(self.host, "target")
+        if self.transport == "verbs":
+            if self.is_unix:
+                raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
+            self.host = resolve_ip(self.host, "target")
+
+    @property
+    def is_unix(self) -> bool:
+        return self.target.startswith("unix:")
 
 
-Connector = Callable[[PluginConfig, bool], Client]
+def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
+    """(transport, why) for transport=auto, before trying to connect."""
+    if cfg.is_unix:
+        return "tcp", "the target is a Unix socket"
+    if not rdma.HAVE_PYVERBS:
+        return "tcp", "pyverbs is not importable"
+    devices = rdma.active_rdma_devices()
+    if not devices:
+        return "tcp", "no RDMA device with an active port on this host"
+    try:
+        resolve_ip(cfg.host, "target")
+    except ConfigError as exc:
+        return "tcp", str(exc).split(". ")[0]
+    return "verbs", f"RDMA device {', '.join(devices)} has an active port"
 
 
-def connect_verbs(cfg: PluginConfig, readonly: bool) -> Client:
-    transport = VerbsTransport(cfg.host, cfg.port, readonly=readonly, timeout=cfg.timeout,
-                               depth=cfg.depth, chunk_size=cfg.chunk)
+def connect_transport(cfg: PluginConfig, readonly: bool) -> Transport:
+    if cfg.transport == "auto":
+        kind, why = auto_choice(cfg)
+    else:
+        kind, why = cfg.transport, "transport=tcp"
+    if kind == "verbs":
+        try:
+            transport = VerbsTransport(resolve_ip(cfg.host, "target"), cfg.port,
+                                       readonly=readonly, timeout=cfg.timeout, depth=cfg.depth,
+                                       chunk_size=cfg.chunk)
+        except RemoteError:
+            raise  # a pmemblk target answered over RDMA and refused: that is the answer
+        except (TransportError, ConfigError) as exc:
+            if cfg.transport != "auto":
+                raise
+            why = f"RDMA could not reach the target ({exc})"
+        else:
+            if cfg.transport == "auto":
+                log.info("transport=auto: using RDMA verbs: %s", why)
+            return transport
+    if cfg.transport == "auto":
+        log.info("transport=auto: using TCP: %s", why)
+    return StreamTransport(cfg.target, readonly=readonly, timeout=cfg.timeout,
+                           depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20))
+
+
+def connect(cfg: PluginConfig, readonly: bool) -> Client:
+    transport = connect_transport(cfg, readonly)
     try:
         return Client(transport, cfg.flush, readonly)
     except BaseException:
@@ -112,5 +173,6 @@ def connect_verbs(cfg: PluginConfig, readonly: bool) -> Client:
 
 def describe(client: Client) -> str:
     info = client.transport.info
-    return (f"pmemblk region {info.region_uuid}: flush={client.flush_method}, "
+    kind = "RDMA" if isinstance(client.transport, VerbsTransport) else "TCP"
+    return (f"pmemblk region {info.region_uuid} over {kind}: flush={client.flush_method}, "
             f"target is_pmem={int(info.is_pmem)}")

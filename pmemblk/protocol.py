@@ -9,6 +9,11 @@ accept private data (at most 196 bytes) and REJECT as the reject private data. C
 may arrive padded with zeros to its full size, so those decoders ignore bytes past their fixed
 layout. COMMIT and COMMIT_REPLY travel as two-sided SEND messages and must have exact lengths.
 
+Over a stream (TCP or a Unix socket) the same messages are frames, and READ, WRITE and ZERO
+requests (tagged, several in flight) and their REPLY frames are added. ``request_header_size`` and
+``request_frame_size`` tell a reader how long a frame is from its fixed part, after checking it,
+so that no length is trusted before it is validated.
+
 Every decoder validates before anything is used and raises ProtocolError saying what is wrong.
 """
 
@@ -29,12 +34,20 @@ MSG_WELCOME = 2
 MSG_REJECT = 3
 MSG_COMMIT = 4
 MSG_COMMIT_REPLY = 5
+MSG_READ = 6
+MSG_WRITE = 7
+MSG_ZERO = 8
+MSG_REPLY = 9
 _TYPE_NAMES = {
     MSG_HELLO: "HELLO",
     MSG_WELCOME: "WELCOME",
     MSG_REJECT: "REJECT",
     MSG_COMMIT: "COMMIT",
     MSG_COMMIT_REPLY: "COMMIT_REPLY",
+    MSG_READ: "READ",
+    MSG_WRITE: "WRITE",
+    MSG_ZERO: "ZERO",
+    MSG_REPLY: "REPLY",
 }
 
 # HELLO flags
@@ -54,6 +67,8 @@ REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason foll
 COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
 RANGE = struct.Struct("<QQ")  # offset, length
 COMMIT_REPLY = struct.Struct("<4sHHiIQ")  # preamble, status (0 or errno), reserved, request id
+IO = struct.Struct("<4sHHQQII")  # preamble, tag, offset, length, reserved (READ/WRITE/ZERO)
+REPLY = struct.Struct("<4sHHQiI")  # preamble, tag, status (0 or errno), payload length
 
 CM_CONNECT_PRIVATE_MAX = 56
 CM_ACCEPT_PRIVATE_MAX = 196
@@ -61,6 +76,8 @@ REJECT_REASON_MAX = 128  # IB CM REJ carries 148 bytes of private data
 #: Largest COMMIT message: the target posts receive buffers of this size.
 MAX_MESSAGE_SIZE = 4096
 MAX_COMMIT_RANGES = (MAX_MESSAGE_SIZE - COMMIT.size) // RANGE.size
+#: Largest READ/WRITE/ZERO a stream frame may carry or ask for.
+MAX_IO = 32 << 20
 
 assert HELLO.size <= CM_CONNECT_PRIVATE_MAX
 assert WELCOME.size <= CM_ACCEPT_PRIVATE_MAX
@@ -168,7 +185,7 @@ class Welcome:
             raise ProtocolError(f"WELCOME has unknown region flags 0x{rflags:x}")
         if methods & ~(FLUSH_APM | FLUSH_GPSPM):
             raise ProtocolError(f"WELCOME offers unknown flush methods 0x{methods:x}")
-        if addr == 0 or addr + size > 1 << 64:
+        if addr + size > 1 << 64:
             raise ProtocolError(f"WELCOME remote address 0x{addr:x} is invalid")
         if not (COMMIT.size + RANGE.size <= max_msg <= 1 << 20):
             raise ProtocolError(f"WELCOME max message size {max_msg} is out of range")
@@ -267,3 +284,88 @@ class CommitReply:
         if status < 0:
             raise ProtocolError(f"COMMIT_REPLY status {status} is negative")
         return cls(req_id, status)
+
+
+# --- stream requests: READ, WRITE, ZERO and their REPLY -------------------------------------
+
+@dataclass(frozen=True)
+class IORequest:
+    kind: int  # MSG_READ, MSG_WRITE or MSG_ZERO
+    tag: int
+    offset: int
+    length: int
+
+    def encode(self) -> bytes:
+        return IO.pack(MAGIC, PROTOCOL_VERSION, self.kind, self.tag, self.offset, self.length, 0)
+
+    @classmethod
+    def decode(cls, raw: bytes, export_size: int) -> IORequest:
+        if len(raw) < PREAMBLE.size:
+            raise ProtocolError(f"request truncated: {len(raw)} bytes")
+        kind = PREAMBLE.unpack_from(raw)[2]
+        if kind not in (MSG_READ, MSG_WRITE, MSG_ZERO):
+            kind = MSG_READ  # let _preamble name the unexpected type
+        _preamble(raw, kind)
+        _need(raw, IO.size, _TYPE_NAMES[kind])
+        _, _, _, tag, offset, length, reserved = IO.unpack_from(raw)
+        if reserved:
+            raise ProtocolError(f"{_TYPE_NAMES[kind]} reserved field is not zero")
+        if not 1 <= length <= MAX_IO:
+            raise ProtocolError(f"{_TYPE_NAMES[kind]} length {length} is out of range 1..{MAX_IO}")
+        if offset + length > export_size:
+            raise ProtocolError(
+                f"{_TYPE_NAMES[kind]} [{offset}, {offset + length}) is past the end of the "
+                f"{export_size}-byte export"
+            )
+        return cls(kind, tag, offset, length)
+
+
+@dataclass(frozen=True)
+class Reply:
+    tag: int
+    status: int  # 0 or a positive errno
+    length: int  # payload bytes that follow (READ data)
+
+    def encode(self) -> bytes:
+        return REPLY.pack(MAGIC, PROTOCOL_VERSION, MSG_REPLY, self.tag, self.status, self.length)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Reply:
+        _preamble(raw, MSG_REPLY)
+        _need(raw, REPLY.size, "REPLY")
+        _, _, _, tag, status, length = REPLY.unpack_from(raw)
+        if status < 0:
+            raise ProtocolError(f"REPLY status {status} is negative")
+        if length > MAX_IO or (status and length):
+            raise ProtocolError(f"REPLY payload length {length} is invalid")
+        return cls(tag, status, length)
+
+
+_REQUEST_HEADERS = {MSG_HELLO: HELLO.size, MSG_COMMIT: COMMIT.size, MSG_READ: IO.size,
+                    MSG_WRITE: IO.size, MSG_ZERO: IO.size}
+
+
+def request_header_size(preamble: bytes) -> int:
+    """Size of the fixed part of a client-to-target frame, from its 8-byte preamble."""
+    mtype = message_type(preamble)
+    size = _REQUEST_HEADERS.get(mtype)
+    if size is None:
+        raise ProtocolError(
+            f"unexpected message type {_TYPE_NAMES.get(mtype, mtype)} from a client")
+    return size
+
+
+def request_frame_size(header: bytes, export_size: int) -> int:
+    """Total size of a client-to-target frame, from its fixed part (validated first)."""
+    mtype = message_type(header)
+    if mtype == MSG_HELLO:
+        return HELLO.size
+    if mtype == MSG_COMMIT:
+        _need(header, COMMIT.size, "COMMIT")
+        count = int(COMMIT.unpack_from(header)[3])
+        if not 1 <= count <= MAX_COMMIT_RANGES:
+            raise ProtocolError(
+                f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
+        return COMMIT.size + count * RANGE.size
+    req = IORequest.decode(header, export_size)
+    return IO.size + (req.length if mtype == MSG_WRITE else 0)

@@ -6,9 +6,11 @@ tracking and request validation live in the core so that every transport shares 
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
-from ..protocol import Welcome
+from ..errors import RemoteError, TransportError
+from ..protocol import CommitReply, Reject, Welcome
 
 
 class Transport(Protocol):
@@ -34,3 +36,24 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Disconnect and free every resource; safe to call twice."""
+
+
+# Shared by every transport, so that the handshake and flush answers mean the same everywhere.
+
+def refused(peer: str, reject: Reject) -> RemoteError:
+    """The error for a target's REJECT."""
+    return RemoteError(f"target {peer} refused the connection: {reject.reason}", reject.errno)
+
+
+def check_commit_reply(reply: CommitReply, request_id: int, ranges: int) -> None:
+    """Raise unless ``reply`` says the COMMIT ``request_id`` of ``ranges`` ranges persisted.
+
+    A reply to another request means the connection is out of step (TransportError: the caller
+    marks it broken); a non-zero status is the target's answer (RemoteError).
+    """
+    if reply.request_id != request_id:
+        raise TransportError(
+            f"COMMIT_REPLY answers request {reply.request_id}, expected {request_id}")
+    if reply.status:
+        raise RemoteError(f"the target could not persist {ranges} ranges: "
+                          f"{os.strerror(reply.status)}", reply.status)

@@ -66,8 +66,8 @@ PYVERBS_MISSING = (
 
 __all__ = [
     "CMID", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel", "PyverbsError",
-    "RegisteredBuffer", "ce", "e", "event_name", "iter_cm_events", "new_cmid", "rdma_devices",
-    "rdma_error", "require_pyverbs", "wc_failure",
+    "RegisteredBuffer", "active_rdma_devices", "ce", "e", "event_name", "iter_cm_events",
+    "new_cmid", "rdma_devices", "rdma_error", "require_pyverbs", "wc_failure",
 ]
 
 T = TypeVar("T")
@@ -91,6 +91,21 @@ def rdma_devices() -> list[str]:
         return [d.name.decode() for d in get_device_list()]
     except PyverbsError:
         return []
+
+
+def active_rdma_devices() -> list[str]:
+    """RDMA devices with at least one port in the ACTIVE state."""
+    active = []
+    for name in rdma_devices():
+        try:
+            with Context(name=name) as ctx:
+                ports = int(ctx.query_device().phys_port_cnt)
+                if any(int(ctx.query_port(p).state) == e.IBV_PORT_ACTIVE
+                       for p in range(1, ports + 1)):
+                    active.append(name)
+        except PyverbsError:
+            continue
+    return active
 
 
 def _fd_links() -> dict[int, str]:

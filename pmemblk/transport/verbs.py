@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import time
 from typing import Any
 
-from ..errors import ConfigError, ConnectionLost, ProtocolError, RemoteError, TransportError
+from ..errors import ConfigError, ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
     COMMIT_REPLY,
     MAX_MESSAGE_SIZE,
@@ -32,7 +31,7 @@ from ..protocol import (
     Welcome,
     commit_batches,
 )
-from . import rdma
+from . import check_commit_reply, rdma, refused
 from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
 
 log = logging.getLogger(__name__)
@@ -141,11 +140,12 @@ class VerbsTransport(rdma._Closing):
                 raise TransportError(
                     f"{self.peer} rejected the connection: no pmemblk target listens there"
                 ) from None
-            raise RemoteError(f"target {self.peer} refused the connection: {rej.reason}",
-                              rej.errno)
+            raise refused(self.peer, rej)
         if etype != ce.RDMA_CM_EVENT_CONNECT_RESPONSE:
             raise TransportError(f"connecting to {self.peer} failed: {event_name(etype)}")
         self.info = Welcome.decode(data)
+        if not self.info.remote_addr:
+            raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
         self.ep.connect_qp(self.cmid)
         try:
             self.cmid.establish()
@@ -284,13 +284,10 @@ class VerbsTransport(rdma._Closing):
         except (TransportError, ProtocolError) as exc:
             err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
             raise self._fail(err) from None
-        if reply.request_id != req_id:
-            raise self._fail(TransportError(
-                f"COMMIT_REPLY answers request {reply.request_id}, expected {req_id}"))
-        if reply.status:
-            raise RemoteError(
-                f"the target could not persist {len(batch)} ranges: "
-                f"{os.strerror(reply.status)}", reply.status)
+        try:
+            check_commit_reply(reply, req_id, len(batch))
+        except TransportError as exc:
+            raise self._fail(exc) from None
 
     def close(self) -> None:
         if self._closed:

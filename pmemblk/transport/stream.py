@@ -1,0 +1,227 @@
+"""The client's stream transport: TCP or a Unix socket, same semantics as verbs.
+
+READ, WRITE and ZERO are tagged frames; a request larger than ``chunk_size`` is split and up to
+``depth`` frames are in flight. READ payloads are received straight into the caller's buffer.
+The target applies requests in order, so ``read_barrier`` (flush=apm) is a small READ after the
+writes, exactly as over RDMA; COMMIT (flush=gpspm) is the same message as over RDMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
+from ..protocol import (
+    COMMIT_REPLY,
+    MAX_IO,
+    MSG_COMMIT_REPLY,
+    MSG_READ,
+    MSG_REJECT,
+    MSG_WELCOME,
+    MSG_WRITE,
+    MSG_ZERO,
+    PREAMBLE,
+    REJECT,
+    REPLY,
+    WELCOME,
+    Commit,
+    CommitReply,
+    Hello,
+    IORequest,
+    Reject,
+    Reply,
+    Welcome,
+    commit_batches,
+    message_type,
+)
+from . import check_commit_reply, refused
+from .rdma import _Closing
+from .stream_server import describe_address, parse_stream_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 8
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+
+class StreamTransport(_Closing):
+    """A connection to a pmemblk target over TCP or a Unix socket."""
+
+    def __init__(self, address: str, *, readonly: bool = False, timeout: float = 30.0,
+                 depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        family, addr = parse_stream_address(address)
+        self.peer = describe_address(addr)
+        self.depth = depth
+        self.chunk_size = min(chunk_size, MAX_IO)
+        self._broken: str | None = None
+        self._next_tag = 0
+        self._closed = False
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(addr)
+            except OSError as exc:
+                raise TransportError(
+                    f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
+            if family != socket.AF_UNIX:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.info = self._handshake(readonly)
+        except BaseException:
+            self.close()
+            raise
+        log.info("connected to %s over TCP: export %d bytes, block size %d, region %s, "
+                 "is_pmem=%d, %s", self.peer, self.info.export_size, self.info.block_size,
+                 self.info.region_uuid, int(self.info.is_pmem),
+                 "read-only" if self.info.readonly else "read-write")
+
+    # -- socket helpers --------------------------------------------------------------------
+
+    def _recv_into(self, view: memoryview) -> None:
+        pos = 0
+        while pos < len(view):
+            try:
+                n = self.sock.recv_into(view[pos:])
+            except TimeoutError:
+                raise ConnectionLost(f"{self.peer} did not answer in time") from None
+            except OSError as exc:
+                raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
+            if n == 0:
+                raise ConnectionLost(f"{self.peer} closed the connection")
+            pos += n
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _send(self, *parts: bytes | memoryview) -> None:
+        try:
+            for part in parts:
+                self.sock.sendall(part)
+        except TimeoutError:
+            raise ConnectionLost(f"{self.peer} stopped taking data") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
+
+    def _handshake(self, readonly: bool) -> Welcome:
+        self._send(Hello(readonly=readonly).encode())
+        start = self._recv(PREAMBLE.size)
+        mtype = message_type(start)
+        if mtype == MSG_WELCOME:
+            return Welcome.decode(start + self._recv(WELCOME.size - PREAMBLE.size))
+        if mtype == MSG_REJECT:
+            head = start + self._recv(REJECT.size - PREAMBLE.size)
+            length = REJECT.unpack_from(head)[4]
+            rej = Reject.decode(head + self._recv(min(length, 128)))
+            raise refused(self.peer, rej)
+        raise ProtocolError(f"{self.peer} answered HELLO with message type {mtype}")
+
+    def _usable(self) -> None:
+        if self._broken is not None:
+            raise ConnectionLost(f"the connection to {self.peer} is unusable: {self._broken}")
+
+    def _fail(self, exc: TransportError | ProtocolError) -> TransportError:
+        err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
+        self._broken = str(err)
+        return err
+
+    def _tag(self) -> int:
+        self._next_tag += 1
+        return self._next_tag
+
+    # -- pipelined requests ----------------------------------------------------------------
+
+    def _pipeline(self, kind: int, offset: int, length: int, *, src: memoryview | None = None,
+                  dst: memoryview | None = None, chunk: int | None = None) -> None:
+        self._usable()
+        step = chunk or self.chunk_size
+        inflight: dict[int, tuple[int, int]] = {}
+        pending = ((pos, min(step, length - pos)) for pos in range(0, length, step))
+        failed = 0  # first errno the target answered; the rest in flight are still drained
+        try:
+            more = True
+            while more or inflight:
+                while more and not failed and len(inflight) < self.depth:
+                    nxt = next(pending, None)
+                    if nxt is None:
+                        more = False
+                        break
+                    pos, n = nxt
+                    tag = self._tag()
+                    head = IORequest(kind, tag, offset + pos, n).encode()
+                    if src is not None:
+                        self._send(head, src[pos:pos + n])
+                    else:
+                        self._send(head)
+                    inflight[tag] = (pos, n)
+                if inflight:
+                    status = self._receive_reply(inflight, dst)
+                    failed = failed or status
+                if failed:
+                    more = False
+        except (TransportError, ProtocolError) as exc:
+            raise self._fail(exc) from None
+        if failed:
+            raise RemoteError(f"the target failed a request: {os.strerror(failed)}", failed)
+
+    def _receive_reply(self, inflight: dict[int, tuple[int, int]],
+                       dst: memoryview | None) -> int:
+        """Read one REPLY (and its payload); return its status."""
+        reply = Reply.decode(self._recv(REPLY.size))
+        item = inflight.pop(reply.tag, None)
+        if item is None:
+            raise ProtocolError(f"REPLY for unknown tag {reply.tag}")
+        pos, n = item
+        if reply.status:
+            return reply.status
+        if dst is not None:
+            if reply.length != n:
+                raise ProtocolError(f"READ reply of {reply.length} bytes, asked for {n}")
+            self._recv_into(dst[pos:pos + n])
+        elif reply.length:
+            raise ProtocolError(f"unexpected {reply.length}-byte payload in a REPLY")
+        return 0
+
+    # -- Transport API ---------------------------------------------------------------------
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._pipeline(MSG_READ, offset, len(buf), dst=buf)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        self._pipeline(MSG_WRITE, offset, len(data), src=data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO)
+
+    def read_barrier(self, offset: int) -> None:
+        n = min(8, self.info.export_size - offset)
+        self._pipeline(MSG_READ, offset, n, dst=memoryview(bytearray(n)))
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        self._usable()
+        for batch in commit_batches(ranges):
+            req_id = self._tag()
+            try:
+                self._send(Commit(req_id, batch).encode())
+                raw = self._recv(COMMIT_REPLY.size)
+                if message_type(raw) != MSG_COMMIT_REPLY:
+                    raise ProtocolError(f"expected COMMIT_REPLY, got type {message_type(raw)}")
+                reply = CommitReply.decode(raw)
+            except (TransportError, ProtocolError) as exc:
+                raise self._fail(exc) from None
+            try:
+                check_commit_reply(reply, req_id, len(batch))
+            except TransportError as exc:
+                raise self._fail(exc) from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+

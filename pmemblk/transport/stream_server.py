@@ -1,0 +1,310 @@
+"""The target's stream side: TCP or a Unix socket, the same messages as frames.
+
+Each client is a non-blocking socket on the target's reactor. Frames are parsed incrementally:
+the 8-byte preamble gives the fixed header size, the validated header gives the frame size, and
+only then is the body awaited, so no length is trusted before it is checked. Any invalid frame,
+a client silent past the handshake deadline, or one that leaves mid-frame is logged and
+disconnected; the others are not affected. Requests are answered in order; several may be in
+flight (they are tagged).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
+from ..protocol import (
+    IO,
+    MSG_COMMIT,
+    MSG_HELLO,
+    MSG_READ,
+    MSG_WRITE,
+    MSG_ZERO,
+    PREAMBLE,
+    Commit,
+    IORequest,
+    Reject,
+    Reply,
+    message_type,
+    request_frame_size,
+    request_header_size,
+)
+from ..reactor import Reactor
+
+if TYPE_CHECKING:
+    from ..target import Export
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 20
+#: Stop reading a client's requests while this much of its replies is still unsent.
+MAX_QUEUED = 64 << 20
+
+
+def parse_stream_address(listen: str) -> tuple[int, str | tuple[str, int]]:
+    """``unix:PATH`` or ``HOST:PORT`` → (address family, socket address)."""
+    from ..target import parse_listen
+
+    if listen.startswith("unix:"):
+        path = listen[len("unix:"):]
+        if not path:
+            raise ConfigError("unix: needs a socket path, e.g. unix:/run/pmemblk.sock")
+        return socket.AF_UNIX, path
+    host, port = parse_listen(listen)
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    return info[0], (str(info[4][0]), port)
+
+
+def describe_address(addr: str | tuple[str, int]) -> str:
+    return f"unix:{addr}" if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+
+
+class _Conn:
+    def __init__(self, server: StreamServer, sock: socket.socket, number: int, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.number = number
+        self.peer = peer
+        self.rbuf = bytearray()
+        self.wq: collections.deque[memoryview] = collections.deque()
+        self.queued = 0
+        self.welcomed = False
+        self.closed = False
+        self.close_after_send = False
+        self.timer: int | None = None
+        self.requests = 0
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.drop(f"connection error: {exc.strerror}", warn=False)
+            return
+        if not data:
+            if self.rbuf:
+                self.drop(f"left in the middle of a frame ({len(self.rbuf)} bytes of it read)")
+            else:
+                self.drop("disconnected", warn=False)
+            return
+        self.rbuf += data
+        try:
+            while not self.closed and not self.close_after_send and self._next_frame():
+                pass
+        except PmemblkError as exc:
+            self.drop(f"sent an invalid frame: {exc}")
+            return
+        except Exception:  # a bug: drop this client, keep serving the others
+            log.exception("client %d: internal error", self.number)
+            self.drop("hit an internal error")
+            return
+        self._update_interest()
+
+    def _next_frame(self) -> bool:
+        buf = self.rbuf
+        if len(buf) < PREAMBLE.size:
+            return False
+        hsize = request_header_size(bytes(buf[:PREAMBLE.size]))
+        if len(buf) < hsize:
+            return False
+        export = self.server.export
+        assert export is not None
+        total = request_frame_size(bytes(buf[:hsize]), export.size)
+        if len(buf) < total:
+            return False
+        frame = memoryview(buf)[:total]
+        try:
+            self._handle(frame, export)
+        finally:
+            frame.release()
+        del buf[:total]
+        return True
+
+    def _handle(self, frame: memoryview, export: Export) -> None:
+        mtype = message_type(bytes(frame[:PREAMBLE.size]))
+        if not self.welcomed:
+            if mtype != MSG_HELLO:
+                raise ProtocolError("the first frame must be HELLO")
+            self._hello(bytes(frame), export)
+            return
+        self.requests += 1
+        if mtype == MSG_COMMIT:
+            self.send(export.commit(Commit.decode(bytes(frame), export.size)).encode())
+        elif mtype in (MSG_READ, MSG_WRITE, MSG_ZERO):
+            req = IORequest.decode(bytes(frame[:IO.size]), export.size)
+            if mtype == MSG_READ:
+                self.send(Reply(req.tag, 0, req.length).encode())
+                self.send(bytes(export.read(req.offset, req.length)))
+            elif export.readonly:
+                self.send(Reply(req.tag, errno.EPERM, 0).encode())
+            else:
+                if mtype == MSG_WRITE:
+                    export.write(req.offset, frame[IO.size:])
+                else:
+                    export.zero(req.offset, req.length)
+                self.send(Reply(req.tag, 0, 0).encode())
+        else:
+            raise ProtocolError("HELLO after the handshake")
+
+    def _hello(self, raw: bytes, export: Export) -> None:
+        if self.timer is not None:
+            self.server.reactor.cancel(self.timer)
+            self.timer = None
+        answer = export.answer_hello(raw)
+        self.send(answer.encode())
+        if isinstance(answer, Reject):
+            log.warning("refusing client %d (%s): %s", self.number, self.peer, answer.reason)
+            self.close_after_send = True
+            return
+        self.welcomed = True
+        log.info("client %d connected from %s (%d clients)", self.number, self.peer,
+                 export.clients)
+
+    def handshake_expired(self) -> None:
+        self.timer = None
+        if not self.welcomed and not self.closed:
+            self.drop(f"sent no HELLO within {self.server.handshake_timeout:g}s")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self.wq.append(memoryview(data))
+            self.queued += len(data)
+
+    def _flush(self) -> bool:
+        """Send what the socket takes now; False if the connection failed (and was dropped)."""
+        try:
+            while self.wq:
+                head = self.wq[0]
+                n = self.sock.send(head)
+                self.queued -= n
+                if n < len(head):
+                    self.wq[0] = head[n:]
+                    break
+                self.wq.popleft()
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.drop(f"connection error: {exc.strerror}", warn=False)
+            return False
+        return True
+
+    def on_writable(self) -> None:
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        if self.closed or not self._flush():
+            return
+        if not self.wq and self.close_after_send:
+            self.drop("refused", warn=False)
+            return
+        reading = self.queued <= MAX_QUEUED and not self.close_after_send
+        self.server.reactor.modify(self.fd, self.on_readable if reading else None,
+                                   self.on_writable if self.wq else None)
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def drop(self, why: str, warn: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        (log.warning if warn else log.info)(
+            "client %d (%s) %s after %d requests%s", self.number, self.peer, why, self.requests,
+            ": disconnecting it" if warn else "")
+        if self.timer is not None:
+            self.server.reactor.cancel(self.timer)
+        self.server.reactor.remove(self.fd)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.wq.clear()
+        self.server.conns.pop(self.number, None)
+        if self.welcomed and self.server.export is not None:
+            self.server.export.client_left()
+
+
+class StreamServer:
+    name = "tcp"
+
+    def __init__(self, reactor: Reactor, listen: str, handshake_timeout: float) -> None:
+        self.reactor = reactor
+        self.family, self.address = parse_stream_address(listen)
+        self.handshake_timeout = handshake_timeout
+        self.export: Export | None = None
+        self.sock: socket.socket | None = None
+        self.conns: dict[int, _Conn] = {}
+        self._number = 0
+        self._closed = False
+
+    def start(self, export: Export) -> None:
+        self.export = export
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if self.family == socket.AF_UNIX:
+                assert isinstance(self.address, str)
+                if os.path.exists(self.address):
+                    os.unlink(self.address)  # a stale socket from a killed target
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.address)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(
+                f"cannot listen on {describe_address(self.address)}: {exc.strerror}") from None
+        sock.setblocking(False)
+        self.sock = sock
+        self.reactor.add(sock.fileno(), self._on_accept)
+        region = export.region
+        log.info(
+            "serving %s (%d bytes, block size %d, uuid %s, is_pmem=%d, persistence by %s%s) "
+            "on %s over TCP", region.path, export.size, export.header.block_size,
+            export.header.uuid, int(region.is_pmem), region.persist_method,
+            ", read-only" if export.readonly else "", describe_address(self.address))
+
+    def _on_accept(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc.strerror)
+                return
+            sock.setblocking(False)
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._number += 1
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix socket"
+            conn = _Conn(self, sock, self._number, peer)
+            self.conns[conn.number] = conn
+            conn.timer = self.reactor.call_later(self.handshake_timeout, conn.handshake_expired)
+            self.reactor.add(conn.fd, conn.on_readable)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self.conns.values()):
+            conn.drop("disconnected: the target is stopping", warn=False)
+        if self.sock is not None:
+            self.reactor.remove(self.sock.fileno())
+            self.sock.close()
+            if self.family == socket.AF_UNIX:
+                assert isinstance(self.address, str)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.address)
