@@ -59,7 +59,26 @@ def test_duplicate_and_missing_keys() -> None:
 def test_addresses_rdma_cm_cannot_use(addr: str) -> None:
     cfg = PluginConfig()
     cfg.set("target", addr)
+    cfg.set("transport", "verbs")
     with pytest.raises(ConfigError, match=r"loopback|wildcard"):
+        cfg.complete()
+    tcp = PluginConfig()
+    tcp.set("target", addr)
+    tcp.set("transport", "tcp")
+    tcp.complete()  # TCP is happy on loopback
+
+
+def test_transport_and_unix_targets() -> None:
+    cfg = configured(target="unix:/run/p.sock")
+    assert cfg.is_unix and cfg.transport == "auto"
+    with pytest.raises(ConfigError, match="use auto, verbs or tcp"):
+        PluginConfig().set("transport", "carrier-pigeon")
+    with pytest.raises(ConfigError, match="needs a socket path"):
+        PluginConfig().set("target", "unix:")
+    cfg = PluginConfig()
+    cfg.set("target", "unix:/run/p.sock")
+    cfg.set("transport", "verbs")
+    with pytest.raises(ConfigError, match="not a unix: socket"):
         cfg.complete()
 
 

@@ -110,7 +110,6 @@ def test_hello_unknown_flags() -> None:
         ({"export_size": 4097}, "not a multiple"),
         ({"region_flags": 0x100}, "unknown region flags"),
         ({"flush_methods": 0x10}, "unknown flush methods"),
-        ({"remote_addr": 0}, "remote address"),
         ({"remote_addr": (1 << 64) - 4096}, "remote address"),
         ({"max_message_size": 8}, "max message size"),
         ({"max_message_size": 1 << 30}, "max message size"),
@@ -183,3 +182,73 @@ def test_message_type() -> None:
         p.message_type(b"PMBK")
     with pytest.raises(ProtocolError, match="bad magic"):
         p.message_type(b"XXXX\x01\x00\x01\x00")
+
+
+# --- stream frames ---------------------------------------------------------------------------
+
+def test_io_request_round_trip_and_frame_sizes() -> None:
+    for kind in (p.MSG_READ, p.MSG_WRITE, p.MSG_ZERO):
+        req = p.IORequest(kind, 42, 4096, 1000)
+        raw = req.encode()
+        assert p.IORequest.decode(raw, EXPORT) == req
+        assert p.request_header_size(raw[:8]) == p.IO.size
+        extra = 1000 if kind == p.MSG_WRITE else 0
+        assert p.request_frame_size(raw, EXPORT) == p.IO.size + extra
+    hello = p.Hello().encode()
+    assert p.request_header_size(hello[:8]) == p.request_frame_size(hello, EXPORT) == 16
+    commit = p.Commit(1, ((0, 1), (10, 1))).encode()
+    assert p.request_header_size(commit[:8]) == p.COMMIT.size
+    assert p.request_frame_size(commit[:p.COMMIT.size], EXPORT) == len(commit)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, 0, 0), "out of range"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, p.MAX_IO + 1, 0), "out of range"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_WRITE, 1, EXPORT - 1, 2, 0), "past the end"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_ZERO, 1, (1 << 64) - 1, 1, 0), "past the end"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_ZERO, 1, 0, 1, 5), "reserved"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, 1, 0)[:20], "truncated"),
+        (p.IO.pack(p.MAGIC, 1, p.MSG_COMMIT_REPLY, 1, 0, 1, 0), "unexpected message type"),
+    ],
+)
+def test_io_request_hostile(raw: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        p.IORequest.decode(raw, EXPORT)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        p.PREAMBLE.pack(p.MAGIC, 1, p.MSG_WELCOME),  # a target's message from a client
+        p.PREAMBLE.pack(p.MAGIC, 1, 99),
+        p.PREAMBLE.pack(b"JUNK", 1, p.MSG_HELLO),
+        p.PREAMBLE.pack(p.MAGIC, 3, p.MSG_HELLO),
+        b"PMBK",
+    ],
+)
+def test_request_header_size_refuses(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        p.request_header_size(raw)
+
+
+def test_request_frame_size_refuses_huge_commit() -> None:
+    head = p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, 100000, 0, 1)
+    with pytest.raises(ProtocolError, match="range count"):
+        p.request_frame_size(head, EXPORT)
+
+
+def test_reply_round_trip_and_checks() -> None:
+    assert p.Reply.decode(p.Reply(5, 0, 4096).encode()) == p.Reply(5, 0, 4096)
+    with pytest.raises(ProtocolError, match="negative"):
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, -1, 0))
+    with pytest.raises(ProtocolError, match="payload length"):
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, 0, p.MAX_IO + 1))
+    with pytest.raises(ProtocolError, match="payload length"):
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, 5, 10))  # error with data
+
+
+def test_welcome_for_tcp_has_no_rdma_region() -> None:
+    w = welcome(rkey=0, remote_addr=0)
+    assert p.Welcome.decode(w.encode()) == w

@@ -6,20 +6,13 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .harness import (
-    NbdDevice,
-    Nbdkit,
-    Target,
-    mounted,
-    pmemblk,
-    region_info,
-    run,
-    served,
-)
+from ..procs import PLUGIN, NbdDevice, Nbdkit, Target, mounted, pmemblk, region_info, run, served
+from .harness import ADDR, vm_target
 
 FLUSH = ["gpspm", "apm"]
 BIG = 70 << 20  # "one file over 64 MiB"
@@ -42,7 +35,7 @@ def check_files(root: Path, sums: dict[str, str]) -> None:
 
 
 def filesystem_story(region: str, port: int, workdir: Path, flush: str) -> None:
-    target = Target(region, port, workdir).start()
+    target = vm_target(region, port, workdir).start()
     try:
         with served(target, workdir, f"flush={flush}") as dev:
             run("mkfs.ext4", "-q", "-F", dev.dev)
@@ -52,7 +45,7 @@ def filesystem_story(region: str, port: int, workdir: Path, flush: str) -> None:
         print(f"wrote {len(sums)} files ({BIG >> 20} MiB largest), synced, unmounted", flush=True)
         target.kill()  # SIGKILL: no clean shutdown
         assert region_info(region)["clean_shutdown"] is False
-        target = Target(region, port, workdir).start()
+        target = vm_target(region, port, workdir).start()
         target.wait_log("was not shut down cleanly")
         with served(target, workdir, f"flush={flush}") as dev:
             fsck = run("fsck.ext4", "-fn", dev.dev)
@@ -88,7 +81,7 @@ def fio(dev: str, *args: str) -> dict[str, object]:
 @pytest.mark.parametrize("flush", FLUSH)
 def test_fio_verify(shm_region: Path, workdir: Path, flush: str) -> None:
     pmemblk("create", str(shm_region), "--size", "256M")
-    target = Target(str(shm_region), 7110 + FLUSH.index(flush), workdir).start()
+    target = vm_target(str(shm_region), 7110 + FLUSH.index(flush), workdir).start()
     try:
         with served(target, workdir, f"flush={flush}") as dev:
             fio(dev.dev, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M")
@@ -124,7 +117,7 @@ def test_fsdax_file_gets_a_clear_error(workdir: Path) -> None:
         region = str(mnt / "region.img")
         pmemblk("create", region, "--size", "16M")
         assert region_info(region)["is_pmem"] is True  # MAP_SYNC on a DAX mount
-        target = Target(region, 7130, workdir)
+        target = vm_target(region, 7130, workdir)
         with pytest.raises(AssertionError, match="exited 1") as exc:
             target.start()
         target.stop()
@@ -137,7 +130,7 @@ def test_fsdax_file_gets_a_clear_error(workdir: Path) -> None:
 
 def test_sigterm_marks_clean_and_persists(shm_region: Path, workdir: Path) -> None:
     pmemblk("create", str(shm_region), "--size", "16M")
-    target = Target(str(shm_region), 7140, workdir).start()
+    target = vm_target(str(shm_region), 7140, workdir).start()
     assert region_info(str(shm_region))["clean_shutdown"] is False
     assert target.stop(signal.SIGTERM) == 0
     assert "marked" in target.log() and "clean" in target.log()
@@ -147,8 +140,8 @@ def test_sigterm_marks_clean_and_persists(shm_region: Path, workdir: Path) -> No
 
 def test_readonly_export(shm_region: Path, workdir: Path) -> None:
     pmemblk("create", str(shm_region), "--size", "16M")
-    target = Target(str(shm_region), 7150, workdir, "--readonly").start()
-    server = Nbdkit(workdir, f"target=192.0.2.1:{target.port}").start()
+    target = vm_target(str(shm_region), 7150, workdir, "--readonly").start()
+    server = Nbdkit(workdir, f"target={target.listen}").start()
     try:
         res = run("nbdsh", "-u", f"nbd+unix:///?socket={server.sock}", "-c",
                   "print(h.is_read_only(), h.get_size())")
@@ -163,7 +156,7 @@ def test_readonly_export(shm_region: Path, workdir: Path) -> None:
 
 def test_nbd_device_reports_fua_and_write_cache(shm_region: Path, workdir: Path) -> None:
     pmemblk("create", str(shm_region), "--size", "16M")
-    target = Target(str(shm_region), 7160, workdir).start()
+    target = vm_target(str(shm_region), 7160, workdir).start()
     try:
         with served(target, workdir) as dev:
             queue = Path(f"/sys/block/{NbdDevice().name}/queue")
@@ -172,3 +165,32 @@ def test_nbd_device_reports_fua_and_write_cache(shm_region: Path, workdir: Path)
             assert int(Path(f"/sys/block/{dev.name}/size").read_text()) * 512 == (16 << 20) - 4096
     finally:
         target.stop()
+
+
+def captive_verbose(target_addr: str, cmd: str, *keys: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdkit", "-v", "-U", "-", "python", PLUGIN, f"target={target_addr}",
+                           *keys, "--run", cmd], capture_output=True, text=True, timeout=300)
+
+
+def test_auto_transport_picks_rdma_and_falls_back_to_tcp(shm_region: Path,
+                                                          workdir: Path) -> None:
+    pmemblk("create", str(shm_region), "--size", "16M")
+    both = Target(str(shm_region), f"{ADDR}:7170", workdir, transport="verbs,tcp").start()
+    try:
+        res = captive_verbose(both.listen, 'nbdinfo "$uri"')
+        assert res.returncode == 0, res.stderr
+        assert "transport=auto: using RDMA verbs: RDMA device rxe0 has an active port" \
+            in res.stderr
+        assert "over RDMA" in res.stdout
+        res = captive_verbose(both.listen, 'nbdinfo "$uri"', "transport=tcp")
+        assert res.returncode == 0 and "over TCP" in res.stdout  # same port, other transport
+    finally:
+        both.stop()
+    tcp_only = Target(str(shm_region), f"{ADDR}:7171", workdir, transport="tcp").start()
+    try:
+        res = captive_verbose(tcp_only.listen, 'nbdinfo "$uri"')
+        assert res.returncode == 0, res.stderr
+        assert "transport=auto: using TCP: RDMA could not reach the target" in res.stderr
+        assert "over TCP" in res.stdout
+    finally:
+        tcp_only.stop()

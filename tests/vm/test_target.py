@@ -18,7 +18,8 @@ from pmemblk.protocol import Reject
 from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
-from .harness import ADDR, PY, Target, pmemblk
+from ..procs import PY, Target, pmemblk
+from .harness import ADDR, vm_target
 
 SIZE = 16 << 20
 
@@ -27,7 +28,7 @@ SIZE = 16 << 20
 def target(shm_region: Path, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
     pmemblk("create", str(shm_region), "--size", str(SIZE))
     port = 7200 + zlib.crc32(request.node.name.encode()) % 500
-    t = Target(str(shm_region), port, workdir).start()
+    t = vm_target(str(shm_region), port, workdir).start()
     yield t
     t.stop()
 
