@@ -172,11 +172,11 @@ def test_retry_filter_carries_a_client_across_a_target_restart(
 
 
 def test_fio_nbd_engine_verifies(target: Target) -> None:
-    res = captive(target, 'fio --name=verify --ioengine=nbd --uri="$uri" --rw=randwrite '
-                  "--bs=4k --iodepth=16 --size=16M --verify=crc32c --do_verify=1 "
-                  "--verify_fatal=1 && fio --name=seq --ioengine=nbd --uri=\"$uri\" "
-                  "--rw=write --bs=1M --iodepth=4 --size=32M --offset=16M --verify=crc32c "
-                  "--do_verify=1 --verify_fatal=1")
+    verify = "--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0"
+    res = captive(target, f'fio --name=verify --ioengine=nbd --uri="$uri" --rw=randwrite '
+                  f"--bs=4k --iodepth=16 --size=16M {verify} && "
+                  f'fio --name=seq --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=4 '
+                  f"--size=32M --offset=16M {verify}")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "err= 0" in res.stdout
 
