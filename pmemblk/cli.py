@@ -100,7 +100,15 @@ def region_info(path: str) -> dict[str, object]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from . import durability
+
     info = region_info(args.path)
+    is_pmem, method = bool(info["is_pmem"]), str(info["persistence"])
+    flush = {g.method: g.describe() for g in durability.guarantees(is_pmem, method, False)}
+    if is_pmem:
+        flush["apm"] += "; with serve --apm-durable: persistent"
+    info["flush"] = flush
+    info["native_flush"] = durability.native_flush_support()
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -108,6 +116,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         if key in ("region_size", "data_size"):
             assert isinstance(value, int)
             value = f"{value} ({human(value)})"
+        if isinstance(value, dict):
+            for sub, text in value.items():
+                print(f"{'flush ' + sub + ':':<16}{text}")
+            continue
         print(f"{key + ':':<16}{value}")
 
 
@@ -123,7 +135,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--handshake-timeout must be more than 0 and at most 3600 seconds")
     serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
-                      pid_file=args.pid_file, handshake_timeout=args.handshake_timeout))
+                      pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
+                      apm_durable=args.apm_durable,
+                      durable_image=args.testing_durable_image))
+
+
+def cmd_power_cut(args: argparse.Namespace) -> None:
+    from .powercut import power_cut
+
+    cut = power_cut(args.path, args.durable_image, args.keep, args.seed)
+    print(f"power cut: {cut.unpersisted_words} unpersisted 8-byte words, {cut.kept_words} "
+          f"kept, {cut.lost_words} reverted to their durable value")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,10 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how clients reach the region (default verbs); both may share a port")
     s.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="tcp: drop a client that sends no HELLO within this time (default 10)")
+    s.add_argument("--apm-durable", action="store_true",
+                   help="assert that this platform puts incoming writes in the persistence "
+                   "domain (ADR with DDIO off, or eADR), making flush=apm persistent on pmem")
+    s.add_argument("--testing-durable-image", metavar="PATH",
+                   help="TESTING ONLY: power-cut emulation; see pmemblk testing-power-cut")
+    s.set_defaults(func=cmd_serve)
+
+    pc = sub.add_parser("testing-power-cut",
+                        help="TESTING ONLY: make the region what a power cut would leave")
+    pc.add_argument("path")
+    pc.add_argument("--durable-image", required=True, metavar="PATH",
+                    help="the image the target kept with --testing-durable-image")
+    pc.add_argument("--keep", type=float, default=0.0, metavar="FRACTION",
+                    help="share of unpersisted 8-byte words that survive anyway (default 0)")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.set_defaults(func=cmd_power_cut)
     s.add_argument("--readonly", action="store_true", help="clients may only read")
     s.add_argument("--max-clients", type=int, default=64)
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
-    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -18,6 +18,7 @@ import errno
 import logging
 from types import TracebackType
 
+from . import durability
 from .errors import ConfigError, RequestError
 from .protocol import FLUSH_METHODS
 from .ranges import RangeSet
@@ -29,25 +30,32 @@ log = logging.getLogger(__name__)
 class Client:
     """Block I/O against one target through one transport connection. A context manager."""
 
-    def __init__(self, transport: Transport, flush: str = "gpspm", readonly: bool = False) -> None:
-        if flush not in FLUSH_METHODS:
-            raise ConfigError(f"unknown flush method {flush!r}: use one of apm, gpspm")
+    def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
+                 allow_visibility_only: bool = False) -> None:
+        if flush != "auto" and flush not in FLUSH_METHODS:
+            raise ConfigError(f"unknown flush method {flush!r}: use auto, apm or gpspm")
         info = transport.info
-        if not info.flush_methods & FLUSH_METHODS[flush]:
-            raise ConfigError(f"the target does not offer flush method {flush}")
+        try:
+            method, persistent = durability.choose(info.flush_methods, info.durable_methods,
+                                                   flush, allow_visibility_only)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.transport = transport
-        self.flush_method = flush
+        self.flush_method = method
+        #: Whether an acknowledged FLUSH/FUA survives a power cut (else: the target's memory).
+        self.persistent = persistent
         self.size = info.export_size
         self.block_size = info.block_size
         self.readonly = info.readonly or readonly
         self._dirty = RangeSet()
         self._unflushed_at: int | None = None  # apm: offset of a write since the last flush
-        if flush == "apm" and not info.is_pmem:
+        if not persistent:
             log.warning(
-                "flush=apm on a region that is not real pmem: a flush proves the data reached "
-                "the target's memory (page cache); it survives the target process crashing but "
-                "not the target host losing power. Use flush=gpspm for durability."
-            )
+                "flush=%s gives visibility only on this target (accepted with "
+                "allow-visibility-only): an acknowledged FLUSH proves the data reached the "
+                "target's memory; it survives the target process, not a power cut", method)
+        else:
+            log.info("flush=%s: persistent", method)
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -9,7 +9,10 @@ Keys::
     transport=auto|verbs|tcp
                           auto (default): verbs when an RDMA device with an active port reaches
                           the target, otherwise TCP; the choice and its reason are logged
-    flush=gpspm|apm       flush method (default gpspm; see docs/persistence.md)
+    flush=auto|gpspm|apm  flush method (default auto: one the target says is persistent;
+                          see docs/persistence.md)
+    allow-visibility-only=true
+                          accept a flush method that gives only visibility (not persistence)
     readonly=true|false   open the export read-only (default false)
     timeout=SECONDS       deadline for every completion (default 30)
     depth=N               RDMA work requests in flight per request (default 8, 1..64)
@@ -37,7 +40,8 @@ from .transport.verbs import (
 
 log = logging.getLogger(__name__)
 
-KEYS = ("target", "transport", "flush", "readonly", "timeout", "depth", "chunk")
+KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "timeout", "depth",
+        "chunk")
 TRANSPORTS = ("auto", "verbs", "tcp")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -58,7 +62,8 @@ class PluginConfig:
     host: str = ""
     port: int = 0
     transport: str = "auto"
-    flush: str = "gpspm"
+    flush: str = "auto"
+    allow_visibility_only: bool = False
     readonly: bool = False
     timeout: float = DEFAULT_TIMEOUT
     depth: int = DEFAULT_DEPTH
@@ -83,9 +88,11 @@ class PluginConfig:
                 raise ConfigError(f"transport={value!r}: use auto, verbs or tcp")
             self.transport = value
         elif key == "flush":
-            if value not in FLUSH_METHODS:
-                raise ConfigError(f"flush={value!r}: use gpspm or apm")
+            if value != "auto" and value not in FLUSH_METHODS:
+                raise ConfigError(f"flush={value!r}: use auto, gpspm or apm")
             self.flush = value
+        elif key == "allow-visibility-only":
+            self.allow_visibility_only = parse_bool(key, value)
         elif key == "readonly":
             self.readonly = parse_bool(key, value)
         elif key == "timeout":
@@ -165,7 +172,7 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> Transport:
 def connect(cfg: PluginConfig, readonly: bool) -> Client:
     transport = connect_transport(cfg, readonly)
     try:
-        return Client(transport, cfg.flush, readonly)
+        return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only)
     except BaseException:
         transport.close()
         raise
@@ -174,5 +181,6 @@ def connect(cfg: PluginConfig, readonly: bool) -> Client:
 def describe(client: Client) -> str:
     info = client.transport.info
     kind = "RDMA" if isinstance(client.transport, VerbsTransport) else "TCP"
-    return (f"pmemblk region {info.region_uuid} over {kind}: flush={client.flush_method}, "
-            f"target is_pmem={int(info.is_pmem)}")
+    mode = "persistent" if client.persistent else "visibility only"
+    return (f"pmemblk region {info.region_uuid} over {kind}: flush={client.flush_method} "
+            f"({mode}), target is_pmem={int(info.is_pmem)}")

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -83,6 +84,8 @@ class PmemRegion:
         self.size = size
         self.is_pmem = is_pmem
         self._closed = False
+        #: Called with (offset, length) after each successful persist (power-cut emulation).
+        self.on_persist: Callable[[int, int], None] | None = None
         log.info(
             "mapped %s: %d bytes at 0x%x, is_pmem=%d, persistence by %s",
             path, size, addr, int(is_pmem), self.persist_method,
@@ -167,6 +170,8 @@ class PmemRegion:
                 f"pmem_msync of {length} bytes at offset {offset} of {self.path} failed: "
                 f"{_errormsg(lib)}"
             )
+        if self.on_persist is not None:
+            self.on_persist(offset, length)
 
     def close(self) -> None:
         if self._closed:

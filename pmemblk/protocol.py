@@ -153,6 +153,8 @@ class Welcome:
     region_uuid: uuid.UUID
     max_message_size: int
     commit_depth: int
+    #: Flush methods that give persistence (not only visibility) on this region.
+    durable_methods: int = 0
 
     @property
     def is_pmem(self) -> bool:
@@ -166,7 +168,8 @@ class Welcome:
         return WELCOME.pack(
             MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
             self.region_flags, self.flush_methods, self.rkey, self.remote_addr,
-            self.region_uuid.bytes, self.max_message_size, self.commit_depth, 0,
+            self.region_uuid.bytes, self.max_message_size, self.commit_depth,
+            self.durable_methods,
         )
 
     @classmethod
@@ -174,7 +177,7 @@ class Welcome:
         _preamble(raw, MSG_WELCOME)
         _need(raw, WELCOME.size, "WELCOME")
         (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
-         _reserved) = WELCOME.unpack_from(raw)
+         durable) = WELCOME.unpack_from(raw)
         if size <= 0:
             raise ProtocolError(f"WELCOME export size {size} is not positive")
         if bsize < 512 or bsize > 65536 or bsize & (bsize - 1):
@@ -191,8 +194,11 @@ class Welcome:
             raise ProtocolError(f"WELCOME max message size {max_msg} is out of range")
         if not (1 <= depth <= 1024):
             raise ProtocolError(f"WELCOME commit depth {depth} is out of range 1..1024")
+        if durable & ~methods:
+            raise ProtocolError(
+                f"WELCOME says methods 0x{durable:x} are durable but offers 0x{methods:x}")
         return cls(size, bsize, rflags, methods, rkey, addr, uuid.UUID(bytes=uuid_b),
-                   max_msg, depth)
+                   max_msg, depth, durable)
 
 
 # --- REJECT --------------------------------------------------------------------------------

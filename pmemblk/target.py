@@ -17,9 +17,10 @@ import signal
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import layout
+from . import durability, layout
 from .errors import ConfigError, PmemblkError, PmemError
 from .pmem import PmemRegion
+from .powercut import DurableImage
 from .protocol import (
     FLUSH_APM,
     FLUSH_GPSPM,
@@ -50,6 +51,10 @@ class ServeConfig:
     max_clients: int = 64
     pid_file: str | None = None
     handshake_timeout: float = 10.0
+    #: The operator asserts that incoming writes reach the persistence domain (docs/persistence.md).
+    apm_durable: bool = False
+    #: TESTING ONLY: keep a durable image for power-cut emulation (pmemblk.powercut).
+    durable_image: str | None = None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -109,6 +114,15 @@ class Export:
         self.size = self.header.data_size
         self.clients = 0
         self._closed = False
+        self.image: DurableImage | None = None
+        if config.durable_image:
+            self.image = DurableImage(config.durable_image, region)
+        self.guarantees = durability.guarantees(region.is_pmem, region.persist_method,
+                                                config.apm_durable)
+        self.durable_methods = durability.durable_mask(self.guarantees)
+        for g in self.guarantees:
+            log.info("flush %s", g.describe())
+        log.info("%s", durability.native_flush_support())
         state = layout.read_state(region)
         if not state.clean:
             log.warning(
@@ -141,7 +155,7 @@ class Export:
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=FLUSH_APM | FLUSH_GPSPM, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
-            commit_depth=COMMIT_DEPTH,
+            commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,
         )
 
     def client_left(self) -> None:
@@ -191,6 +205,8 @@ class Export:
                 layout.write_state(self.region, layout.State(True, state.times_served))
                 log.info("persisted %d bytes and marked %s clean", self.size, self.region.path)
         finally:
+            if self.image is not None:
+                self.image.close()
             self.region.close()
 
 

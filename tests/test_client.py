@@ -18,9 +18,10 @@ class MemoryTransport:
     """Records what the client asks for; a 'durable' copy only changes on persistence."""
 
     def __init__(self, readonly: bool = False, is_pmem: bool = True,
-                 methods: int = p.FLUSH_APM | p.FLUSH_GPSPM) -> None:
+                 methods: int = p.FLUSH_APM | p.FLUSH_GPSPM, durable: int | None = None) -> None:
         flags = (p.REGION_READONLY if readonly else 0) | (p.REGION_IS_PMEM if is_pmem else 0)
-        self.info = p.Welcome(SIZE, 4096, flags, methods, 1, 4096, uuid.uuid4(), 4096, 8)
+        self.info = p.Welcome(SIZE, 4096, flags, methods, 1, 4096, uuid.uuid4(), 4096, 8,
+                              methods if durable is None else durable)
         self.mem = bytearray(SIZE)
         self.durable = bytearray(SIZE)
         self.calls: list[tuple[str, object]] = []
@@ -136,6 +137,21 @@ def test_flush_method_must_be_known_and_offered() -> None:
         Client(MemoryTransport(methods=p.FLUSH_GPSPM), "apm")
 
 
-def test_apm_on_non_pmem_warns(caplog: pytest.LogCaptureFixture) -> None:
-    Client(MemoryTransport(is_pmem=False), "apm")
-    assert "not real pmem" in caplog.text
+def test_auto_prefers_a_persistent_apm_then_gpspm() -> None:
+    assert Client(MemoryTransport(), "auto").flush_method == "apm"
+    c = Client(MemoryTransport(durable=p.FLUSH_GPSPM), "auto")
+    assert (c.flush_method, c.persistent) == ("gpspm", True)
+
+
+def test_visibility_only_method_is_refused_unless_accepted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = MemoryTransport(is_pmem=False, durable=p.FLUSH_GPSPM)
+    with pytest.raises(ConfigError, match="gives only visibility"):
+        Client(t, "apm")
+    c = Client(t, "apm", allow_visibility_only=True)
+    assert (c.flush_method, c.persistent) == ("apm", False)
+    assert "visibility only" in caplog.text
+    with pytest.raises(ConfigError, match="no flush method that gives persistence"):
+        Client(MemoryTransport(durable=0), "auto")
+    assert Client(MemoryTransport(durable=0), "auto", allow_visibility_only=True).flush_method \
+        == "gpspm"

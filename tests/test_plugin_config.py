@@ -16,7 +16,7 @@ def configured(**keys: str) -> PluginConfig:
 
 def test_defaults_and_values() -> None:
     cfg = configured(target="192.0.2.1:7000")
-    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("192.0.2.1", 7000, "gpspm", False)
+    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("192.0.2.1", 7000, "auto", False)
     cfg = configured(target="[2001:db8::1]:9", flush="apm", readonly="yes", timeout="2.5",
                      depth="4", chunk="64K")
     assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("2001:db8::1", 9, "apm", True)
@@ -30,7 +30,7 @@ def test_defaults_and_values() -> None:
         ("target", "nohostport", "HOST:PORT"),
         ("target", "host:99999", "outside 1..65535"),
         ("target", "host:http", "not a number"),
-        ("flush", "always", "use gpspm or apm"),
+        ("flush", "always", "use auto, gpspm or apm"),
         ("readonly", "maybe", "expected true or false"),
         ("timeout", "soon", "expected seconds"),
         ("timeout", "0", "more than 0"),

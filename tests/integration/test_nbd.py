@@ -32,8 +32,8 @@ def captive(target: Target, run_cmd: str, *keys: str) -> subprocess.CompletedPro
 
 @pytest.mark.parametrize(("flush", "seed"), [("gpspm", 1), ("apm", 2), ("gpspm", 3)])
 def test_random_workload_matches_a_model(target: Target, flush: str, seed: int) -> None:
-    res = captive(target, f'{sys.executable} {WORKLOAD} "$uri" --seed {seed} --ops 1500',
-                  f"flush={flush}")
+    keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
+    res = captive(target, f'{sys.executable} {WORKLOAD} "$uri" --seed {seed} --ops 1500', *keys)
     print(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 mismatches" in res.stdout
@@ -185,7 +185,7 @@ def test_nbdinfo_shows_the_export(target: Target) -> None:
     res = captive(target, 'nbdinfo "$uri"')
     assert res.returncode == 0, res.stderr
     assert f"export-size: {EXPORT}" in res.stdout
-    assert "over TCP: flush=gpspm" in res.stdout
+    assert "over TCP: flush=gpspm (persistent)" in res.stdout
 
 
 def test_auto_transport_says_why_it_chose_tcp(target: Target) -> None:
@@ -210,3 +210,13 @@ def test_tcp_over_loopback(region: str, tmp_path: Path) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         target.stop()
+
+
+def test_apm_on_a_plain_file_is_refused_by_default(target: Target) -> None:
+    res = captive(target, 'nbdinfo "$uri"', "flush=apm")
+    assert res.returncode != 0
+    assert "gives only visibility" in res.stderr and "allow-visibility-only=true" in res.stderr
+    res = captive(target, 'nbdinfo "$uri"', "flush=apm", "allow-visibility-only=true")
+    assert res.returncode == 0 and "flush=apm (visibility only)" in res.stdout
+    res = captive(target, 'nbdinfo "$uri"')  # flush=auto picks a persistent method
+    assert res.returncode == 0 and "flush=gpspm (persistent)" in res.stdout

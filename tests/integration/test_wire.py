@@ -96,7 +96,7 @@ def test_hostile_peer_is_dropped_and_others_served(target: Target, name: str) ->
         bad.close()
         target.wait_log(reason)
         roundtrip(good, 1 << 20)  # the client it already had
-        with Client(StreamTransport(target.listen), "apm") as fresh:  # and a new one
+        with Client(StreamTransport(target.listen)) as fresh:  # and a new one
             roundtrip(fresh, 2 << 20)
     finally:
         good.close()
