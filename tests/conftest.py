@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,6 +10,26 @@ from pmemblk import layout
 from pmemblk.pmem import PmemRegion
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: Figures tests want in the run's output (pytest captures print): shown in the summary.
+REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    print(line, flush=True)
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from .crash.conftest import FIGURES
+
+    lines = list(REPORT)
+    if FIGURES["crash points"]:
+        lines.append("crash suite: " + ", ".join(f"{v} {k}" for k, v in FIGURES.items()))
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

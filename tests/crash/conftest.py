@@ -1,9 +1,8 @@
-"""Crash suite: figures are collected here and printed at the end of the run."""
+"""Crash suite: figures are collected here; tests/conftest.py prints them at the end."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 
@@ -13,12 +12,6 @@ SEEDS = int(os.environ.get("PMEMBLK_CRASH_SEEDS", "8"))
 FIGURES: dict[str, int] = {"crash points": 0, "bytes checked": 0,
                            "acknowledged durable bytes": 0, "bytes lost": 0,
                            "foreign bytes": 0}
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if FIGURES["crash points"]:
-        terminalreporter.write_line(
-            "crash suite: " + ", ".join(f"{v} {k}" for k, v in FIGURES.items()))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 
 from pmemblk.powercut import power_cut
 
+from ..conftest import report
 from ..procs import Nbdkit, Target, pmemblk
 from .conftest import SEEDS
 from .model import CrashModel, Verdict
@@ -161,5 +162,6 @@ def test_negative_control_visibility_only_flush_loses_data_in_a_power_cut(
     """The checker can fail: apm on a plain file is visibility only, so a power cut with no
     write-back loses flushed data — which is why flush=apm is refused there by default."""
     verdict = crash_and_recover("power-cut", "apm", 1, tmp_path, keep=0.0)
-    print(f"visibility-only flush through a power cut: {verdict.lost} bytes lost")
+    report(f"negative control: apm on a plain file (visibility only) through a power cut "
+           f"lost {verdict.lost} acknowledged bytes, and the checker saw it")
     assert verdict.durable_written > 0 and verdict.lost > 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import ROOT, report
 from ..procs import PLUGIN, Nbdkit, Target
 from .conftest import SIZE, needs_nbdkit
 
@@ -34,7 +34,7 @@ def captive(target: Target, run_cmd: str, *keys: str) -> subprocess.CompletedPro
 def test_random_workload_matches_a_model(target: Target, flush: str, seed: int) -> None:
     keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
     res = captive(target, f'{sys.executable} {WORKLOAD} "$uri" --seed {seed} --ops 1500', *keys)
-    print(res.stdout.strip())
+    report(res.stdout.strip())
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 mismatches" in res.stdout
 
@@ -143,7 +143,7 @@ def test_flushed_data_survives_target_sigkill(target: Target, tmp_path: Path) ->
         assert res.returncode == 0, res.stderr
         after = (tmp_path / "after.bin").read_bytes()
         assert after == model_file.read_bytes(), "flushed bytes were lost across SIGKILL"
-        print(f"every flushed byte ({EXPORT} compared) read back after SIGKILL + restart")
+        report(f"every flushed byte ({EXPORT} compared) read back after SIGKILL + restart")
     finally:
         restarted.stop()
 

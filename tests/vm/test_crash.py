@@ -13,6 +13,7 @@ import pytest
 
 from pmemblk.powercut import power_cut
 
+from ..conftest import report
 from ..procs import PY, NbdDevice, Nbdkit, mounted, pmemblk, run, wait_until
 from .harness import vm_target
 
@@ -57,8 +58,9 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
         server.stop()
         keep = rng.random() if write_back == "partial" else 0.0
         cut = power_cut(str(region), str(image), keep=keep, seed=seed)
-        print(f"seed {seed}: power cut after {len(before)} fsynced files: {cut.unpersisted_words} "
-              f"unpersisted 8-byte words, {cut.kept_words} kept (keep={keep:.2f})", flush=True)
+        cut_line = (f"ext4 power cut (seed {seed}, write-back {write_back}): after "
+                    f"{len(before)} fsynced files, {cut.unpersisted_words} unpersisted 8-byte "
+                    f"words, {cut.kept_words} kept")
 
         target = target.restart()
         server = Nbdkit(workdir, f"target={target.listen}").start()
@@ -69,9 +71,9 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
                     data = (mnt / name).read_bytes()
                     assert hashlib.sha256(data).hexdigest() == digest, f"{name} damaged"
             fsck = run("fsck.ext4", "-fn", dev.dev)
-            print(f"after the power cut: journal replayed, fsck clean, {len(before)}/"
-                  f"{len(before)} fsynced files intact, 0 lost", flush=True)
             assert fsck.returncode == 0
+            report(f"{cut_line}; journal replayed, fsck clean, {len(before)}/{len(before)} "
+                   "fsynced files intact, 0 lost")
         finally:
             dev.detach()
             server.stop()

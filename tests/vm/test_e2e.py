@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import report
 from ..procs import PLUGIN, NbdDevice, Nbdkit, Target, mounted, pmemblk, region_info, run, served
 from .harness import ADDR, vm_target
 
@@ -48,17 +49,19 @@ def filesystem_story(region: str, port: int, workdir: Path, flush: str) -> None:
             with mounted(dev, workdir / "mnt") as mnt:
                 sums = write_files(mnt)
                 run("sync")
-        print(f"wrote {len(sums)} files ({BIG >> 20} MiB largest), synced, unmounted", flush=True)
+        what = f"ext4 on {region} flush={flush}"
+        report(f"{what}: mkfs, mount, {len(sums)} files written ({BIG >> 20} MiB largest), "
+               "synced, unmounted; target SIGKILLed")
         target.kill()  # SIGKILL: no clean shutdown
         assert region_info(region)["clean_shutdown"] is False
         target = vm_target(region, port, workdir).start()
         target.wait_log("was not shut down cleanly")
         with served(target, workdir, *flush_keys(flush)) as dev:
             fsck = run("fsck.ext4", "-fn", dev.dev)
-            print(fsck.stdout.strip().splitlines()[-1], flush=True)
+            report(f"{what}: restarted, fsck -fn clean: " + fsck.stdout.strip().splitlines()[-1])
             with mounted(dev, workdir / "mnt") as mnt:
                 check_files(mnt, sums)
-        print(f"after SIGKILL + restart: fsck clean, {len(sums)} checksums match", flush=True)
+        report(f"{what}: after SIGKILL + restart, {len(sums)}/{len(sums)} checksums match")
     finally:
         target.stop()
     assert region_info(region)["clean_shutdown"] is True  # SIGTERM persisted and marked it
@@ -78,8 +81,8 @@ def fio(dev: str, *args: str) -> dict[str, object]:
     job = out["jobs"][0]
     assert job["error"] == 0, job
     w, r = job["write"], job["read"]
-    print(f"fio {' '.join(args)}: wrote {w['io_bytes'] >> 20} MiB ({w['iops']:.0f} IOPS), "
-          f"verified {r['io_bytes'] >> 20} MiB, 0 verify errors", flush=True)
+    report(f"fio {dev} {' '.join(args)}: wrote {w['io_bytes'] >> 20} MiB ({w['iops']:.0f} IOPS), "
+           f"verified {r['io_bytes'] >> 20} MiB, 0 verify errors")
     assert w["io_bytes"] > 0 and r["io_bytes"] == w["io_bytes"]
     return dict(job)
 
@@ -129,7 +132,7 @@ def test_fsdax_file_gets_a_clear_error(workdir: Path) -> None:
         target.stop()
         message = str(exc.value)
         assert "fsdax" in message and "devdax" in message and "Traceback" not in message
-        print("fsdax refusal:", [x for x in message.splitlines() if "error:" in x][-1], flush=True)
+        report("fsdax refusal: " + [x for x in message.splitlines() if "error:" in x][-1])
     finally:
         run("umount", str(mnt))
 

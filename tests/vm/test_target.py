@@ -18,6 +18,7 @@ from pmemblk.protocol import Reject
 from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
+from ..conftest import report
 from ..procs import PY, Target, pmemblk
 from .harness import ADDR, vm_target
 
@@ -172,7 +173,7 @@ def test_client_of_a_killed_target_gets_an_error_not_a_hang(target: Target) -> N
     started = time.monotonic()
     with pytest.raises((ConnectionLost, TransportError, RemoteError)):
         c.pread(memoryview(bytearray(4096)), 0)
-    print(f"error after {time.monotonic() - started:.1f}s", flush=True)
+    report(f"client of a killed target: error after {time.monotonic() - started:.1f}s, no hang")
     c.close()
 
 
