@@ -25,7 +25,7 @@ def tool(name: str) -> str:
 
 
 def test_ruff() -> None:
-    res = subprocess.run([tool("ruff"), "check", "pmemblk", "plugin", "tests"], cwd=ROOT,
+    res = subprocess.run([tool("ruff"), "check", "pmemblk", "plugin", "tests", "bench"], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 

@@ -1,0 +1,325 @@
+"""pmemblk benchmarks: peers side by side, measured in one run (see docs/benchmarks.md).
+
+    python3 bench/bench.py run  [--quick] [--out FILE]    # host part, then the VM part
+    python3 bench/bench.py part {host,vm} [--quick] --out FILE
+    python3 bench/bench.py render FILE                     # table + plots into docs/
+
+Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
+ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
+Machine noise is large here: every number is repeated, and results are reported as ratios to
+baselines measured in the same run, with their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = str(ROOT / "plugin" / "pmemblk.py")
+MEMPLUGIN = str(ROOT / "bench" / "memory_plugin.py")
+PY = sys.executable
+ADDR = os.environ.get("PMEMBLK_VM_ADDR", "192.0.2.1")
+SIZE = 256 << 20
+
+JOBS: dict[str, dict[str, Any]] = {
+    "randread-4k-qd1": {"rw": "randread", "bs": "4k", "iodepth": 1},
+    "randread-4k-qd16": {"rw": "randread", "bs": "4k", "iodepth": 16},
+    "randwrite-4k-qd1": {"rw": "randwrite", "bs": "4k", "iodepth": 1},
+    "randwrite-4k-qd16": {"rw": "randwrite", "bs": "4k", "iodepth": 16},
+    "read-1m": {"rw": "read", "bs": "1M", "iodepth": 4},
+    "write-1m": {"rw": "write", "bs": "1M", "iodepth": 4},
+    "randwrite-4k-qd16-4conn": {"rw": "randwrite", "bs": "4k", "iodepth": 16, "conns": 4},
+}
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
+class Server:
+    """One backend behind an nbdkit Unix socket (and a pmemblk target where needed)."""
+
+    def __init__(self, name: str, work: Path) -> None:
+        self.name, self.work = name, work
+        self.sock = work / f"{name}.sock"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, flush: str = "auto") -> Server:
+        nbdkit = ["nbdkit", "-f", "-U", str(self.sock)]
+        if self.name == "nbdkit-memory":
+            cmd = [*nbdkit, "memory", str(SIZE)]
+        elif self.name == "python-memory":
+            cmd = [*nbdkit, "python", MEMPLUGIN, f"size={SIZE}"]
+        else:
+            region = self.work / "region.img" if self.name == "pmemblk-tcp" \
+                else Path("/dev/shm/pmemblk-bench.img")
+            region.unlink(missing_ok=True)
+            subprocess.run([PY, "-m", "pmemblk", "create", str(region), "--size",
+                            str(SIZE + 4096)], check=True, capture_output=True)
+            pid = self.work / f"{self.name}.pid"
+            pid.unlink(missing_ok=True)
+            if self.name == "pmemblk-tcp":
+                listen, transport = f"unix:{self.work / 'target.sock'}", "tcp"
+            else:
+                listen, transport = f"{ADDR}:7500", "verbs"
+            target = subprocess.Popen(
+                [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
+                 transport, "--pid-file", str(pid)], stderr=subprocess.DEVNULL)
+            self.procs.append(target)
+            wait_for(pid, target, "the target")
+            keys = [f"target={listen}", f"transport={transport}", f"flush={flush}"]
+            if flush == "apm":
+                keys.append("allow-visibility-only=true")
+            cmd = [*nbdkit, "python", PLUGIN, *keys]
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_for(self.sock, proc, self.name)
+        return self
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+        self.sock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def served(name: str, work: Path, flush: str = "auto") -> Iterator[Server]:
+    server = Server(name, work).start(flush)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def nbd_devices(server: Server, conns: int) -> Iterator[str]:
+    """The kernel NBD client (VM part): ``conns`` devices, one connection each, as one fio
+    filename list. (pmemblk does not advertise multi-conn, so nbd-client -C is refused.)"""
+    devs = [f"/dev/nbd{i}" for i in range(conns)]
+    try:
+        for dev in devs:
+            subprocess.run(["nbd-client", "-N", "bench", "-u", str(server.sock), dev, "-b",
+                            "4096"], check=True, capture_output=True)
+        yield ":".join(devs)
+    finally:
+        for dev in devs:
+            subprocess.run(["nbd-client", "-d", dev], capture_output=True)
+            deadline = time.monotonic() + 30
+            while Path(f"/sys/block/{dev[5:]}/pid").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def fio(target: list[str], job: dict[str, Any], runtime: int) -> dict[str, float]:
+    """One fio run; IOPS, MB/s and completion-latency percentiles (µs)."""
+    conns = int(job.get("conns", 1))
+    cmd = ["fio", "--name=bench", "--output-format=json", "--time_based",
+           f"--runtime={runtime}", "--ramp_time=1", f"--rw={job['rw']}", f"--bs={job['bs']}",
+           f"--iodepth={job['iodepth']}", "--size=128M", "--group_reporting",
+           f"--numjobs={conns}", *target]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 4 + 120)
+    if res.returncode != 0:
+        raise RuntimeError(f"fio failed: {res.stderr.strip()[-300:]}")
+    data = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    side = data["read"] if "read" in job["rw"] else data["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": float(side["iops"]),
+        "mbps": float(side["bw_bytes"]) / 1e6,
+        "p50_us": float(pct.get("50.000000", 0)) / 1000,
+        "p99_us": float(pct.get("99.000000", 0)) / 1000,
+    }
+
+
+FLUSH_PROBE = """
+import nbd, os, sys, time
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+n = int(sys.argv[2]); lat = []
+for i in range(n):
+    h.pwrite(os.urandom(4096), (i * 4096) % (64 << 20))
+    t = time.perf_counter(); h.flush(); lat.append(time.perf_counter() - t)
+h.shutdown()
+lat.sort()
+print(lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6)
+"""
+
+
+def flush_latency(uri: str, n: int) -> dict[str, float]:
+    res = subprocess.run([PY, "-c", FLUSH_PROBE, uri, str(n)], capture_output=True, text=True,
+                         timeout=600, check=True)
+    p50, p99 = map(float, res.stdout.split())
+    return {"p50_us": p50, "p99_us": p99}
+
+
+def perftest(quick: bool) -> dict[str, float]:
+    """ib_read_lat / ib_write_lat (4 KiB) and ib_write_bw (1 MiB) on rxe0, in the VM."""
+    out: dict[str, float] = {}
+    iters = "300" if quick else "2000"
+    for tool, size, key in (("ib_read_lat", "4096", "read_lat_us"),
+                            ("ib_write_lat", "4096", "write_lat_us"),
+                            ("ib_read_lat", "8", "read8_lat_us"),
+                            ("ib_write_bw", "1048576", "write_bw_mbps")):
+        n = "200" if tool == "ib_write_bw" else iters
+        server = subprocess.Popen([tool, "-d", "rxe0", "-s", size, "-n", n],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                res = subprocess.run([tool, "-d", "rxe0", "-s", size, "-n", n, ADDR],
+                                     capture_output=True, text=True, timeout=300)
+                if res.returncode == 0:
+                    break
+                time.sleep(0.2)  # the server side is still starting
+            row = [line.split() for line in res.stdout.splitlines()
+                   if re.match(r"^\s*\d+\s+\d+\s+[\d.]", line)]
+            if not row:
+                raise RuntimeError(f"{tool}: no result:\n{res.stdout}{res.stderr}")
+            # lat: bytes iters t_min t_max t_typical t_avg ...; bw: bytes iters peak avg ...
+            out[key] = float(row[-1][3 if tool == "ib_write_bw" else 4])
+        finally:
+            server.kill()
+            server.wait()
+    return out
+
+
+def run_part(part: str, quick: bool) -> dict[str, Any]:
+    repeats, runtime = (2, 3) if quick else (5, 10)
+    backends = ["nbdkit-memory", "python-memory", "pmemblk-tcp"]
+    if part == "vm":
+        backends.append("pmemblk-rdma")
+    result: dict[str, Any] = {"repeats": repeats, "runtime_s": runtime, "fio": {},
+                              "flush": {}}
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    try:
+        for backend in backends:
+            result["fio"][backend] = {name: [] for name in JOBS}
+            for r in range(repeats):
+                with served(backend, work) as server:
+                    for name, job in JOBS.items():
+                        try:
+                            if part == "host":
+                                m = fio(["--ioengine=nbd", f"--uri={server.uri}"], job, runtime)
+                            else:
+                                with nbd_devices(server, int(job.get("conns", 1))) as devs:
+                                    m = fio(["--ioengine=libaio", "--direct=1",
+                                             f"--filename={devs}"], job, runtime)
+                        except (RuntimeError, subprocess.SubprocessError) as exc:
+                            log(f"{part} {backend} {name} #{r + 1} failed: {exc}")
+                            continue
+                        result["fio"][backend][name].append(m)
+                        log(f"{part} {backend} {name} #{r + 1}: {m['iops']:.0f} IOPS "
+                            f"{m['mbps']:.1f} MB/s p50 {m['p50_us']:.0f} us")
+        n = 200 if quick else 1000
+        for backend, flush in (("python-memory", "auto"), ("pmemblk-tcp", "gpspm"),
+                               ("pmemblk-tcp", "apm")) + ((("pmemblk-rdma", "gpspm"),
+                                                          ("pmemblk-rdma", "apm"))
+                                                         if part == "vm" else ()):
+            key = backend if backend == "python-memory" else f"{backend}/{flush}"
+            result["flush"][key] = []
+            for _ in range(repeats):
+                with served(backend, work, flush) as server:
+                    result["flush"][key].append(flush_latency(server.uri, n))
+            log(f"{part} flush {key}: p50 {result['flush'][key][-1]['p50_us']:.0f} us")
+        if part == "vm":
+            result["perftest"] = [perftest(quick) for _ in range(repeats)]
+            log(f"vm perftest: {result['perftest'][-1]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--quick", action="store_true")
+    r.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    r.add_argument("--no-vm", action="store_true")
+    r.add_argument("--only", choices=["host", "vm"],
+                   help="run one part and merge it into the existing --out file")
+    p = sub.add_parser("part")
+    p.add_argument("part", choices=["host", "vm"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", required=True)
+    d = sub.add_parser("render")
+    d.add_argument("file")
+    args = ap.parse_args()
+
+    if args.cmd == "part":
+        Path(args.out).write_text(json.dumps(run_part(args.part, args.quick), indent=1))
+        return 0
+    if args.cmd == "render":
+        from render import render
+
+        render(json.loads(Path(args.file).read_text()))
+        return 0
+    started = time.time()
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": args.quick,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "parts": {},
+    }
+    if args.only and Path(args.out).exists():
+        results["parts"] = json.loads(Path(args.out).read_text())["parts"]
+    if args.only != "vm":
+        results["parts"]["host"] = run_part("host", args.quick)
+    if not args.no_vm and args.only != "host":
+        share = Path(tempfile.mkdtemp(prefix="pmemblk-bench-vm-"))
+        out = share / "vm.json"
+        cmd = [str(ROOT / "scripts" / "vm"), "--out", str(share), "--", PY, __file__, "part",
+               "vm", "--out", str(out)] + (["--quick"] if args.quick else [])
+        rc = subprocess.run(cmd).returncode
+        if rc == 0 and out.exists():
+            results["parts"]["vm"] = json.loads(out.read_text())
+        else:
+            log(f"the VM part did not run (exit {rc}): host results only")
+        shutil.rmtree(share, ignore_errors=True)
+    results["duration_s"] = round(time.time() - started)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    log(f"wrote {args.out}")
+    from render import render
+
+    render(results)
+    return 0
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Render bench results: the generated part of docs/benchmarks.md and PNG plots in docs/img/."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+JOB_METRIC = {
+    "randread-4k-qd1": "iops", "randread-4k-qd16": "iops", "randwrite-4k-qd1": "iops",
+    "randwrite-4k-qd16": "iops", "read-1m": "mbps", "write-1m": "mbps",
+    "randwrite-4k-qd16-4conn": "iops",
+}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.0f}–{max(xs):.0f}" if len(xs) > 1 else ""
+
+
+def ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median ratio and its range over the repeats (paired by repeat)."""
+    pairs = [a / b for a, b in zip(num, den, strict=False) if b]
+    if not pairs:
+        return 0.0, 0.0, 0.0
+    return med(pairs), min(pairs), max(pairs)
+
+
+def fmt_ratio(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.0%} ({r[1]:.0%}–{r[2]:.0%})"
+
+
+def values(part: dict[str, Any], backend: str, job: str, metric: str) -> list[float]:
+    return [float(run[metric]) for run in part["fio"].get(backend, {}).get(job, [])]
+
+
+def table(part: dict[str, Any], name: str) -> list[str]:
+    backends = list(part["fio"])
+    lines = [f"### {name}: fio ({part['repeats']} repeats × {part['runtime_s']} s, median and "
+             "range)", "", "| job | " + " | ".join(backends) + " |",
+             "|---" * (len(backends) + 1) + "|"]
+    for job, metric in JOB_METRIC.items():
+        unit = "MB/s" if metric == "mbps" else "IOPS"
+        cells = []
+        for b in backends:
+            xs = values(part, b, job, metric)
+            p50 = med(values(part, b, job, "p50_us"))
+            cells.append(f"{med(xs):.0f} {unit} ({spread(xs)}), p50 {p50:.0f} µs" if xs else "—")
+        lines.append(f"| {job} | " + " | ".join(cells) + " |")
+    lines += ["", "Flush latency (write 4 KiB, then time FLUSH alone), µs:", "",
+              "| flush | p50 | p99 |", "|---|---|---|"]
+    for key, runs in part["flush"].items():
+        lines.append(f"| {key} | {med([r['p50_us'] for r in runs]):.0f} | "
+                     f"{med([r['p99_us'] for r in runs]):.0f} |")
+    if "perftest" in part:
+        pt = part["perftest"]
+        lines += ["", "perftest on rxe0 (the transport's limit): "
+                  + ", ".join(f"{k} {med([p[k] for p in pt]):.1f}" for k in pt[0]), ""]
+    return lines
+
+
+def targets(parts: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(target, goal, measured, met) for the ratios issue #6 sets."""
+    rows: list[tuple[str, str, str, bool]] = []
+    host = parts.get("host")
+    if host:
+        r = ratio(values(host, "pmemblk-tcp", "randread-4k-qd16", "iops"),
+                  values(host, "python-memory", "randread-4k-qd16", "iops"))
+        rows.append(("host TCP 4k QD16 randread IOPS / Python ceiling", "≥ 60%", fmt_ratio(r),
+                     r[0] >= 0.6))
+        r = ratio(values(host, "pmemblk-tcp", "randwrite-4k-qd16", "iops"),
+                  values(host, "python-memory", "randwrite-4k-qd16", "iops"))
+        rows.append(("host TCP 4k QD16 randwrite IOPS / Python ceiling", "≥ 60%",
+                     fmt_ratio(r), r[0] >= 0.6))
+        for job in ("read-1m", "write-1m"):
+            r = ratio(values(host, "pmemblk-tcp", job, "mbps"),
+                      values(host, "python-memory", job, "mbps"))
+            rows.append((f"host TCP {job} MB/s / Python ceiling", "≥ 80%", fmt_ratio(r),
+                         r[0] >= 0.8))
+    vm = parts.get("vm")
+    if vm and "perftest" in vm:
+        pt = vm["perftest"]
+        read_lat = med([p["read_lat_us"] for p in pt])
+        mem_lat = med(values(vm, "nbdkit-memory", "randread-4k-qd1", "p50_us"))
+        ours = med(values(vm, "pmemblk-rdma", "randread-4k-qd1", "p50_us"))
+        bound = 1.5 * (mem_lat + read_lat)
+        rows.append(("VM verbs 4k QD1 read latency ≤ 1.5 × (nbdkit-memory + ib_read_lat)",
+                     f"≤ {bound:.0f} µs", f"{ours:.0f} µs", 0 < ours <= bound))
+        bw = med([p["write_bw_mbps"] for p in pt])
+        w = med(values(vm, "pmemblk-rdma", "write-1m", "mbps"))
+        rows.append(("VM verbs 1M write / ib_write_bw", "≥ 50%",
+                     f"{w / bw:.0%} ({w:.0f} / {bw:.0f} MB/s)" if bw else "—",
+                     bool(bw) and w / bw >= 0.5))
+        apm = med([r["p50_us"] for r in vm["flush"].get("pmemblk-rdma/apm", [])])
+        read8 = med([p["read8_lat_us"] for p in pt])
+        rows.append(("VM APM flush ≤ 1.2 × one RDMA READ (ib_read_lat, 8 B)",
+                     f"≤ {1.2 * read8:.0f} µs", f"{apm:.0f} µs", 0 < apm <= 1.2 * read8))
+    for name, part in parts.items():
+        backend = "pmemblk-rdma" if name == "vm" else "pmemblk-tcp"
+        r = ratio(values(part, backend, "randwrite-4k-qd16-4conn", "iops"),
+                  values(part, backend, "randwrite-4k-qd16", "iops"))
+        rows.append((f"{name} {backend}: 4 connections / 1 (4k QD16 randwrite)", "≥ 1.5×",
+                     f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})", r[0] >= 1.5))
+    return rows
+
+
+def plots(parts: dict[str, Any]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(matplotlib is not installed: no plots)"]
+    IMG.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, part in parts.items():
+        base = "python-memory"
+        others = [b for b in part["fio"] if b != base]
+        jobs = list(JOB_METRIC)
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        width = 0.8 / max(1, len(others))
+        for i, b in enumerate(others):
+            meds, lo, hi = [], [], []
+            for job in jobs:
+                r = ratio(values(part, b, job, JOB_METRIC[job]),
+                          values(part, base, job, JOB_METRIC[job]))
+                meds.append(r[0])
+                lo.append(max(0.0, r[0] - r[1]))
+                hi.append(max(0.0, r[2] - r[0]))
+            xs = [j + i * width for j in range(len(jobs))]
+            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=b)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(jobs))])
+        ax.set_xticklabels(jobs, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"ratio to {base} (same run)")
+        ax.set_title(f"{name}: throughput relative to the Python ceiling (median, range)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = IMG / f"bench-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(f"![{name} ratios](img/{path.name})")
+    return out
+
+
+def render(results: dict[str, Any]) -> None:
+    parts = results["parts"]
+    lines = [BEGIN, "", f"Latest run: {results['date']}, {'quick' if results['quick'] else 'full'}"
+             f" pass, {results.get('duration_s', 0)} s, {results['host']['cpus']} CPUs. Raw data: "
+             "[benchmarks.json](benchmarks.json).", "", "### Targets", "",
+             "| target | goal | measured (median, range) | met |", "|---|---|---|---|"]
+    for name, goal, measured, met in targets(parts):
+        lines.append(f"| {name} | {goal} | {measured} | {'yes' if met else '**no**'} |")
+    lines.append("")
+    for name, part in parts.items():
+        lines += table(part, "Host (fio nbd engine)" if name == "host"
+                       else "VM, Soft-RoCE under TCG (fio libaio on /dev/nbd0)")
+        lines.append("")
+    lines += plots(parts)
+    lines += ["", END]
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    DOC.write_text(head + "\n".join(lines) + tail)
+    print(f"rendered {DOC}")
