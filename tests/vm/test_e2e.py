@@ -73,7 +73,7 @@ def test_ext4_survives_target_sigkill(shm_region: Path, workdir: Path, flush: st
     filesystem_story(str(shm_region), 7100 + FLUSH.index(flush), workdir, flush)
 
 
-def fio(dev: str, *args: str) -> dict[str, object]:
+def fio(dev: str, label: str, *args: str) -> dict[str, object]:
     res = run("fio", "--name=verify", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
               "--output-format=json", *args, timeout=900)
@@ -81,8 +81,8 @@ def fio(dev: str, *args: str) -> dict[str, object]:
     job = out["jobs"][0]
     assert job["error"] == 0, job
     w, r = job["write"], job["read"]
-    report(f"fio {dev} {' '.join(args)}: wrote {w['io_bytes'] >> 20} MiB ({w['iops']:.0f} IOPS), "
-           f"verified {r['io_bytes'] >> 20} MiB, 0 verify errors")
+    report(f"fio {dev} ({label}) {' '.join(args)}: wrote {w['io_bytes'] >> 20} MiB "
+           f"({w['iops']:.0f} IOPS), verified {r['io_bytes'] >> 20} MiB, 0 verify errors")
     assert w["io_bytes"] > 0 and r["io_bytes"] == w["io_bytes"]
     return dict(job)
 
@@ -93,8 +93,10 @@ def test_fio_verify(shm_region: Path, workdir: Path, flush: str) -> None:
     target = vm_target(str(shm_region), 7110 + FLUSH.index(flush), workdir).start()
     try:
         with served(target, workdir, *flush_keys(flush)) as dev:
-            fio(dev.dev, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M")
-            fio(dev.dev, "--rw=write", "--bs=1M", "--iodepth=4", "--size=128M", "--offset=64M")
+            fio(dev.dev, f"flush={flush}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                "--size=32M")
+            fio(dev.dev, f"flush={flush}", "--rw=write", "--bs=1M", "--iodepth=4", "--size=128M",
+                "--offset=64M")
     finally:
         assert target.stop() == 0
 
