@@ -181,3 +181,34 @@ def test_readonly_client_cannot_write(target: Target) -> None:
     c = Client(VerbsTransport(ADDR, target.port, readonly=True), "gpspm", readonly=True)
     with c, pytest.raises(Exception, match="read-only"):
         c.pwrite(memoryview(b"x"), 0)
+
+
+def test_target_memory_is_flat_over_200_rdma_connections(target: Target) -> None:
+    assert target.proc is not None
+
+    def rss_kib() -> int:
+        assert target.proc is not None
+        for line in Path(f"/proc/{target.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def cycle(i: int) -> None:
+        with connect(target) as c:
+            data = i.to_bytes(4, "little") * 1024
+            c.pwrite(memoryview(data), (i % 64) * 4096, fua=True)
+            buf = bytearray(4096)
+            c.pread(memoryview(buf), (i % 64) * 4096)
+            assert buf == data
+
+    for i in range(20):
+        cycle(i)
+    target.wait_log("client 20 disconnected")
+    before = rss_kib()
+    for i in range(200):
+        cycle(i)
+    target.wait_log("client 220 disconnected")
+    after = rss_kib()
+    report(f"verbs target RSS over 200 RDMA connect/write/read/disconnect cycles: {before} KiB "
+           f"-> {after} KiB ({after - before:+d} KiB)")
+    assert after - before < 2048, f"RSS grew by {after - before} KiB: a leak per connection"
