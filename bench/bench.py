@@ -87,7 +87,7 @@ class Server:
                 listen, transport = f"{ADDR}:7500", "verbs"
             target = subprocess.Popen(
                 [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
-                 transport, "--pid-file", str(pid)], stderr=subprocess.DEVNULL)
+                 transport, "--pid-file", str(pid), "--shared"], stderr=subprocess.DEVNULL)
             self.procs.append(target)
             wait_for(pid, target, "the target")
             keys = [f"target={listen}", f"transport={transport}", f"flush={flush}"]

@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
                       pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
-                      apm_durable=args.apm_durable,
+                      apm_durable=args.apm_durable, shared=args.shared,
                       durable_image=args.testing_durable_image))
 
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--seed", type=int, default=0)
     pc.set_defaults(func=cmd_power_cut)
     s.add_argument("--readonly", action="store_true", help="clients may only read")
+    s.add_argument("--shared", action="store_true",
+                   help="allow several read-write clients at once (default: one); they must "
+                   "coordinate their writes, e.g. a cluster filesystem")
     s.add_argument("--max-clients", type=int, default=64)
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
     return p

@@ -55,6 +55,17 @@ class ServeConfig:
     apm_durable: bool = False
     #: TESTING ONLY: keep a durable image for power-cut emulation (pmemblk.powercut).
     durable_image: str | None = None
+    #: Allow several read-write clients at once (they must coordinate their writes).
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer to a HELLO, and whether the client was admitted as a writer."""
+
+    answer: Welcome | Reject
+    writer: bool = False
+    readonly: bool = True
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -113,6 +124,7 @@ class Export:
         self.region = region
         self.size = self.header.data_size
         self.clients = 0
+        self.writers = 0
         self._closed = False
         self.image: DurableImage | None = None
         if config.durable_image:
@@ -138,28 +150,40 @@ class Export:
 
     # -- handshake -------------------------------------------------------------------------
 
-    def answer_hello(self, raw: bytes, rkey: int = 0, remote_addr: int = 0
-                     ) -> Welcome | Reject:
-        """Decide on a client's HELLO. A WELCOME counts the client until ``client_left``."""
+    def answer_hello(self, raw: bytes, rkey: int = 0, remote_addr: int = 0) -> Admission:
+        """Decide on a client's HELLO. An admitted client counts until ``client_left``.
+
+        Access modes: any number of read-only clients; one read-write client at a time unless
+        the export is ``--shared`` (then the clients must coordinate, e.g. a cluster
+        filesystem).
+        """
         try:
-            Hello.decode(raw)
+            hello = Hello.decode(raw)
         except PmemblkError as exc:
-            return Reject(errno.EPROTO, f"bad HELLO: {exc}")
+            return Admission(Reject(errno.EPROTO, f"bad HELLO: {exc}"))
         if self.clients >= self.config.max_clients:
-            return Reject(errno.EBUSY,
-                          f"the target already serves {self.config.max_clients} clients")
+            return Admission(Reject(errno.EBUSY,
+                                    f"the target already serves {self.config.max_clients} "
+                                    "clients"))
+        readonly = hello.readonly or self.readonly
+        if not readonly and self.writers and not self.config.shared:
+            return Admission(Reject(
+                errno.EBUSY, "another client has this export open read-write: connect "
+                "read-only, or serve with --shared if the clients coordinate their writes"))
         self.clients += 1
+        self.writers += not readonly
         flags = (REGION_IS_PMEM if self.region.is_pmem else 0) | (
-            REGION_READONLY if self.readonly else 0)
-        return Welcome(
+            REGION_READONLY if readonly else 0)
+        return Admission(Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=FLUSH_APM | FLUSH_GPSPM, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
             commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,
-        )
+        ), writer=not readonly, readonly=readonly)
 
-    def client_left(self) -> None:
+    def client_left(self, writer: bool) -> None:
         self.clients = max(0, self.clients - 1)
+        self.writers = max(0, self.writers - writer)
 
     # -- persistence -----------------------------------------------------------------------
 

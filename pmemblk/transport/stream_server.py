@@ -79,6 +79,8 @@ class _Conn:
         self.wq: collections.deque[memoryview] = collections.deque()
         self.queued = 0
         self.welcomed = False
+        self.writer = False
+        self.readonly = True
         self.closed = False
         self.close_after_send = False
         self.timer: int | None = None
@@ -148,7 +150,7 @@ class _Conn:
             if mtype == MSG_READ:
                 self.send(Reply(req.tag, 0, req.length).encode())
                 self.send(bytes(export.read(req.offset, req.length)))
-            elif export.readonly:
+            elif self.readonly:  # the export, or this client's own read-only mode
                 self.send(Reply(req.tag, errno.EPERM, 0).encode())
             else:
                 if mtype == MSG_WRITE:
@@ -163,15 +165,18 @@ class _Conn:
         if self.timer is not None:
             self.server.reactor.cancel(self.timer)
             self.timer = None
-        answer = export.answer_hello(raw)
+        admission = export.answer_hello(raw)
+        answer = admission.answer
         self.send(answer.encode())
         if isinstance(answer, Reject):
             log.warning("refusing client %d (%s): %s", self.number, self.peer, answer.reason)
             self.close_after_send = True
             return
         self.welcomed = True
-        log.info("client %d connected from %s (%d clients)", self.number, self.peer,
-                 export.clients)
+        self.writer = admission.writer
+        self.readonly = admission.readonly
+        log.info("client %d connected from %s (%s, %d clients)", self.number, self.peer,
+                 "read-only" if self.readonly else "read-write", export.clients)
 
     def handshake_expired(self) -> None:
         self.timer = None
@@ -233,7 +238,7 @@ class _Conn:
         self.wq.clear()
         self.server.conns.pop(self.number, None)
         if self.welcomed and self.server.export is not None:
-            self.server.export.client_left()
+            self.server.export.client_left(self.writer)
 
 
 class StreamServer:

@@ -37,8 +37,10 @@ _SEND_BASE = 2 << 32
 class _Connection:
     """One client: its CM id, queue pair and message buffers."""
 
-    def __init__(self, number: int, cmid: Any, ep: Endpoint, bufs: RegisteredBuffer) -> None:
+    def __init__(self, number: int, cmid: Any, ep: Endpoint, bufs: RegisteredBuffer,
+                 writer: bool) -> None:
         self.number = number
+        self.writer = writer
         self.cmid = cmid
         self.ep = ep
         self.bufs = bufs
@@ -170,27 +172,29 @@ class VerbsServer:
 
     def _on_connect_request(self, child: Any, data: bytes) -> None:
         assert self.device is not None and self.export is not None
-        answer = self.export.answer_hello(data, rkey=int(self.mr.rkey),
-                                          remote_addr=self.export.data_addr)
+        admission = self.export.answer_hello(data, rkey=int(self.mr.rkey),
+                                             remote_addr=self.export.data_addr)
+        answer = admission.answer
         if isinstance(answer, Reject):
             self._reject(child, answer)
             return
+        writer = admission.writer
         self._number += 1
         try:
             ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth,
                           recv_depth=self.depth)
         except TransportError as exc:
-            self.export.client_left()
+            self.export.client_left(writer)
             self._reject(child, Reject(errno.ENOMEM, f"cannot create a queue pair: {exc}"))
             return
         try:
             bufs = RegisteredBuffer(self.device.pd, 2 * self.depth * MAX_MESSAGE_SIZE)
         except TransportError as exc:
             ep.close()
-            self.export.client_left()
+            self.export.client_left(writer)
             self._reject(child, Reject(errno.ENOMEM, f"cannot register buffers: {exc}"))
             return
-        conn = _Connection(self._number, child, ep, bufs)
+        conn = _Connection(self._number, child, ep, bufs, writer)
         welcome = answer.encode()
         try:
             ep.connect_qp(child)
@@ -203,18 +207,19 @@ class VerbsServer:
             child.accept(param)
         except (TransportError, rdma.PyverbsError) as exc:
             log.warning("accepting client %d failed: %s", conn.number, exc)
-            self.export.client_left()
+            self.export.client_left(writer)
             conn.close(disconnect=False)
             return
         self.conns[conn.number] = conn
         self.reactor.add(ep.fd, lambda: self._on_completions(conn))
-        log.info("client %d connected over RDMA (%d clients)", conn.number, self.export.clients)
+        log.info("client %d connected over RDMA (%s, %d clients)", conn.number,
+                 "read-write" if writer else "read-only", self.export.clients)
 
     def _drop(self, conn: _Connection, disconnect: bool) -> None:
         if self.conns.pop(conn.number, None) is not None:
             self.reactor.remove(conn.ep.fd)
             if self.export is not None:
-                self.export.client_left()
+                self.export.client_left(conn.writer)
         conn.close(disconnect)
 
     # -- completions -----------------------------------------------------------------------

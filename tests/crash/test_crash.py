@@ -92,7 +92,7 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
     image = str(tmp_path / "durable.img")
     pmemblk("create", region, "--size", str(REGION))
     extra: tuple[str, ...] = ("--testing-durable-image", image) if kind == "power-cut" else ()
-    target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, *extra,
+    target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, *extra, "--shared",
                     transport="tcp").start()
     keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
     server = Nbdkit(tmp_path, f"target={target.listen}", *keys).start()

@@ -25,8 +25,9 @@ def region(tmp_path: Path) -> str:
 
 @pytest.fixture
 def target(region: str, tmp_path: Path) -> Iterator[Target]:
+    # --shared: these tests run several read-write clients at once on purpose.
     t = Target(region, f"unix:{tmp_path / 'target.sock'}", tmp_path, "--handshake-timeout",
-               "1", transport="tcp").start()
+               "1", "--shared", transport="tcp").start()
     yield t
     t.stop()
 

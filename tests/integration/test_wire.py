@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -120,10 +122,7 @@ def test_garbage_flood_then_good_clients(target: Target) -> None:
         roundtrip(c, 0)
 
 
-def test_too_many_clients_get_a_reason(region: str, tmp_path: object) -> None:
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
+def test_too_many_clients_get_a_reason(region: str, tmp_path: Path) -> None:
     t = Target(region, f"unix:{tmp_path / 'one.sock'}", tmp_path, "--max-clients", "1",
                transport="tcp").start()
     try:
@@ -133,5 +132,34 @@ def test_too_many_clients_get_a_reason(region: str, tmp_path: object) -> None:
             roundtrip(first, 0)
         with Client(StreamTransport(t.listen), "gpspm") as again:  # the slot was freed
             roundtrip(again, 0)
+    finally:
+        t.stop()
+
+
+def test_one_writer_unless_shared(region: str, tmp_path: Path) -> None:
+    t = Target(region, f"unix:{tmp_path / 'single.sock'}", tmp_path, transport="tcp").start()
+    try:
+        with Client(StreamTransport(t.listen)) as first:
+            with pytest.raises(RemoteError, match="open read-write") as exc:
+                StreamTransport(t.listen)
+            assert "--shared" in str(exc.value)
+            with Client(StreamTransport(t.listen, readonly=True), readonly=True) as reader:
+                buf = bytearray(10)
+                reader.pread(memoryview(buf), 0)
+            # The target, not only the client, holds a read-only client to its mode.
+            s = raw(t)
+            s.sendall(p.Hello(readonly=True).encode())
+            p.Welcome.decode(s.recv(p.WELCOME.size, socket.MSG_WAITALL))
+            s.sendall(p.IORequest(p.MSG_WRITE, 7, 0, 4).encode() + b"evil")
+            reply = p.Reply.decode(s.recv(p.REPLY.size, socket.MSG_WAITALL))
+            assert (reply.tag, reply.status) == (7, errno.EPERM)
+            s.close()
+            roundtrip(first, 0)
+            check = bytearray(4)
+            first.pread(memoryview(check), 0)
+            assert check != b"evil"
+        t.wait_log("client 1 (unix socket) disconnected")
+        with Client(StreamTransport(t.listen)) as second:  # the writer's slot is free again
+            roundtrip(second, 4096)
     finally:
         t.stop()

@@ -29,7 +29,7 @@ SIZE = 16 << 20
 def target(shm_region: Path, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
     pmemblk("create", str(shm_region), "--size", str(SIZE))
     port = 7200 + zlib.crc32(request.node.name.encode()) % 500
-    t = vm_target(str(shm_region), port, workdir).start()
+    t = vm_target(str(shm_region), port, workdir, "--shared").start()  # several writers
     yield t
     t.stop()
 
@@ -212,3 +212,22 @@ def test_target_memory_is_flat_over_200_rdma_connections(target: Target) -> None
     report(f"verbs target RSS over 200 RDMA connect/write/read/disconnect cycles: {before} KiB "
            f"-> {after} KiB ({after - before:+d} KiB)")
     assert after - before < 2048, f"RSS grew by {after - before} KiB: a leak per connection"
+
+
+def test_one_writer_unless_shared(shm_region: Path, workdir: Path) -> None:
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    t = vm_target(str(shm_region), 7190, workdir).start()
+    try:
+        with connect(t) as first:
+            with pytest.raises(RemoteError, match="open read-write"):
+                connect(t)
+            reader = Client(VerbsTransport(ADDR, t.port, readonly=True), readonly=True)
+            with reader:
+                buf = bytearray(16)
+                reader.pread(memoryview(buf), 0)
+            roundtrip(first, 0)
+        t.wait_log("client 1 disconnected")
+        with connect(t) as second:  # the writer's slot is free again
+            roundtrip(second, 4096)
+    finally:
+        t.stop()
