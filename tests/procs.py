@@ -43,6 +43,14 @@ def pmemblk(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run(PY, "-m", "pmemblk", *args, check=check)
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def region_info(path: str) -> dict[str, object]:
     info = json.loads(pmemblk("info", path, "--json").stdout)
     assert isinstance(info, dict)

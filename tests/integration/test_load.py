@@ -8,25 +8,17 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 from pmemblk import protocol as p
 from pmemblk.client import Client
 from pmemblk.transport.stream import StreamTransport
 
 from ..conftest import ROOT, report
-from ..procs import PLUGIN, Target
+from ..procs import PLUGIN, Target, rss_kib
 from .conftest import SIZE
 
 EXPORT = SIZE - 4096
 WORKLOAD = str(ROOT / "tests" / "integration" / "workload.py")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def cycle(target: Target, i: int) -> None:

@@ -19,7 +19,7 @@ from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
 from ..conftest import report
-from ..procs import PY, Target, pmemblk
+from ..procs import PY, Target, pmemblk, rss_kib
 from .harness import ADDR, vm_target
 
 SIZE = 16 << 20
@@ -185,13 +185,7 @@ def test_readonly_client_cannot_write(target: Target) -> None:
 
 def test_target_memory_is_flat_over_200_rdma_connections(target: Target) -> None:
     assert target.proc is not None
-
-    def rss_kib() -> int:
-        assert target.proc is not None
-        for line in Path(f"/proc/{target.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+    pid = target.proc.pid
 
     def cycle(i: int) -> None:
         with connect(target) as c:
@@ -204,11 +198,11 @@ def test_target_memory_is_flat_over_200_rdma_connections(target: Target) -> None
     for i in range(20):
         cycle(i)
     target.wait_log("client 20 disconnected")
-    before = rss_kib()
+    before = rss_kib(pid)
     for i in range(200):
         cycle(i)
     target.wait_log("client 220 disconnected")
-    after = rss_kib()
+    after = rss_kib(pid)
     report(f"verbs target RSS over 200 RDMA connect/write/read/disconnect cycles: {before} KiB "
            f"-> {after} KiB ({after - before:+d} KiB)")
     assert after - before < 2048, f"RSS grew by {after - before} KiB: a leak per connection"
