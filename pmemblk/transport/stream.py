@@ -210,12 +210,8 @@ class StreamTransport(_Closing):
                 raw = self._recv(COMMIT_REPLY.size)
                 if message_type(raw) != MSG_COMMIT_REPLY:
                     raise ProtocolError(f"expected COMMIT_REPLY, got type {message_type(raw)}")
-                reply = CommitReply.decode(raw)
+                check_commit_reply(CommitReply.decode(raw), req_id, len(batch))
             except (TransportError, ProtocolError) as exc:
-                raise self._fail(exc) from None
-            try:
-                check_commit_reply(reply, req_id, len(batch))
-            except TransportError as exc:
                 raise self._fail(exc) from None
 
     def close(self) -> None:

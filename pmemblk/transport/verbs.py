@@ -184,9 +184,10 @@ class VerbsTransport(rdma._Closing):
     def _wait(self, ep: Endpoint) -> list[Any]:
         return ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event)
 
-    def _fail(self, exc: TransportError) -> TransportError:
-        self._broken = str(exc)
-        return exc
+    def _fail(self, exc: TransportError | ProtocolError) -> TransportError:
+        err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
+        self._broken = str(err)
+        return err
 
     def _pipeline(self, opcode: int, offset: int, length: int, *, src: memoryview | None = None,
                   dst: memoryview | None = None) -> None:
@@ -281,12 +282,8 @@ class VerbsTransport(rdma._Closing):
                             bytes(bufs.view[self._recv_off:self._recv_off + wc.byte_len]))
                     else:
                         raise TransportError(f"completion for unknown work request {wc.wr_id}")
+            check_commit_reply(reply, req_id, len(batch))  # a bad status is a RemoteError
         except (TransportError, ProtocolError) as exc:
-            err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
-            raise self._fail(err) from None
-        try:
-            check_commit_reply(reply, req_id, len(batch))
-        except TransportError as exc:
             raise self._fail(exc) from None
 
     def close(self) -> None:
