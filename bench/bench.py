@@ -20,7 +20,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -314,10 +313,6 @@ def main() -> int:
 
     render(results)
     return 0
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
 
 
 if __name__ == "__main__":

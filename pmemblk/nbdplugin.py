@@ -37,6 +37,7 @@ from .transport.verbs import (
     VerbsTransport,
     resolve_ip,
 )
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ class PluginConfig:
                 raise ConfigError(f"depth={value!r}: expected a whole number from 1 to 64")
             self.depth = int(value)
         elif key == "chunk":
-            from .cli import parse_size
-
             n = parse_size(value)
             if n & (n - 1) or not 4096 <= n <= 16 << 20:
                 raise ConfigError(f"chunk={value!r}: expected a power of two from 4K to 16M")
@@ -144,10 +143,7 @@ def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
 
 
 def connect_transport(cfg: PluginConfig, readonly: bool) -> Transport:
-    if cfg.transport == "auto":
-        kind, why = auto_choice(cfg)
-    else:
-        kind, why = cfg.transport, "transport=tcp"
+    kind, why = auto_choice(cfg) if cfg.transport == "auto" else (cfg.transport, "")
     if kind == "verbs":
         try:
             transport = VerbsTransport(resolve_ip(cfg.host, "target"), cfg.port,

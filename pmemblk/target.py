@@ -94,8 +94,6 @@ def parse_transports(value: str) -> tuple[str, ...]:
 class Server(Protocol):
     """A transport's listening side, driven by the target's reactor."""
 
-    name: str
-
     def start(self, export: Export) -> None:
         """Listen; addresses were validated when the server was made."""
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pmemblk.cli import main, parse_size
+from pmemblk.cli import main
 from pmemblk.errors import ConfigError
+from pmemblk.units import parse_size
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -242,7 +242,6 @@ class _Conn:
 
 
 class StreamServer:
-    name = "tcp"
 
     def __init__(self, reactor: Reactor, listen: str, handshake_timeout: float) -> None:
         self.reactor = reactor

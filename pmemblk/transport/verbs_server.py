@@ -61,7 +61,6 @@ class _Connection:
 
 
 class VerbsServer:
-    name = "verbs"
 
     def __init__(self, reactor: Reactor, listen: str) -> None:
         from ..target import COMMIT_DEPTH, parse_listen
