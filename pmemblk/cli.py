@@ -1,4 +1,4 @@
-"""The ``pmemblk`` command: create, info, serve.
+"""The ``pmemblk`` command: create, info, serve, secret.
 
 Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
 130 interrupted. Tracebacks only with ``--debug``.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, layout
+from .auth import create_secret, load_secret
 from .errors import ConfigError, PmemblkError
 from .pmem import PmemRegion, is_devdax
 from .units import human, parse_size
@@ -74,6 +75,7 @@ def region_info(path: str) -> dict[str, object]:
             "created_ns": header.created_ns,
             "clean_shutdown": state.clean,
             "times_served": state.times_served,
+            "loss_epoch": layout.read_loss_epoch(region),
         }
 
 
@@ -111,11 +113,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--max-clients must be at least 1")
     if not 0 < args.handshake_timeout <= 3600:
         raise ConfigError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+    secret = load_secret(args.secret_file) if args.secret_file else None
     serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
                       pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
                       apm_durable=args.apm_durable, shared=args.shared,
-                      durable_image=args.testing_durable_image))
+                      durable_image=args.testing_durable_image, secret=secret,
+                      insecure_no_auth=args.insecure_no_auth))
+
+
+def cmd_secret(args: argparse.Namespace) -> None:
+    create_secret(args.path)
+    print(f"wrote a new secret to {args.path} (mode 600): give it to the target "
+          f"(--secret-file {args.path}) and to its clients (secret-file={args.path})")
 
 
 def cmd_power_cut(args: argparse.Namespace) -> None:
@@ -175,8 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shared", action="store_true",
                    help="allow several read-write clients at once (default: one); they must "
                    "coordinate their writes, e.g. a cluster filesystem")
+    s.add_argument("--secret-file", metavar="PATH",
+                   help="clients must prove they hold this shared secret (make one with "
+                   "pmemblk secret PATH); required to listen on a non-loopback address")
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="listen on a non-loopback address without a secret: anyone who can "
+                   "connect can read and write the region")
     s.add_argument("--max-clients", type=int, default=64)
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
+
+    k = sub.add_parser("secret", help="write a new random shared secret to a file (mode 600)")
+    k.add_argument("path")
+    k.set_defaults(func=cmd_secret)
     return p
 
 

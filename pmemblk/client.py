@@ -10,16 +10,27 @@ Flush methods (what an acknowledged FLUSH or FUA means is in docs/persistence.md
   ``pmem_msync`` otherwise) and replies.
 
 FUA is a write followed by the same persistence step for just that range.
+
+Reconnect: when the connection is lost (disconnect event, QP in error, TCP reset, no answer
+before the deadline), the request in progress is held, the client reconnects with backoff,
+checks that the target serves the same region (UUID and size), and issues the request again
+(READ, WRITE and ZERO of the same range are idempotent, and so is a COMMIT). After
+``reconnect_timeout`` seconds without success the request fails with EIO. If the target's loss
+epoch changed while writes were unflushed (it restarted after a reboot or power cut, so those
+writes may be gone), every later FLUSH fails with EIO: acknowledging it would be a lie
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
+from collections.abc import Callable
 from types import TracebackType
 
 from . import durability
-from .errors import ConfigError, RequestError
+from .errors import ConfigError, RemoteError, RequestError, TransportError
 from .protocol import FLUSH_METHODS
 from .ranges import RangeSet
 from .transport import Transport
@@ -31,7 +42,9 @@ class Client:
     """Block I/O against one target through one transport connection. A context manager."""
 
     def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
-                 allow_visibility_only: bool = False) -> None:
+                 allow_visibility_only: bool = False,
+                 reconnect: Callable[[], Transport] | None = None,
+                 reconnect_timeout: float = 0.0) -> None:
         if flush != "auto" and flush not in FLUSH_METHODS:
             raise ConfigError(f"unknown flush method {flush!r}: use auto, apm or gpspm")
         info = transport.info
@@ -49,6 +62,14 @@ class Client:
         self.readonly = info.readonly or readonly
         self._dirty = RangeSet()
         self._unflushed_at: int | None = None  # apm: offset of a write since the last flush
+        self._unflushed = False  # any write since the last successful FLUSH
+        self._reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        #: Why every FLUSH now fails (unflushed writes may have been lost), or None.
+        self.lost: str | None = None
+        #: Why every request now fails (the target serves something else), or None.
+        self.broken: str | None = None
         if not persistent:
             log.warning(
                 "flush=%s gives visibility only on this target (accepted with "
@@ -67,17 +88,96 @@ class Client:
         if self.readonly:
             raise RequestError("the export is read-only", errno.EPERM)
 
+    # -- reconnect -------------------------------------------------------------------------
+
+    def _io(self, op: Callable[[Transport], None]) -> None:
+        """Run ``op`` on the transport; on a lost connection, reconnect and run it again."""
+        if self.broken is not None:
+            raise RemoteError(self.broken, errno.EIO)
+        deadline: float | None = None
+        while True:
+            try:
+                op(self.transport)
+                return
+            except TransportError as exc:
+                if self._reconnect is None or self.reconnect_timeout <= 0:
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_timeout
+                    log.warning("lost the connection to the target (%s): reconnecting for up to "
+                                "%gs", exc, self.reconnect_timeout)
+                self._recover(exc, deadline)
+
+    def _recover(self, cause: TransportError, deadline: float) -> None:
+        assert self._reconnect is not None
+        self.transport.close()
+        delay = 0.05
+        last: Exception = cause
+        while True:
+            try:
+                transport = self._reconnect()
+            except TransportError as exc:
+                last = exc
+            except RemoteError as exc:
+                if exc.errno != errno.EBUSY:  # EBUSY: it has not noticed our old connection
+                    self.broken = f"reconnecting failed: {exc}"
+                    raise RemoteError(self.broken, errno.EIO) from None
+                last = exc
+            else:
+                self._adopt(transport)
+                return
+            if time.monotonic() + delay > deadline:
+                raise TransportError(
+                    f"the target did not come back within {self.reconnect_timeout:g}s "
+                    f"(reconnect-timeout): {last}")
+            log.debug("reconnect failed (%s): next try in %.2fs", last, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _adopt(self, transport: Transport) -> None:
+        """Check that a new connection reaches the same region, then use it."""
+        old, new = self.transport.info, transport.info
+        why = None
+        if new.region_uuid != old.region_uuid:
+            why = f"it now serves region {new.region_uuid}, not {old.region_uuid}"
+        elif new.export_size != old.export_size or new.block_size != old.block_size:
+            why = (f"the export is now {new.export_size} bytes (block size {new.block_size}), "
+                   f"not {old.export_size} ({old.block_size})")
+        elif new.readonly and not self.readonly:
+            why = "the export is now read-only"
+        elif not new.flush_methods & FLUSH_METHODS[self.flush_method] or (
+                self.persistent and not new.durable_methods & FLUSH_METHODS[self.flush_method]):
+            why = f"flush={self.flush_method} is no longer persistent there"
+        if why is not None:
+            transport.close()
+            self.broken = f"reconnected to the target, but {why}: failing every request"
+            log.error("%s", self.broken)
+            raise RemoteError(self.broken, errno.EIO)
+        if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:
+            self.lost = (
+                f"the target restarted after a reboot or power cut (loss epoch "
+                f"{old.loss_epoch} → {new.loss_epoch}) while writes were not yet flushed: "
+                "they may be lost, so no later FLUSH on this connection can succeed")
+            log.error("%s", self.lost)
+        self.transport = transport
+        self.reconnects += 1
+        log.warning("reconnected to the target (region %s, loss epoch %d)", new.region_uuid,
+                    new.loss_epoch)
+
+    # -- requests --------------------------------------------------------------------------
+
     def pread(self, buf: memoryview, offset: int) -> None:
         self._check(offset, len(buf))
         if len(buf):
-            self.transport.read(buf, offset)
+            self._io(lambda t: t.read(buf, offset))
 
     def pwrite(self, data: memoryview, offset: int, fua: bool = False) -> None:
         self._check_writable()
         self._check(offset, len(data))
         if not len(data):
             return
-        self.transport.write(data, offset)
+        self._unflushed = True
+        self._io(lambda t: t.write(data, offset))
         self._after_write(offset, len(data), fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
@@ -85,36 +185,41 @@ class Client:
         self._check(offset, length)
         if not length:
             return
-        self.transport.write_zeroes(offset, length)
+        self._unflushed = True
+        self._io(lambda t: t.write_zeroes(offset, length))
         self._after_write(offset, length, fua)
 
     def _after_write(self, offset: int, length: int, fua: bool) -> None:
         if self.flush_method == "apm":
             if fua:
-                self.transport.read_barrier(offset)
+                self._io(lambda t: t.read_barrier(offset))
             else:
                 self._unflushed_at = offset
         elif fua:
-            self.transport.commit([(offset, length)])
+            self._io(lambda t: t.commit([(offset, length)]))
         else:
             self._dirty.add(offset, length)
 
     def flush(self) -> None:
         """Make every write completed on this connection persistent (per the flush method)."""
+        if self.lost is not None:
+            raise RemoteError(self.lost, errno.EIO)
         if self.flush_method == "apm":
             if self._unflushed_at is not None:
-                self.transport.read_barrier(self._unflushed_at)
+                at = self._unflushed_at
+                self._io(lambda t: t.read_barrier(at))
                 self._unflushed_at = None
-            return
-        if not self._dirty:
-            return
-        ranges = self._dirty.take()
-        try:
-            self.transport.commit(ranges)
-        except BaseException:
-            for off, n in ranges:  # not persisted: a later flush must try them again
-                self._dirty.add(off, n)
-            raise
+        elif self._dirty:
+            ranges = self._dirty.take()
+            try:
+                self._io(lambda t: t.commit(ranges))
+            except BaseException:
+                for off, n in ranges:  # not persisted: a later flush must try them again
+                    self._dirty.add(off, n)
+                raise
+        if self.lost is not None:  # found out while reconnecting during this flush
+            raise RemoteError(self.lost, errno.EIO)
+        self._unflushed = False
 
     def close(self) -> None:
         self.transport.close()

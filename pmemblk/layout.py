@@ -17,6 +17,14 @@ an update leaves either the old or the new word, never a torn header. The data a
     56      4     CRC32 of bytes 0..55
     60      4     reserved, zero
     64      8     state word: bit 0 = clean shutdown, bits 8.. = times served
+    72      16    boot id of the system that last opened the region to serve it (0: unknown)
+    88      8     loss epoch: times the region was opened after an unclean stop in an earlier
+                  boot, when writes that were never flushed may have been lost
+
+The boot id tells a killed target from a lost machine: when a target process dies, every write
+that reached the region's memory is still there (the page cache or the pmem and CPU caches
+survive a process); only a reboot or power cut can lose unflushed writes. Reconnecting clients
+compare the loss epoch to learn whether that happened while they were away (docs/security.md).
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ LAYOUT_VERSION = 1
 HEADER_STRUCT = struct.Struct("<8sHHI16sQQQII")
 HEADER_SIZE = HEADER_STRUCT.size  # 64
 STATE_OFFSET = 64
+BOOT_ID_OFFSET = 72
+LOSS_EPOCH_OFFSET = 88
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 DATA_ALIGN = 4096
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 65536
@@ -113,6 +124,43 @@ class State:
     @classmethod
     def decode(cls, word: int) -> State:
         return cls(bool(word & STATE_CLEAN), word >> _SERVED_SHIFT)
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What serving the region found when it started."""
+
+    previous: State
+    #: Whether every write the previous target took is still in the region.
+    continuity: bool
+    loss_epoch: int
+
+
+def current_boot_id() -> bytes:
+    try:
+        with open(BOOT_ID_FILE) as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)  # unknown: an unclean stop then counts as a possible loss
+
+
+def read_loss_epoch(region: PmemRegion) -> int:
+    return int.from_bytes(region.read(LOSS_EPOCH_OFFSET, 8), "little")
+
+
+def open_for_serving(region: PmemRegion, boot_id: bytes | None = None) -> Opening:
+    """Record that a target now serves the region read-write (state word: not clean)."""
+    state = read_state(region)
+    boot = current_boot_id() if boot_id is None else boot_id
+    same_boot = boot != bytes(16) and region.read(BOOT_ID_OFFSET, 16) == boot
+    continuity = state.clean or same_boot
+    epoch = read_loss_epoch(region) + (not continuity)
+    region.store_u64(LOSS_EPOCH_OFFSET, epoch)
+    region.store_u64(BOOT_ID_OFFSET, int.from_bytes(boot[:8], "little"))
+    region.store_u64(BOOT_ID_OFFSET + 8, int.from_bytes(boot[8:], "little"))
+    region.persist(BOOT_ID_OFFSET, 24)
+    write_state(region, State(clean=False, times_served=state.times_served + 1))
+    return Opening(state, continuity, epoch)
 
 
 def check_block_size(block_size: int, exc: type[Exception]) -> None:

@@ -14,6 +14,10 @@ Keys::
     allow-visibility-only=true
                           accept a flush method that gives only visibility (not persistence)
     readonly=true|false   open the export read-only (default false)
+    secret-file=PATH      the target's shared secret (when it serves with --secret-file)
+    reconnect-timeout=SECONDS
+                          how long to keep reconnecting to a lost target before requests
+                          fail with EIO (default 60; 0: fail at once)
     timeout=SECONDS       deadline for every completion (default 30)
     depth=N               RDMA work requests in flight per request (default 8, 1..64)
     chunk=SIZE            bytes per work request (default 256K, 4K..16M, a power of two)
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from . import auth
 from .client import Client
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
@@ -41,8 +46,9 @@ from .units import parse_size
 
 log = logging.getLogger(__name__)
 
-KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "timeout", "depth",
-        "chunk")
+KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
+        "reconnect-timeout", "timeout", "depth", "chunk")
+DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", "verbs", "tcp")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -57,6 +63,17 @@ def parse_bool(key: str, value: str) -> bool:
     raise ConfigError(f"{key}={value!r}: expected true or false")
 
 
+def _seconds(key: str, value: str, allow_zero: bool) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r}: expected seconds, e.g. 30") from None
+    if not (0 <= n <= 3600 if allow_zero else 0 < n <= 3600):
+        raise ConfigError(f"{key}={value!r}: must be {'at least' if allow_zero else 'more than'}"
+                          " 0 and at most 3600")
+    return n
+
+
 @dataclass
 class PluginConfig:
     target: str = ""  # as given: HOST:PORT or unix:PATH
@@ -69,6 +86,9 @@ class PluginConfig:
     timeout: float = DEFAULT_TIMEOUT
     depth: int = DEFAULT_DEPTH
     chunk: int = DEFAULT_CHUNK_SIZE
+    secret_file: str = ""
+    secret: bytes | None = field(default=None, repr=False)
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -96,13 +116,12 @@ class PluginConfig:
             self.allow_visibility_only = parse_bool(key, value)
         elif key == "readonly":
             self.readonly = parse_bool(key, value)
+        elif key == "secret-file":
+            self.secret_file = value
+        elif key == "reconnect-timeout":
+            self.reconnect_timeout = _seconds(key, value, allow_zero=True)
         elif key == "timeout":
-            try:
-                self.timeout = float(value)
-            except ValueError:
-                raise ConfigError(f"timeout={value!r}: expected seconds, e.g. 30") from None
-            if not 0 < self.timeout <= 3600:
-                raise ConfigError(f"timeout={value!r}: must be more than 0 and at most 3600")
+            self.timeout = _seconds(key, value, allow_zero=False)
         elif key == "depth":
             if not value.isdigit() or not 1 <= int(value) <= 64:
                 raise ConfigError(f"depth={value!r}: expected a whole number from 1 to 64")
@@ -116,6 +135,8 @@ class PluginConfig:
     def complete(self) -> None:
         if "target" not in self.seen:
             raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
+        if self.secret_file:
+            self.secret = auth.load_secret(self.secret_file)
         if self.transport == "verbs":
             if self.is_unix:
                 raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
@@ -142,13 +163,12 @@ def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
     return "verbs", f"RDMA device {', '.join(devices)} has an active port"
 
 
-def connect_transport(cfg: PluginConfig, readonly: bool) -> Transport:
+def connect_transport(cfg: PluginConfig, readonly: bool) -> tuple[Transport, str]:
+    """A connection, and the transport kind it uses (verbs or tcp)."""
     kind, why = auto_choice(cfg) if cfg.transport == "auto" else (cfg.transport, "")
     if kind == "verbs":
         try:
-            transport = VerbsTransport(resolve_ip(cfg.host, "target"), cfg.port,
-                                       readonly=readonly, timeout=cfg.timeout, depth=cfg.depth,
-                                       chunk_size=cfg.chunk)
+            transport = _connect_kind(cfg, "verbs", readonly)
         except RemoteError:
             raise  # a pmemblk target answered over RDMA and refused: that is the answer
         except (TransportError, ConfigError) as exc:
@@ -158,17 +178,29 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> Transport:
         else:
             if cfg.transport == "auto":
                 log.info("transport=auto: using RDMA verbs: %s", why)
-            return transport
+            return transport, "verbs"
     if cfg.transport == "auto":
         log.info("transport=auto: using TCP: %s", why)
+    return _connect_kind(cfg, "tcp", readonly), "tcp"
+
+
+def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
+    if kind == "verbs":
+        return VerbsTransport(resolve_ip(cfg.host, "target"), cfg.port, readonly=readonly,
+                              timeout=cfg.timeout, depth=cfg.depth, chunk_size=cfg.chunk,
+                              secret=cfg.secret)
     return StreamTransport(cfg.target, readonly=readonly, timeout=cfg.timeout,
-                           depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20))
+                           depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20),
+                           secret=cfg.secret)
 
 
 def connect(cfg: PluginConfig, readonly: bool) -> Client:
-    transport = connect_transport(cfg, readonly)
+    transport, kind = connect_transport(cfg, readonly)
     try:
-        return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only)
+        # A reconnect uses the transport the first connection chose.
+        return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only,
+                      reconnect=lambda: _connect_kind(cfg, kind, readonly),
+                      reconnect_timeout=cfg.reconnect_timeout)
     except BaseException:
         transport.close()
         raise

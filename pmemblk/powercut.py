@@ -9,7 +9,8 @@ A simulated power cut (``pmemblk testing-power-cut``, with the target stopped) r
 region from the image. Each 8-byte word that was written but never persisted is kept with
 probability ``keep`` (write-back that happened to reach media before the cut) and otherwise
 reverts to its durable value. Aligned 8-byte stores are the unit of power-fail atomicity, so a
-word is never torn. The result becomes both the region and the new durable image.
+word is never torn. The result becomes both the region and the new durable image, and the
+region's boot id is cleared: after a power cut the machine boots again (pmemblk.layout).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from . import layout
 from .errors import PmemError
 from .pmem import PmemRegion
 
@@ -102,6 +104,8 @@ def power_cut(region_path: str, image_path: str, keep: float = 0.0, seed: int = 
                             kept += 1
             os.pwrite(rfd, out, off)
             os.pwrite(dfd, out, off)
+        for fd in (rfd, dfd):  # the machine restarts: a new boot
+            os.pwrite(fd, bytes(16), layout.BOOT_ID_OFFSET)
         os.fsync(rfd)
         os.fsync(dfd)
     finally:

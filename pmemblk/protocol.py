@@ -4,10 +4,13 @@ All messages are little-endian and start with the same 8-byte preamble:
 
     magic "PMBK" (4) | protocol version u16 | message type u16
 
-Over RDMA CM, HELLO travels as the connect private data (at most 56 bytes), WELCOME as the
-accept private data (at most 196 bytes) and REJECT as the reject private data. CM private data
-may arrive padded with zeros to its full size, so those decoders ignore bytes past their fixed
-layout. COMMIT and COMMIT_REPLY travel as two-sided SEND messages and must have exact lengths.
+The handshake (docs/security.md) is HELLO → CHALLENGE → AUTH → WELCOME (or REJECT at any
+step). Nothing about the region is sent before the target has checked AUTH. Over RDMA CM, HELLO
+travels as the connect private data (at most 56 bytes), CHALLENGE as the accept private data and
+REJECT, before the connection is established, as the reject private data; AUTH, WELCOME and a
+later REJECT are two-sided SEND messages, like COMMIT and COMMIT_REPLY. CM private data may
+arrive padded with zeros to its full size, so the HELLO, CHALLENGE and REJECT decoders ignore
+bytes past their fixed layout; SEND messages must have their exact lengths.
 
 Over a stream (TCP or a Unix socket) the same messages are frames, and READ, WRITE and ZERO
 requests (tagged, several in flight) and their REPLY frames are added. ``request_header_size`` and
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PMBK"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MSG_HELLO = 1
 MSG_WELCOME = 2
@@ -38,6 +41,8 @@ MSG_READ = 6
 MSG_WRITE = 7
 MSG_ZERO = 8
 MSG_REPLY = 9
+MSG_CHALLENGE = 10
+MSG_AUTH = 11
 _TYPE_NAMES = {
     MSG_HELLO: "HELLO",
     MSG_WELCOME: "WELCOME",
@@ -48,6 +53,8 @@ _TYPE_NAMES = {
     MSG_WRITE: "WRITE",
     MSG_ZERO: "ZERO",
     MSG_REPLY: "REPLY",
+    MSG_CHALLENGE: "CHALLENGE",
+    MSG_AUTH: "AUTH",
 }
 
 # HELLO flags
@@ -59,10 +66,19 @@ REGION_READONLY = 1 << 1
 FLUSH_APM = 1 << 0
 FLUSH_GPSPM = 1 << 1
 FLUSH_METHODS = {"apm": FLUSH_APM, "gpspm": FLUSH_GPSPM}
+# Authentication methods in CHALLENGE
+AUTH_NONE = 0
+AUTH_HMAC_SHA256 = 1
+AUTH_METHODS = {AUTH_NONE: "none", AUTH_HMAC_SHA256: "hmac-sha256"}
+CLIENT_NONCE_SIZE = 16
+TARGET_NONCE_SIZE = 32
+MAC_SIZE = 32
 
 PREAMBLE = struct.Struct("<4sHH")
-HELLO = struct.Struct("<4sHHII")  # preamble, flags, reserved
-WELCOME = struct.Struct("<4sHHQIIIIQ16sIHH")
+HELLO = struct.Struct("<4sHHII16s")  # preamble, flags, reserved, client nonce
+CHALLENGE = struct.Struct("<4sHHHHI32s")  # preamble, auth method, reserved x2, target nonce
+AUTH = struct.Struct("<4sHHII32s")  # preamble, reserved x2, client MAC
+WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQ32s")
 REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason follows
 COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
 RANGE = struct.Struct("<QQ")  # offset, length
@@ -80,7 +96,8 @@ MAX_COMMIT_RANGES = (MAX_MESSAGE_SIZE - COMMIT.size) // RANGE.size
 MAX_IO = 32 << 20
 
 assert HELLO.size <= CM_CONNECT_PRIVATE_MAX
-assert WELCOME.size <= CM_ACCEPT_PRIVATE_MAX
+assert CHALLENGE.size <= CM_ACCEPT_PRIVATE_MAX
+assert WELCOME.size + REJECT.size + REJECT_REASON_MAX <= MAX_MESSAGE_SIZE
 assert REJECT.size + REJECT_REASON_MAX <= 148
 
 
@@ -123,19 +140,68 @@ def message_type(raw: bytes) -> int:
 @dataclass(frozen=True)
 class Hello:
     readonly: bool = False
+    #: Fresh per connection: binds the target's proof in WELCOME to this handshake.
+    nonce: bytes = bytes(CLIENT_NONCE_SIZE)
 
     def encode(self) -> bytes:
         return HELLO.pack(MAGIC, PROTOCOL_VERSION, MSG_HELLO,
-                          HELLO_READONLY if self.readonly else 0, 0)
+                          HELLO_READONLY if self.readonly else 0, 0, self.nonce)
 
     @classmethod
     def decode(cls, raw: bytes) -> Hello:
         _preamble(raw, MSG_HELLO)
         _need(raw, HELLO.size, "HELLO")
-        _, _, _, flags, _ = HELLO.unpack_from(raw)
+        _, _, _, flags, reserved, nonce = HELLO.unpack_from(raw)
         if flags & ~HELLO_READONLY:
             raise ProtocolError(f"HELLO has unknown flags 0x{flags:x}")
-        return cls(readonly=bool(flags & HELLO_READONLY))
+        if reserved:
+            raise ProtocolError("HELLO reserved field is not zero")
+        return cls(readonly=bool(flags & HELLO_READONLY), nonce=nonce)
+
+
+# --- CHALLENGE and AUTH ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Challenge:
+    """The target's answer to HELLO: how to authenticate, and a fresh nonce to do it with."""
+
+    method: int
+    nonce: bytes
+
+    def encode(self) -> bytes:
+        return CHALLENGE.pack(MAGIC, PROTOCOL_VERSION, MSG_CHALLENGE, self.method, 0, 0,
+                              self.nonce)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Challenge:
+        _preamble(raw, MSG_CHALLENGE)
+        _need(raw, CHALLENGE.size, "CHALLENGE")
+        _, _, _, method, r1, r2, nonce = CHALLENGE.unpack_from(raw)
+        if method not in AUTH_METHODS:
+            raise ProtocolError(f"CHALLENGE asks for unknown authentication method {method}")
+        if r1 or r2:
+            raise ProtocolError("CHALLENGE reserved fields are not zero")
+        return cls(method, nonce)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The client's proof that it holds the shared secret (all zeros when there is none)."""
+
+    mac: bytes
+
+    def encode(self) -> bytes:
+        return AUTH.pack(MAGIC, PROTOCOL_VERSION, MSG_AUTH, 0, 0, self.mac)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Auth:
+        _preamble(raw, MSG_AUTH)
+        if len(raw) != AUTH.size:
+            raise ProtocolError(f"AUTH must be {AUTH.size} bytes, got {len(raw)}")
+        _, _, _, r1, r2, mac = AUTH.unpack_from(raw)
+        if r1 or r2:
+            raise ProtocolError("AUTH reserved fields are not zero")
+        return cls(mac)
 
 
 # --- WELCOME -------------------------------------------------------------------------------
@@ -155,6 +221,11 @@ class Welcome:
     commit_depth: int
     #: Flush methods that give persistence (not only visibility) on this region.
     durable_methods: int = 0
+    #: Counts the times the region may have lost unflushed writes (an unclean restart after
+    #: a reboot or power cut): a reconnecting client compares it (docs/security.md).
+    loss_epoch: int = 0
+    #: HMAC proving the target holds the shared secret (zeros without authentication).
+    proof: bytes = bytes(MAC_SIZE)
 
     @property
     def is_pmem(self) -> bool:
@@ -169,15 +240,20 @@ class Welcome:
             MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
             self.region_flags, self.flush_methods, self.rkey, self.remote_addr,
             self.region_uuid.bytes, self.max_message_size, self.commit_depth,
-            self.durable_methods,
+            self.durable_methods, self.loss_epoch, self.proof,
         )
+
+    def unproven(self) -> bytes:
+        """The encoding the target's proof is computed over (the proof field zeroed)."""
+        return self.encode()[:-MAC_SIZE] + bytes(MAC_SIZE)
 
     @classmethod
     def decode(cls, raw: bytes) -> Welcome:
         _preamble(raw, MSG_WELCOME)
-        _need(raw, WELCOME.size, "WELCOME")
+        if len(raw) != WELCOME.size:
+            raise ProtocolError(f"WELCOME must be {WELCOME.size} bytes, got {len(raw)}")
         (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
-         durable) = WELCOME.unpack_from(raw)
+         durable, epoch, proof) = WELCOME.unpack_from(raw)
         if size <= 0:
             raise ProtocolError(f"WELCOME export size {size} is not positive")
         if bsize < 512 or bsize > 65536 or bsize & (bsize - 1):
@@ -198,7 +274,7 @@ class Welcome:
             raise ProtocolError(
                 f"WELCOME says methods 0x{durable:x} are durable but offers 0x{methods:x}")
         return cls(size, bsize, rflags, methods, rkey, addr, uuid.UUID(bytes=uuid_b),
-                   max_msg, depth, durable)
+                   max_msg, depth, durable, epoch, proof)
 
 
 # --- REJECT --------------------------------------------------------------------------------
@@ -347,8 +423,8 @@ class Reply:
         return cls(tag, status, length)
 
 
-_REQUEST_HEADERS = {MSG_HELLO: HELLO.size, MSG_COMMIT: COMMIT.size, MSG_READ: IO.size,
-                    MSG_WRITE: IO.size, MSG_ZERO: IO.size}
+_REQUEST_HEADERS = {MSG_HELLO: HELLO.size, MSG_AUTH: AUTH.size, MSG_COMMIT: COMMIT.size,
+                    MSG_READ: IO.size, MSG_WRITE: IO.size, MSG_ZERO: IO.size}
 
 
 def request_header_size(preamble: bytes) -> int:
@@ -366,6 +442,8 @@ def request_frame_size(header: bytes, export_size: int) -> int:
     mtype = message_type(header)
     if mtype == MSG_HELLO:
         return HELLO.size
+    if mtype == MSG_AUTH:
+        return AUTH.size
     if mtype == MSG_COMMIT:
         _need(header, COMMIT.size, "COMMIT")
         count = int(COMMIT.unpack_from(header)[3])

@@ -1,23 +1,27 @@
 """The target: owns a region and serves it through one or more transports.
 
-``Export`` is the core every transport shares: the region and its state, the handshake decision
-(HELLO → WELCOME or REJECT), COMMIT handling (persist ranges → status) and, for stream
-transports, the data operations. Transport servers (``transport/verbs_server.py``,
-``transport/stream_server.py``) only move messages; they run on one ``Reactor`` (one thread, one
-``select``), so a slow or hostile peer never blocks the others (docs/design.md).
+``Export`` is the core every transport shares: the region and its state, the handshake decisions
+(HELLO → CHALLENGE, AUTH → WELCOME or REJECT; docs/security.md), COMMIT handling (persist
+ranges → status) and, for stream transports, the data operations. Transport servers
+(``transport/verbs_server.py``, ``transport/stream_server.py``) only move messages; they run on
+one ``Reactor`` (one thread, one ``select``), so a slow or hostile peer never blocks the
+others (docs/design.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import ipaddress
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import durability, layout
+from . import auth, durability, layout
 from .errors import ConfigError, PmemblkError, PmemError
 from .pmem import PmemRegion
 from .powercut import DurableImage
@@ -27,6 +31,8 @@ from .protocol import (
     MAX_MESSAGE_SIZE,
     REGION_IS_PMEM,
     REGION_READONLY,
+    Auth,
+    Challenge,
     Commit,
     CommitReply,
     Hello,
@@ -57,15 +63,51 @@ class ServeConfig:
     durable_image: str | None = None
     #: Allow several read-write clients at once (they must coordinate their writes).
     shared: bool = False
+    #: The shared secret clients must prove they hold (None: no authentication).
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    #: Serve a non-loopback address without authentication anyway.
+    insecure_no_auth: bool = False
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """A valid HELLO and the CHALLENGE sent back: the handshake so far."""
+
+    hello: Hello
+    challenge: Challenge
 
 
 @dataclass(frozen=True)
 class Admission:
-    """The answer to a HELLO, and whether the client was admitted as a writer."""
+    """An authenticated client, admitted; it counts until ``client_left``."""
 
-    answer: Welcome | Reject
-    writer: bool = False
-    readonly: bool = True
+    greeting: Greeting
+    auth: Auth
+    writer: bool
+    readonly: bool
+
+
+def is_local_listen(listen: str) -> bool:
+    """Whether ``listen`` is reachable only from this host (a Unix socket or loopback)."""
+    if listen.startswith("unix:"):
+        return True
+    host, _ = parse_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # the server reports the resolution error itself
+    return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def check_exposure(config: ServeConfig) -> None:
+    """Refuse to serve a network address to anyone who asks, unless told to."""
+    if config.secret is None and not config.insecure_no_auth and not is_local_listen(
+            config.listen):
+        raise ConfigError(
+            f"--listen {config.listen} is reachable from other hosts and no --secret-file was "
+            "given: anyone who can connect could read and write the region. Create a secret "
+            "(pmemblk secret FILE), pass --secret-file FILE here and secret-file=FILE to the "
+            "clients, or pass --insecure-no-auth to serve without authentication")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -133,14 +175,20 @@ class Export:
         for g in self.guarantees:
             log.info("flush %s", g.describe())
         log.info("%s", durability.native_flush_support())
-        state = layout.read_state(region)
-        if not state.clean:
-            log.warning(
-                "%s was not shut down cleanly (the target crashed or was killed): data the "
-                "clients flushed is intact; writes they never flushed may be lost", config.path)
-        if not self.readonly:
-            layout.write_state(region, layout.State(clean=False,
-                                                    times_served=state.times_served + 1))
+        if self.readonly:
+            self.loss_epoch = layout.read_loss_epoch(region)
+        else:
+            opening = layout.open_for_serving(region)
+            self.loss_epoch = opening.loss_epoch
+            if not opening.continuity:
+                log.warning(
+                    "%s was not shut down cleanly and the machine has restarted since (a "
+                    "crash or power cut): data the clients flushed is intact; writes they never "
+                    "flushed may be lost (loss epoch now %d)", config.path, self.loss_epoch)
+            elif not opening.previous.clean:
+                log.warning(
+                    "%s was not shut down cleanly, but in this same boot (the target process "
+                    "was killed): every write it took is still in the region", config.path)
 
     @property
     def data_addr(self) -> int:
@@ -148,36 +196,59 @@ class Export:
 
     # -- handshake -------------------------------------------------------------------------
 
-    def answer_hello(self, raw: bytes, rkey: int = 0, remote_addr: int = 0) -> Admission:
-        """Decide on a client's HELLO. An admitted client counts until ``client_left``.
+    def greet(self, raw: bytes) -> Greeting | Reject:
+        """Answer a client's HELLO with a CHALLENGE. Nothing about the region is revealed."""
+        try:
+            hello = Hello.decode(raw)
+        except PmemblkError as exc:
+            return Reject(errno.EPROTO, f"bad HELLO: {exc}")
+        return Greeting(hello, auth.new_challenge(self.config.secret))
+
+    def admit(self, greeting: Greeting, raw_auth: bytes) -> Admission | Reject:
+        """Check a client's AUTH, then its access mode. An admitted client counts until
+        ``client_left``.
 
         Access modes: any number of read-only clients; one read-write client at a time unless
         the export is ``--shared`` (then the clients must coordinate, e.g. a cluster
         filesystem).
         """
         try:
-            hello = Hello.decode(raw)
+            proof = Auth.decode(raw_auth)
         except PmemblkError as exc:
-            return Admission(Reject(errno.EPROTO, f"bad HELLO: {exc}"))
+            return Reject(errno.EPROTO, f"bad AUTH: {exc}")
+        if not auth.verify_auth(self.config.secret, greeting.hello, greeting.challenge, proof):
+            return Reject(errno.EACCES, "authentication failed: the client's secret is not "
+                                        "the target's (check secret-file=)")
         if self.clients >= self.config.max_clients:
-            return Admission(Reject(errno.EBUSY,
-                                    f"the target already serves {self.config.max_clients} "
-                                    "clients"))
-        readonly = hello.readonly or self.readonly
+            return Reject(errno.EBUSY,
+                          f"the target already serves {self.config.max_clients} clients")
+        readonly = greeting.hello.readonly or self.readonly
         if not readonly and self.writers and not self.config.shared:
-            return Admission(Reject(
+            return Reject(
                 errno.EBUSY, "another client has this export open read-write: connect "
-                "read-only, or serve with --shared if the clients coordinate their writes"))
+                "read-only, or serve with --shared if the clients coordinate their writes")
         self.clients += 1
         self.writers += not readonly
+        return Admission(greeting, proof, writer=not readonly, readonly=readonly)
+
+    def welcome(self, admission: Admission, rkey: int = 0, remote_addr: int = 0) -> Welcome:
+        """The WELCOME for an admitted client, with the target's proof when authenticating."""
         flags = (REGION_IS_PMEM if self.region.is_pmem else 0) | (
-            REGION_READONLY if readonly else 0)
-        return Admission(Welcome(
+            REGION_READONLY if admission.readonly else 0)
+        welcome = Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=FLUSH_APM | FLUSH_GPSPM, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
             commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,
-        ), writer=not readonly, readonly=readonly)
+            loss_epoch=self.loss_epoch,
+        )
+        secret = self.config.secret
+        if secret is None:
+            return welcome
+        g = admission.greeting
+        return dataclasses.replace(
+            welcome, proof=auth.target_proof(secret, g.hello, g.challenge, admission.auth,
+                                             welcome))
 
     def client_left(self, writer: bool) -> None:
         self.clients = max(0, self.clients - 1)
@@ -246,7 +317,8 @@ class Target:
             if name == "verbs":
                 from .transport.verbs_server import VerbsServer
 
-                self.servers.append(VerbsServer(self.reactor, self.config.listen))
+                self.servers.append(VerbsServer(self.reactor, self.config.listen,
+                                                self.config.handshake_timeout))
             else:
                 from .transport.stream_server import StreamServer
 
@@ -258,6 +330,7 @@ class Target:
         for s in old:
             signal.signal(s, lambda signum, frame: self.reactor.stop())
         try:
+            check_exposure(self.config)
             self._make_servers()  # validates addresses before the region is touched
             self.export = Export(self.config)
             for server in self.servers:

@@ -63,9 +63,10 @@ class Target:
     count = 0
 
     def __init__(self, region: str, listen: str, workdir: Path, *extra: str,
-                 transport: str = "verbs") -> None:
+                 transport: str = "verbs", secret: Path | None = None) -> None:
         Target.count += 1
         self.region, self.listen, self.extra, self.transport = region, listen, extra, transport
+        self.secret = secret
         self.port = int(listen.rpartition(":")[2]) if not listen.startswith("unix:") else 0
         self.pid_file = workdir / f"target-{Target.count}.pid"
         self.log_path = workdir / f"target-{Target.count}.log"
@@ -77,13 +78,19 @@ class Target:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [PY, "-m", "pmemblk", "-v", "serve", self.region, "--listen", self.listen,
-             "--transport", self.transport, "--pid-file", str(self.pid_file), *self.extra],
+             "--transport", self.transport, "--pid-file", str(self.pid_file), *self.extra,
+             *(["--secret-file", str(self.secret)] if self.secret else [])],
             stdout=self._log, stderr=subprocess.STDOUT)
         proc = self.proc
         wait_until(lambda: self.pid_file.exists() or proc.poll() is not None, "the target")
         if proc.poll() is not None:
             raise AssertionError(f"the target exited {proc.returncode}:\n{self.log()}")
         return self
+
+    @property
+    def keys(self) -> list[str]:
+        """The plugin keys that reach this target."""
+        return [f"target={self.listen}", *([f"secret-file={self.secret}"] if self.secret else [])]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -110,7 +117,7 @@ class Target:
     def restart(self) -> Target:
         """A new process for the same region and address (after stop or kill)."""
         return Target(self.region, self.listen, self.log_path.parent, *self.extra,
-                      transport=self.transport).start()
+                      transport=self.transport, secret=self.secret).start()
 
 
 class Nbdkit:
@@ -183,7 +190,7 @@ class NbdDevice:
 @contextlib.contextmanager
 def served(target: Target, workdir: Path, *keys: str) -> Iterator[NbdDevice]:
     """nbdkit + /dev/nbd0 in front of a running target, torn down afterwards."""
-    server = Nbdkit(workdir, f"target={target.listen}", *keys).start()
+    server = Nbdkit(workdir, *target.keys, *keys).start()
     dev = NbdDevice()
     try:
         dev.attach(server)

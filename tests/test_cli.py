@@ -49,6 +49,13 @@ def test_create_info_and_no_silent_reformat(tmp_path: Path,
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"\xff" * 65536)
+    open_secret = tmp_path / "open-secret"
+    open_secret.write_text("x" * 32)
+    open_secret.chmod(0o644)
+    short_secret = tmp_path / "short-secret"
+    short_secret.write_text("tooshort\n")
+    short_secret.chmod(0o600)
+    insecure = "--insecure-no-auth"
     cases = [
         (["info", str(junk)], "no pmemblk header"),
         (["info", str(tmp_path / "missing")], "no such file"),
@@ -58,7 +65,16 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
          "block size 1000"),
         (["create", str(tmp_path / "n.img"), "--size", "4K"], "too small"),
         (["serve", str(junk), "--listen", "127.0.0.1:7000"], "loopback"),
-        (["serve", str(junk), "--listen", "0.0.0.0:7000"], "wildcard"),
+        (["serve", str(junk), "--listen", "0.0.0.0:7000", insecure], "wildcard"),
+        (["serve", str(junk), "--listen", "0.0.0.0:7000"], "reachable from other hosts"),
+        (["serve", str(junk), "--listen", "192.0.2.1:7000"], "--insecure-no-auth"),
+        (["serve", str(junk), "--listen", "192.0.2.1:7000", "--secret-file",
+          str(open_secret)], "chmod 600"),
+        (["serve", str(junk), "--listen", "192.0.2.1:7000", "--secret-file",
+          str(short_secret)], "at least 16"),
+        (["serve", str(junk), "--listen", "192.0.2.1:7000", "--secret-file",
+          str(tmp_path / "nope")], "No such file"),
+        (["secret", str(open_secret)], "already exists"),
         (["serve", str(junk), "--listen", "nocolon"], "HOST:PORT"),
     ]
     for args, message in cases:
@@ -72,7 +88,17 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 def test_serve_refuses_a_region_without_header(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(bytes(65536))
-    res = run("serve", str(junk), "--listen", "192.0.2.1:7000")
+    res = run("serve", str(junk), "--listen", "192.0.2.1:7000", "--insecure-no-auth")
     assert res.returncode == 1
     assert "pmemblk create" in res.stderr and "Traceback" not in res.stderr
     assert junk.read_bytes() == bytes(65536)
+
+
+def test_secret_command_writes_a_private_random_secret(tmp_path: Path) -> None:
+    from pmemblk.auth import load_secret
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("secret", str(a)).returncode == 0
+    assert run("secret", str(b)).returncode == 0
+    assert a.stat().st_mode & 0o777 == 0o600
+    assert len(load_secret(str(a))) == 64 and load_secret(str(a)) != load_secret(str(b))

@@ -30,6 +30,8 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
 VALID: dict[str, bytes] = {
     "hello": p.Hello(readonly=True).encode(),
     "welcome": p.Welcome(EXPORT, 4096, 1, 3, 7, 1 << 40, uuid.UUID(int=5), 4096, 8, 2).encode(),
+    "challenge": p.Challenge(p.AUTH_HMAC_SHA256, bytes(range(32))).encode(),
+    "auth": p.Auth(bytes(range(32))).encode(),
     "reject": p.Reject(16, "busy").encode(),
     "commit": p.Commit(9, ((0, 4096), (8192, 10))).encode(),
     "commit_reply": p.CommitReply(9, 0).encode(),
@@ -40,6 +42,8 @@ VALID: dict[str, bytes] = {
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     "hello": p.Hello.decode,
     "welcome": p.Welcome.decode,
+    "challenge": p.Challenge.decode,
+    "auth": p.Auth.decode,
     "reject": p.Reject.decode,
     "commit": lambda raw: p.Commit.decode(raw, EXPORT),
     "commit_reply": p.CommitReply.decode,
@@ -62,8 +66,9 @@ def mutated(draw: st.DrawFn, name: str) -> bytes:
 
 
 def inputs(name: str) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=96), mutated(name),
-                     st.binary(min_size=8, max_size=64).map(lambda b: p.MAGIC + b"\x01\x00" + b))
+    return st.one_of(st.binary(max_size=128), mutated(name),
+                     st.binary(min_size=8, max_size=128).map(
+                         lambda b: p.MAGIC + p.PROTOCOL_VERSION.to_bytes(2, "little") + b))
 
 
 def check(name: str, raw: bytes) -> None:

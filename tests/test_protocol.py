@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import struct
 import uuid
@@ -11,6 +12,8 @@ import pytest
 
 from pmemblk import protocol as p
 from pmemblk.errors import ProtocolError
+
+V = p.PROTOCOL_VERSION
 
 EXPORT = 64 << 20
 
@@ -28,8 +31,10 @@ def welcome(**kw: object) -> p.Welcome:
 def samples() -> list[tuple[bytes, object]]:
     """(encoded message, decoder) for one valid message of every type."""
     return [
-        (p.Hello(readonly=True).encode(), p.Hello.decode),
+        (p.Hello(readonly=True, nonce=b"n" * 16).encode(), p.Hello.decode),
         (welcome().encode(), p.Welcome.decode),
+        (p.Challenge(p.AUTH_HMAC_SHA256, b"c" * 32).encode(), p.Challenge.decode),
+        (p.Auth(b"m" * 32).encode(), p.Auth.decode),
         (p.Reject(16, "busy").encode(), p.Reject.decode),
         (p.Commit(7, ((0, 4096), (8192, 100))).encode(), lambda raw: p.Commit.decode(raw, EXPORT)),
         (p.CommitReply(7, 0).encode(), p.CommitReply.decode),
@@ -37,9 +42,14 @@ def samples() -> list[tuple[bytes, object]]:
 
 
 def test_round_trips() -> None:
-    assert p.Hello.decode(p.Hello(readonly=True).encode()) == p.Hello(readonly=True)
-    w = welcome()
+    hello = p.Hello(readonly=True, nonce=bytes(range(16)))
+    assert p.Hello.decode(hello.encode()) == hello
+    w = welcome(loss_epoch=3, proof=bytes(range(32)))
     assert p.Welcome.decode(w.encode()) == w
+    assert w.unproven() == dataclasses.replace(w, proof=bytes(32)).encode()
+    ch = p.Challenge(p.AUTH_NONE, bytes(range(32)))
+    assert p.Challenge.decode(ch.encode()) == ch
+    assert p.Auth.decode(p.Auth(b"x" * 32).encode()) == p.Auth(b"x" * 32)
     assert p.Reject.decode(p.Reject(16, "busy").encode()) == p.Reject(16, "busy")
     c = p.Commit(7, ((0, 4096), (8192, 100)))
     assert p.Commit.decode(c.encode(), EXPORT) == c
@@ -48,7 +58,8 @@ def test_round_trips() -> None:
 
 def test_sizes_fit_rdma_cm_private_data() -> None:
     assert len(p.Hello().encode()) <= p.CM_CONNECT_PRIVATE_MAX
-    assert len(welcome().encode()) <= p.CM_ACCEPT_PRIVATE_MAX
+    assert len(p.Challenge(0, bytes(32)).encode()) <= p.CM_ACCEPT_PRIVATE_MAX
+    assert len(welcome().encode()) <= p.MAX_MESSAGE_SIZE  # a SEND, after authentication
     assert len(p.Reject(1, "x" * 500).encode()) <= 148  # IB CM REJ private data
 
 
@@ -56,11 +67,16 @@ def test_cm_padding_is_accepted() -> None:
     # IB CM delivers private data padded with zeros to its full size.
     raw = p.Hello().encode().ljust(p.CM_CONNECT_PRIVATE_MAX, b"\0")
     assert p.Hello.decode(raw) == p.Hello()
-    w = welcome()
-    assert p.Welcome.decode(w.encode().ljust(196, b"\0")) == w
+    ch = p.Challenge(p.AUTH_HMAC_SHA256, b"c" * 32)
+    assert p.Challenge.decode(ch.encode().ljust(p.CM_ACCEPT_PRIVATE_MAX, b"\0")) == ch
+    # SEND messages have exact lengths
+    with pytest.raises(ProtocolError, match="must be"):
+        p.Welcome.decode(welcome().encode() + b"\0")
+    with pytest.raises(ProtocolError, match="must be"):
+        p.Auth.decode(p.Auth(bytes(32)).encode() + b"\0")
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_every_truncation_is_rejected(index: int) -> None:
     raw, decode = samples()[index]
     for n in range(len(raw)):
@@ -68,16 +84,16 @@ def test_every_truncation_is_rejected(index: int) -> None:
             decode(raw[:n])  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_wrong_magic_and_version(index: int) -> None:
     raw, decode = samples()[index]
     with pytest.raises(ProtocolError, match="bad magic"):
         decode(b"XXXX" + raw[4:])  # type: ignore[operator]
-    with pytest.raises(ProtocolError, match="protocol version 2"):
-        decode(raw[:4] + struct.pack("<H", 2) + raw[6:])  # type: ignore[operator]
+    with pytest.raises(ProtocolError, match="protocol version 1 is not supported"):
+        decode(raw[:4] + struct.pack("<H", 1) + raw[6:])  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_wrong_type(index: int) -> None:
     raw, decode = samples()[index]
     other = p.MSG_HELLO if index else p.MSG_WELCOME
@@ -90,16 +106,27 @@ def test_random_garbage_never_escapes_as_another_error() -> None:
     for _ in range(3000):
         raw = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80)))
         if rng.random() < 0.5:  # often a valid preamble, so the field checks are reached
-            raw = p.PREAMBLE.pack(p.MAGIC, 1, rng.randrange(1, 6)) + raw
+            raw = p.PREAMBLE.pack(p.MAGIC, V, rng.randrange(1, 12)) + raw
         for _, decode in samples():
             with contextlib.suppress(ProtocolError):
                 decode(raw)  # type: ignore[operator]
 
 
 def test_hello_unknown_flags() -> None:
-    raw = p.HELLO.pack(p.MAGIC, 1, p.MSG_HELLO, 0x80, 0)
+    raw = p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0x80, 0, bytes(16))
     with pytest.raises(ProtocolError, match="unknown flags"):
         p.Hello.decode(raw)
+    with pytest.raises(ProtocolError, match="reserved"):
+        p.Hello.decode(p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0, 1, bytes(16)))
+
+
+def test_challenge_and_auth_checks() -> None:
+    with pytest.raises(ProtocolError, match="unknown authentication method 7"):
+        p.Challenge.decode(p.CHALLENGE.pack(p.MAGIC, V, p.MSG_CHALLENGE, 7, 0, 0, bytes(32)))
+    with pytest.raises(ProtocolError, match="reserved"):
+        p.Challenge.decode(p.CHALLENGE.pack(p.MAGIC, V, p.MSG_CHALLENGE, 1, 0, 9, bytes(32)))
+    with pytest.raises(ProtocolError, match="reserved"):
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 1, 0, bytes(32)))
 
 
 @pytest.mark.parametrize(
@@ -123,16 +150,16 @@ def test_welcome_out_of_range(kw: dict[str, int], message: str) -> None:
 
 
 def test_reject_reason_length_checked() -> None:
-    raw = p.REJECT.pack(p.MAGIC, 1, p.MSG_REJECT, 5, 200) + b"x" * 200
+    raw = p.REJECT.pack(p.MAGIC, V, p.MSG_REJECT, 5, 200) + b"x" * 200
     with pytest.raises(ProtocolError, match="exceeds"):
         p.Reject.decode(raw)
-    raw = p.REJECT.pack(p.MAGIC, 1, p.MSG_REJECT, 5, 10) + b"short"
+    raw = p.REJECT.pack(p.MAGIC, V, p.MSG_REJECT, 5, 10) + b"short"
     with pytest.raises(ProtocolError, match="truncated"):
         p.Reject.decode(raw)
 
 
 def commit_raw(count: int, ranges: list[tuple[int, int]], reserved: int = 0) -> bytes:
-    head = p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, count, reserved, 1)
+    head = p.COMMIT.pack(p.MAGIC, V, p.MSG_COMMIT, count, reserved, 1)
     return head + b"".join(p.RANGE.pack(o, n) for o, n in ranges)
 
 
@@ -171,7 +198,7 @@ def test_commit_reply_exact_length_and_status() -> None:
     raw = p.CommitReply(1, 0).encode()
     with pytest.raises(ProtocolError, match="must be"):
         p.CommitReply.decode(raw + b"\0")
-    bad = p.COMMIT_REPLY.pack(p.MAGIC, 1, p.MSG_COMMIT_REPLY, -5, 0, 1)
+    bad = p.COMMIT_REPLY.pack(p.MAGIC, V, p.MSG_COMMIT_REPLY, -5, 0, 1)
     with pytest.raises(ProtocolError, match="negative"):
         p.CommitReply.decode(bad)
 
@@ -195,7 +222,9 @@ def test_io_request_round_trip_and_frame_sizes() -> None:
         extra = 1000 if kind == p.MSG_WRITE else 0
         assert p.request_frame_size(raw, EXPORT) == p.IO.size + extra
     hello = p.Hello().encode()
-    assert p.request_header_size(hello[:8]) == p.request_frame_size(hello, EXPORT) == 16
+    assert p.request_header_size(hello[:8]) == p.request_frame_size(hello, EXPORT) == 32
+    auth = p.Auth(bytes(32)).encode()
+    assert p.request_header_size(auth[:8]) == p.request_frame_size(auth, EXPORT) == 48
     commit = p.Commit(1, ((0, 1), (10, 1))).encode()
     assert p.request_header_size(commit[:8]) == p.COMMIT.size
     assert p.request_frame_size(commit[:p.COMMIT.size], EXPORT) == len(commit)
@@ -204,13 +233,13 @@ def test_io_request_round_trip_and_frame_sizes() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, 0, 0), "out of range"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, p.MAX_IO + 1, 0), "out of range"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_WRITE, 1, EXPORT - 1, 2, 0), "past the end"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_ZERO, 1, (1 << 64) - 1, 1, 0), "past the end"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_ZERO, 1, 0, 1, 5), "reserved"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_READ, 1, 0, 1, 0)[:20], "truncated"),
-        (p.IO.pack(p.MAGIC, 1, p.MSG_COMMIT_REPLY, 1, 0, 1, 0), "unexpected message type"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_READ, 1, 0, 0, 0), "out of range"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_READ, 1, 0, p.MAX_IO + 1, 0), "out of range"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_WRITE, 1, EXPORT - 1, 2, 0), "past the end"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_ZERO, 1, (1 << 64) - 1, 1, 0), "past the end"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_ZERO, 1, 0, 1, 5), "reserved"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_READ, 1, 0, 1, 0)[:20], "truncated"),
+        (p.IO.pack(p.MAGIC, V, p.MSG_COMMIT_REPLY, 1, 0, 1, 0), "unexpected message type"),
     ],
 )
 def test_io_request_hostile(raw: bytes, message: str) -> None:
@@ -221,8 +250,8 @@ def test_io_request_hostile(raw: bytes, message: str) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        p.PREAMBLE.pack(p.MAGIC, 1, p.MSG_WELCOME),  # a target's message from a client
-        p.PREAMBLE.pack(p.MAGIC, 1, 99),
+        p.PREAMBLE.pack(p.MAGIC, V, p.MSG_WELCOME),  # a target's message from a client
+        p.PREAMBLE.pack(p.MAGIC, V, 99),
         p.PREAMBLE.pack(b"JUNK", 1, p.MSG_HELLO),
         p.PREAMBLE.pack(p.MAGIC, 3, p.MSG_HELLO),
         b"PMBK",
@@ -234,7 +263,7 @@ def test_request_header_size_refuses(raw: bytes) -> None:
 
 
 def test_request_frame_size_refuses_huge_commit() -> None:
-    head = p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, 100000, 0, 1)
+    head = p.COMMIT.pack(p.MAGIC, V, p.MSG_COMMIT, 100000, 0, 1)
     with pytest.raises(ProtocolError, match="range count"):
         p.request_frame_size(head, EXPORT)
 
@@ -242,11 +271,11 @@ def test_request_frame_size_refuses_huge_commit() -> None:
 def test_reply_round_trip_and_checks() -> None:
     assert p.Reply.decode(p.Reply(5, 0, 4096).encode()) == p.Reply(5, 0, 4096)
     with pytest.raises(ProtocolError, match="negative"):
-        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, -1, 0))
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, V, p.MSG_REPLY, 1, -1, 0))
     with pytest.raises(ProtocolError, match="payload length"):
-        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, 0, p.MAX_IO + 1))
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, V, p.MSG_REPLY, 1, 0, p.MAX_IO + 1))
     with pytest.raises(ProtocolError, match="payload length"):
-        p.Reply.decode(p.REPLY.pack(p.MAGIC, 1, p.MSG_REPLY, 1, 5, 10))  # error with data
+        p.Reply.decode(p.REPLY.pack(p.MAGIC, V, p.MSG_REPLY, 1, 5, 10))  # error with data
 
 
 def test_welcome_for_tcp_has_no_rdma_region() -> None:

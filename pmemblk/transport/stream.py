@@ -13,10 +13,13 @@ import logging
 import os
 import socket
 
+from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import (
+    CHALLENGE,
     COMMIT_REPLY,
     MAX_IO,
+    MSG_CHALLENGE,
     MSG_COMMIT_REPLY,
     MSG_READ,
     MSG_REJECT,
@@ -25,11 +28,12 @@ from ..protocol import (
     MSG_ZERO,
     PREAMBLE,
     REJECT,
+    REJECT_REASON_MAX,
     REPLY,
     WELCOME,
+    Challenge,
     Commit,
     CommitReply,
-    Hello,
     IORequest,
     Reject,
     Reply,
@@ -51,7 +55,8 @@ class StreamTransport(_Closing):
     """A connection to a pmemblk target over TCP or a Unix socket."""
 
     def __init__(self, address: str, *, readonly: bool = False, timeout: float = 30.0,
-                 depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                 depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 secret: bytes | None = None) -> None:
         family, addr = parse_stream_address(address)
         self.peer = describe_address(addr)
         self.depth = depth
@@ -69,7 +74,7 @@ class StreamTransport(_Closing):
                     f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
             if family != socket.AF_UNIX:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.info = self._handshake(readonly)
+            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly))
         except BaseException:
             self.close()
             raise
@@ -107,18 +112,24 @@ class StreamTransport(_Closing):
         except OSError as exc:
             raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
 
-    def _handshake(self, readonly: bool) -> Welcome:
-        self._send(Hello(readonly=readonly).encode())
+    def _answer(self, expected: int, size: int) -> bytes:
+        """The target's next handshake message: ``expected`` (``size`` bytes), or its REJECT."""
         start = self._recv(PREAMBLE.size)
         mtype = message_type(start)
-        if mtype == MSG_WELCOME:
-            return Welcome.decode(start + self._recv(WELCOME.size - PREAMBLE.size))
+        if mtype == expected:
+            return start + self._recv(size - PREAMBLE.size)
         if mtype == MSG_REJECT:
             head = start + self._recv(REJECT.size - PREAMBLE.size)
             length = REJECT.unpack_from(head)[4]
-            rej = Reject.decode(head + self._recv(min(length, 128)))
+            rej = Reject.decode(head + self._recv(min(length, REJECT_REASON_MAX)))
             raise refused(self.peer, rej)
-        raise ProtocolError(f"{self.peer} answered HELLO with message type {mtype}")
+        raise ProtocolError(f"{self.peer} sent message type {mtype} during the handshake")
+
+    def _handshake(self, hs: ClientHandshake) -> Welcome:
+        self._send(hs.hello.encode())
+        challenge = Challenge.decode(self._answer(MSG_CHALLENGE, CHALLENGE.size))
+        self._send(hs.answer(challenge).encode())
+        return hs.check(Welcome.decode(self._answer(MSG_WELCOME, WELCOME.size)))
 
     def _usable(self) -> None:
         if self._broken is not None:

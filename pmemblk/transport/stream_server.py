@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
 from ..protocol import (
     IO,
+    MSG_AUTH,
     MSG_COMMIT,
     MSG_HELLO,
     MSG_READ,
@@ -38,7 +39,7 @@ from ..protocol import (
 from ..reactor import Reactor
 
 if TYPE_CHECKING:
-    from ..target import Export
+    from ..target import Export, Greeting
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class _Conn:
         self.rbuf = bytearray()
         self.wq: collections.deque[memoryview] = collections.deque()
         self.queued = 0
+        self.greeting: Greeting | None = None
         self.welcomed = False
         self.writer = False
         self.readonly = True
@@ -119,7 +121,13 @@ class _Conn:
         buf = self.rbuf
         if len(buf) < PREAMBLE.size:
             return False
-        hsize = request_header_size(bytes(buf[:PREAMBLE.size]))
+        preamble = bytes(buf[:PREAMBLE.size])
+        if not self.welcomed:  # checked before any length, which would depend on the export
+            expected = MSG_HELLO if self.greeting is None else MSG_AUTH
+            if message_type(preamble) != expected:
+                raise ProtocolError(f"expected {'HELLO' if expected == MSG_HELLO else 'AUTH'} "
+                                    "first: the handshake is HELLO, then AUTH")
+        hsize = request_header_size(preamble)
         if len(buf) < hsize:
             return False
         export = self.server.export
@@ -137,10 +145,11 @@ class _Conn:
 
     def _handle(self, frame: memoryview, export: Export) -> None:
         mtype = message_type(bytes(frame[:PREAMBLE.size]))
-        if not self.welcomed:
-            if mtype != MSG_HELLO:
-                raise ProtocolError("the first frame must be HELLO")
-            self._hello(bytes(frame), export)
+        if not self.welcomed:  # _next_frame checked the type
+            if self.greeting is None:
+                self._hello(bytes(frame), export)
+            else:
+                self._auth(bytes(frame), export, self.greeting)
             return
         self.requests += 1
         if mtype == MSG_COMMIT:
@@ -159,29 +168,41 @@ class _Conn:
                     export.zero(req.offset, req.length)
                 self.send(Reply(req.tag, 0, 0).encode())
         else:
-            raise ProtocolError("HELLO after the handshake")
+            raise ProtocolError(f"{'HELLO' if mtype == MSG_HELLO else 'AUTH'} after the handshake")
 
     def _hello(self, raw: bytes, export: Export) -> None:
+        greeting = export.greet(raw)
+        if isinstance(greeting, Reject):
+            self._refuse(greeting)
+            return
+        self.greeting = greeting
+        self.send(greeting.challenge.encode())
+
+    def _auth(self, raw: bytes, export: Export, greeting: Greeting) -> None:
         if self.timer is not None:
             self.server.reactor.cancel(self.timer)
             self.timer = None
-        admission = export.answer_hello(raw)
-        answer = admission.answer
-        self.send(answer.encode())
-        if isinstance(answer, Reject):
-            log.warning("refusing client %d (%s): %s", self.number, self.peer, answer.reason)
-            self.close_after_send = True
+        admission = export.admit(greeting, raw)
+        if isinstance(admission, Reject):
+            self._refuse(admission)
             return
+        self.send(export.welcome(admission).encode())
         self.welcomed = True
         self.writer = admission.writer
         self.readonly = admission.readonly
         log.info("client %d connected from %s (%s, %d clients)", self.number, self.peer,
                  "read-only" if self.readonly else "read-write", export.clients)
 
+    def _refuse(self, reject: Reject) -> None:
+        log.warning("refusing client %d (%s): %s", self.number, self.peer, reject.reason)
+        self.send(reject.encode())
+        self.close_after_send = True
+
     def handshake_expired(self) -> None:
         self.timer = None
         if not self.welcomed and not self.closed:
-            self.drop(f"sent no HELLO within {self.server.handshake_timeout:g}s")
+            self.drop(f"did not complete the handshake within "
+                      f"{self.server.handshake_timeout:g}s")
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -20,16 +20,19 @@ import socket
 import time
 from typing import Any
 
+from ..auth import ClientHandshake
 from ..errors import ConfigError, ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
     COMMIT_REPLY,
     MAX_MESSAGE_SIZE,
+    MSG_REJECT,
+    Challenge,
     Commit,
     CommitReply,
-    Hello,
     Reject,
     Welcome,
     commit_batches,
+    message_type,
 )
 from . import check_commit_reply, rdma, refused
 from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
@@ -68,7 +71,7 @@ class VerbsTransport(rdma._Closing):
 
     def __init__(self, host: str, port: int, *, readonly: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, depth: int = DEFAULT_DEPTH,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, secret: bytes | None = None) -> None:
         require_pyverbs()
         self.peer = f"{host}:{port}"
         self.timeout = timeout
@@ -83,14 +86,15 @@ class VerbsTransport(rdma._Closing):
         self.ep: Endpoint | None = None
         self.events = EventChannel()
         try:
-            self._connect(resolve_ip(host, "target"), port, readonly)
+            self._connect(resolve_ip(host, "target"), port,
+                          ClientHandshake(self.peer, secret, readonly))
         except BaseException:
             self.close()
             raise
 
     # -- connection ------------------------------------------------------------------------
 
-    def _connect(self, ip: str, port: int, readonly: bool) -> None:
+    def _connect(self, ip: str, port: int, hs: ClientHandshake) -> None:
         ce = rdma.ce
         deadline = time.monotonic() + CONNECT_TIMEOUT
         ms = int(CONNECT_TIMEOUT * 1000)
@@ -122,7 +126,7 @@ class VerbsTransport(rdma._Closing):
         self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
                            recv_depth=2)
 
-        hello = Hello(readonly=readonly).encode()
+        hello = hs.hello.encode()
         rd = self.device.rd_atom
         param = rdma.ConnParam(resources=rd, depth=rd, retry=7, rnr_retry=7,
                                qp_num=self.ep.qp_num, data_len=len(hello))
@@ -143,15 +147,19 @@ class VerbsTransport(rdma._Closing):
             raise refused(self.peer, rej)
         if etype != ce.RDMA_CM_EVENT_CONNECT_RESPONSE:
             raise TransportError(f"connecting to {self.peer} failed: {event_name(etype)}")
-        self.info = Welcome.decode(data)
-        if not self.info.remote_addr:
-            raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
+        challenge = Challenge.decode(data)
         self.ep.connect_qp(self.cmid)
         try:
             self.cmid.establish()
         except rdma.PyverbsError as exc:
             raise rdma.rdma_error(f"establishing the connection to {self.peer} failed",
                                   exc) from None
+        raw = self._exchange(hs.answer(challenge).encode(), "the handshake")
+        if message_type(raw) == MSG_REJECT:
+            raise refused(self.peer, Reject.decode(raw))
+        self.info = hs.check(Welcome.decode(raw))
+        if not self.info.remote_addr:
+            raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
         log.info(
             "connected to %s over %s: export %d bytes, block size %d, region %s, is_pmem=%d, "
             "%s", self.peer, self.device.name, self.info.export_size, self.info.block_size,
@@ -257,31 +265,34 @@ class VerbsTransport(rdma._Closing):
         for batch in commit_batches(ranges):
             self._commit_one(batch)
 
-    def _commit_one(self, batch: tuple[tuple[int, int], ...]) -> None:
+    def _exchange(self, msg: bytes, what: str) -> bytes:
+        """SEND ``msg`` and return the message the target answers with."""
         ep, bufs = self._usable()
-        req_id = self._wr_id()
-        msg = Commit(req_id, batch).encode()
         recv_id, send_id = self._wr_id(), self._wr_id()
-        reply: CommitReply | None = None
+        answer: bytes | None = None
+        ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
+        bufs.view[self._send_off:self._send_off + len(msg)] = msg
+        ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg), bufs.lkey)
+        sent = False
+        while not (sent and answer is not None):
+            for wc in self._wait(ep):
+                if wc.status != rdma.e.IBV_WC_SUCCESS:
+                    raise rdma.wc_failure(wc, what, length=len(msg))
+                if wc.wr_id == send_id:
+                    sent = True
+                elif wc.wr_id == recv_id:
+                    answer = bytes(bufs.view[self._recv_off:self._recv_off + wc.byte_len])
+                else:
+                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
+        return answer
+
+    def _commit_one(self, batch: tuple[tuple[int, int], ...]) -> None:
+        req_id = self._wr_id()
         try:
-            ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
-            bufs.view[self._send_off:self._send_off + len(msg)] = msg
-            ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg),
-                    bufs.lkey)
-            sent = False
-            while not (sent and reply is not None):
-                for wc in self._wait(ep):
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, "COMMIT message", length=len(msg))
-                    if wc.wr_id == send_id:
-                        sent = True
-                    elif wc.wr_id == recv_id:
-                        if wc.byte_len != COMMIT_REPLY.size:
-                            raise ProtocolError(f"COMMIT_REPLY of {wc.byte_len} bytes")
-                        reply = CommitReply.decode(
-                            bytes(bufs.view[self._recv_off:self._recv_off + wc.byte_len]))
-                    else:
-                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
+            raw = self._exchange(Commit(req_id, batch).encode(), "COMMIT message")
+            if len(raw) != COMMIT_REPLY.size:
+                raise ProtocolError(f"COMMIT_REPLY of {len(raw)} bytes")
+            reply = CommitReply.decode(raw)
             check_commit_reply(reply, req_id, len(batch))  # a bad status is a RemoteError
         except (TransportError, ProtocolError) as exc:
             raise self._fail(exc) from None

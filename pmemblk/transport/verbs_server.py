@@ -1,7 +1,12 @@
-"""The target's RDMA side: RDMA CM listener, one external QP per client, COMMIT over SEND/RECV.
+"""The target's RDMA side: RDMA CM listener, one external QP per client, messages over SEND/RECV.
 
-The data area is registered once as one MR; clients READ and WRITE it one-sidedly. This server
-only handles connection events and COMMIT messages, through ``Export``.
+The handshake (docs/security.md): HELLO arrives as the connect private data, the CHALLENGE goes
+back as the accept private data, AUTH arrives as the first SEND. Only then, for an admitted
+client, is the data area registered: one MR per client, with remote write only for a
+read-write client, and its rkey sent in the WELCOME. Clients then READ and WRITE the region
+one-sidedly; this server only handles connection events and COMMIT messages, through
+``Export``. When a client leaves or is dropped, its QP is destroyed and its MR deregistered:
+its rkey stops working at once.
 
 pyverbs' ``CMEvent`` does not say which CM id an event belongs to, so on any event that may end
 a connection the server asks the CM for each connection's RTS attributes: the kernel refuses
@@ -26,7 +31,7 @@ from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
 from .verbs import resolve_ip
 
 if TYPE_CHECKING:
-    from ..target import Export
+    from ..target import Export, Greeting
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +40,20 @@ _SEND_BASE = 2 << 32
 
 
 class _Connection:
-    """One client: its CM id, queue pair and message buffers."""
+    """One client: its CM id, queue pair, message buffers and (once admitted) its MR."""
 
     def __init__(self, number: int, cmid: Any, ep: Endpoint, bufs: RegisteredBuffer,
-                 writer: bool) -> None:
+                 greeting: Greeting) -> None:
         self.number = number
-        self.writer = writer
+        self.greeting = greeting
+        self.admitted = False  # AUTH checked, counted by the export
+        self.writer = False
+        self.refused = False  # a REJECT is being sent; disconnect once it is
         self.cmid = cmid
         self.ep = ep
         self.bufs = bufs
+        self.mr: Any = None
+        self.timer: int | None = None
         self.commits = 0
         self.closed = False
 
@@ -55,6 +65,9 @@ class _Connection:
             with contextlib.suppress(rdma.PyverbsError):
                 self.cmid.disconnect()
         self.ep.close()
+        if self.mr is not None:  # revokes the rkey: the QP that used it is gone already
+            with contextlib.suppress(rdma.PyverbsError):
+                self.mr.close()
         self.bufs.close()
         with contextlib.suppress(rdma.PyverbsError):
             self.cmid.close()
@@ -62,19 +75,19 @@ class _Connection:
 
 class VerbsServer:
 
-    def __init__(self, reactor: Reactor, listen: str) -> None:
+    def __init__(self, reactor: Reactor, listen: str, handshake_timeout: float = 10.0) -> None:
         from ..target import COMMIT_DEPTH, parse_listen
 
         rdma.require_pyverbs()
         host, self.port = parse_listen(listen)
         self.ip = resolve_ip(host, "--listen")
         self.depth = COMMIT_DEPTH
+        self.handshake_timeout = handshake_timeout
         self.reactor = reactor
         self.export: Export | None = None
         self.events: EventChannel | None = None
         self.listener: Any = None
         self.device: Device | None = None
-        self.mr: Any = None
         self.conns: dict[int, _Connection] = {}
         self._number = 0
         self._closed = False
@@ -94,7 +107,11 @@ class VerbsServer:
                 f"cannot listen on {self.ip}:{self.port} over RDMA (is an RDMA device bound to "
                 "the interface that has this address?)", exc) from None
         self.device = Device(self.listener.dev_name)
-        self._register_region(self.device, export)
+        started = time.monotonic()
+        with contextlib.closing(self._register_region(export, readonly=export.readonly)) as mr:
+            log.info("registering the %d-byte data area takes %.1f ms (rkey 0x%x); it is done "
+                     "for each client", export.size, (time.monotonic() - started) * 1000,
+                     mr.rkey)
         try:
             self.listener.listen(16)
         except rdma.PyverbsError as exc:
@@ -107,14 +124,15 @@ class VerbsServer:
             export.header.uuid, int(region.is_pmem), region.persist_method,
             ", read-only" if export.readonly else "", self.ip, self.port, self.device.name)
 
-    def _register_region(self, device: Device, export: Export) -> None:
+    def _register_region(self, export: Export, readonly: bool) -> Any:
+        """An MR over the data area: remote read, plus remote write unless ``readonly``."""
+        assert self.device is not None
         e = rdma.e
         access = e.IBV_ACCESS_REMOTE_READ
-        if not export.readonly:
+        if not readonly:
             access |= e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
-        started = time.monotonic()
         try:
-            self.mr = rdma.MR(device.pd, export.size, access, address=export.data_addr)
+            return rdma.MR(self.device.pd, export.size, access, address=export.data_addr)
         except rdma.PyverbsError as exc:
             region = export.region
             if region.is_pmem and not is_devdax(region.path):
@@ -127,8 +145,6 @@ class VerbsServer:
             raise rdma.rdma_error(
                 f"registering the {export.size}-byte data area of {region.path} for RDMA "
                 "failed", exc) from None
-        log.info("registered %d bytes in %.0f ms (rkey 0x%x)", export.size,
-                 (time.monotonic() - started) * 1000, self.mr.rkey)
 
     # -- CM events -------------------------------------------------------------------------
 
@@ -171,53 +187,89 @@ class VerbsServer:
 
     def _on_connect_request(self, child: Any, data: bytes) -> None:
         assert self.device is not None and self.export is not None
-        admission = self.export.answer_hello(data, rkey=int(self.mr.rkey),
-                                             remote_addr=self.export.data_addr)
-        answer = admission.answer
-        if isinstance(answer, Reject):
-            self._reject(child, answer)
+        greeting = self.export.greet(data)
+        if isinstance(greeting, Reject):
+            self._reject(child, greeting)
             return
-        writer = admission.writer
+        if len(self.conns) >= 2 * self.export.config.max_clients:
+            self._reject(child, Reject(errno.EBUSY, "too many connections"))
+            return
         self._number += 1
         try:
             ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth,
                           recv_depth=self.depth)
         except TransportError as exc:
-            self.export.client_left(writer)
             self._reject(child, Reject(errno.ENOMEM, f"cannot create a queue pair: {exc}"))
             return
         try:
             bufs = RegisteredBuffer(self.device.pd, 2 * self.depth * MAX_MESSAGE_SIZE)
         except TransportError as exc:
             ep.close()
-            self.export.client_left(writer)
             self._reject(child, Reject(errno.ENOMEM, f"cannot register buffers: {exc}"))
             return
-        conn = _Connection(self._number, child, ep, bufs, writer)
-        welcome = answer.encode()
+        conn = _Connection(self._number, child, ep, bufs, greeting)
+        challenge = greeting.challenge.encode()
         try:
             ep.connect_qp(child)
             for slot in range(self.depth):
                 self._post_recv(conn, slot)
             rd = self.device.rd_atom
             param = rdma.ConnParam(resources=rd, depth=rd, retry=7, rnr_retry=7,
-                                   qp_num=ep.qp_num, data_len=len(welcome))
-            param.set_private_data(welcome)
+                                   qp_num=ep.qp_num, data_len=len(challenge))
+            param.set_private_data(challenge)
             child.accept(param)
         except (TransportError, rdma.PyverbsError) as exc:
             log.warning("accepting client %d failed: %s", conn.number, exc)
-            self.export.client_left(writer)
             conn.close(disconnect=False)
             return
         self.conns[conn.number] = conn
         self.reactor.add(ep.fd, lambda: self._on_completions(conn))
-        log.info("client %d connected over RDMA (%s, %d clients)", conn.number,
-                 "read-write" if writer else "read-only", self.export.clients)
+        conn.timer = self.reactor.call_later(self.handshake_timeout,
+                                             lambda: self._handshake_expired(conn))
+
+    def _handshake_expired(self, conn: _Connection) -> None:
+        conn.timer = None
+        if not conn.admitted and not conn.closed:
+            log.warning("client %d did not complete the handshake within %gs: disconnecting "
+                        "it", conn.number, self.handshake_timeout)
+            self._drop(conn, disconnect=True)
+
+    def _on_auth(self, conn: _Connection, slot: int, raw: bytes) -> None:
+        """The client's AUTH: answer WELCOME (with its own MR's rkey) or REJECT."""
+        assert self.export is not None
+        if conn.timer is not None:
+            self.reactor.cancel(conn.timer)
+            conn.timer = None
+        admission = self.export.admit(conn.greeting, raw)
+        if isinstance(admission, Reject):
+            log.warning("refusing client %d: %s", conn.number, admission.reason)
+            conn.refused = True
+            self._send(conn, slot, admission.encode())
+            return
+        conn.admitted = True
+        conn.writer = admission.writer
+        started = time.monotonic()
+        try:
+            conn.mr = self._register_region(self.export, readonly=admission.readonly)
+        except PmemblkError as exc:
+            log.error("client %d: %s", conn.number, exc)
+            conn.refused = True
+            self._send(conn, slot, Reject(errno.ENOMEM, "cannot register the region").encode())
+            return
+        welcome = self.export.welcome(admission, rkey=int(conn.mr.rkey),
+                                      remote_addr=self.export.data_addr)
+        self._send(conn, slot, welcome.encode())
+        log.info("client %d connected over RDMA (%s, %d clients; MR registered in %.1f ms)",
+                 conn.number, "read-only" if admission.readonly else "read-write",
+                 self.export.clients, (time.monotonic() - started) * 1000)
 
     def _drop(self, conn: _Connection, disconnect: bool) -> None:
         if self.conns.pop(conn.number, None) is not None:
             self.reactor.remove(conn.ep.fd)
-            if self.export is not None:
+            if conn.timer is not None:
+                self.reactor.cancel(conn.timer)
+                conn.timer = None
+            if conn.admitted and self.export is not None:
                 self.export.client_left(conn.writer)
         conn.close(disconnect)
 
@@ -253,6 +305,10 @@ class VerbsServer:
             self._drop(conn, disconnect=True)
             return
         if _SEND_BASE <= wc.wr_id < _SEND_BASE + self.depth:
+            if conn.refused:  # the REJECT has gone out
+                log.info("client %d refused: disconnecting it", conn.number)
+                self._drop(conn, disconnect=True)
+                return
             self._post_recv(conn, wc.wr_id - _SEND_BASE)  # reply sent: buffer free again
             return
         if not _RECV_BASE <= wc.wr_id < _RECV_BASE + self.depth:
@@ -260,12 +316,20 @@ class VerbsServer:
         slot = wc.wr_id - _RECV_BASE
         start = slot * MAX_MESSAGE_SIZE
         raw = bytes(conn.bufs.view[start:start + min(wc.byte_len, MAX_MESSAGE_SIZE)])
+        if conn.refused:
+            return
+        if not conn.admitted:
+            self._on_auth(conn, slot, raw)
+            return
         commit = Commit.decode(raw, self.export.size)  # ProtocolError drops the client
-        reply = self.export.commit(commit).encode()
         conn.commits += 1
+        self._send(conn, slot, self.export.commit(commit).encode())
+
+    def _send(self, conn: _Connection, slot: int, msg: bytes) -> None:
+        """Send the answer to the message received in ``slot``, from that slot's send buffer."""
         out = (self.depth + slot) * MAX_MESSAGE_SIZE
-        conn.bufs.view[out:out + len(reply)] = reply
-        conn.ep.post(_SEND_BASE + slot, e.IBV_WR_SEND, conn.bufs.addr + out, len(reply),
+        conn.bufs.view[out:out + len(msg)] = msg
+        conn.ep.post(_SEND_BASE + slot, rdma.e.IBV_WR_SEND, conn.bufs.addr + out, len(msg),
                      conn.bufs.lkey)
 
     # -- shutdown --------------------------------------------------------------------------
@@ -278,9 +342,6 @@ class VerbsServer:
             self._drop(conn, disconnect=True)
         if self.events is not None:
             self.reactor.remove(self.events.fd)
-        if self.mr is not None:
-            with contextlib.suppress(rdma.PyverbsError):
-                self.mr.close()
         if self.device is not None:
             self.device.close()
         if self.listener is not None:

@@ -95,7 +95,7 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
     target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, *extra, "--shared",
                     transport="tcp").start()
     keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
-    server = Nbdkit(tmp_path, f"target={target.listen}", *keys).start()
+    server = Nbdkit(tmp_path, *target.keys, *keys).start()
     h = open_handle(server)
     model = CrashModel(bytes(EXPORT))
     work = Workload(h, model, rng)
@@ -133,7 +133,7 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
         print(f"power cut: {cut.unpersisted_words} unpersisted words, {cut.kept_words} kept")
     if kind != "kill-nbdkit":
         target = target.restart()
-    server = Nbdkit(tmp_path, f"target={target.listen}", *keys).start()
+    server = Nbdkit(tmp_path, *target.keys, *keys).start()
     try:
         h2 = open_handle(server)
         after = h2.pread(EXPORT, 0)

@@ -34,6 +34,6 @@ def target(region: str, tmp_path: Path) -> Iterator[Target]:
 
 @pytest.fixture
 def nbd_server(target: Target, tmp_path: Path) -> Iterator[Nbdkit]:
-    server = Nbdkit(tmp_path, f"target={target.listen}").start()
+    server = Nbdkit(tmp_path, *target.keys).start()
     yield server
     server.stop()

@@ -17,6 +17,8 @@ from ..conftest import ROOT, report
 from ..procs import PLUGIN, Target, rss_kib
 from .conftest import SIZE
 
+V = p.PROTOCOL_VERSION
+
 EXPORT = SIZE - 4096
 WORKLOAD = str(ROOT / "tests" / "integration" / "workload.py")
 
@@ -60,7 +62,7 @@ def hostile(path: str, rng: random.Random) -> None:
         elif kind == 3:
             s.sendall(hello + p.IORequest(p.MSG_READ, 1, EXPORT, 1).encode())
         elif kind == 4:
-            s.sendall(hello + p.IO.pack(p.MAGIC, 1, p.MSG_WRITE, 1, 0, p.MAX_IO + 1, 0))
+            s.sendall(hello + p.IO.pack(p.MAGIC, V, p.MSG_WRITE, 1, 0, p.MAX_IO + 1, 0))
         else:
             s.sendall(hello + p.IORequest(p.MSG_WRITE, 1, 0, 4096).encode() + b"half")
         s.shutdown(socket.SHUT_WR)
@@ -87,7 +89,7 @@ def test_1000_malformed_peers_during_a_verified_workload(target: Target) -> None
     flooder = threading.Thread(target=flood)
     flooder.start()
     res = subprocess.run(
-        ["nbdkit", "-U", "-", "python", PLUGIN, f"target={target.listen}", "--run",
+        ["nbdkit", "-U", "-", "python", PLUGIN, *target.keys, "--run",
          f'{sys.executable} {WORKLOAD} "$uri" --seed 21 --ops 1500'],
         capture_output=True, text=True, timeout=600)
     flooder.join(timeout=600)

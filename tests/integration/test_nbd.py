@@ -26,7 +26,7 @@ WORKLOAD = str(ROOT / "tests" / "integration" / "workload.py")
 def captive(target: Target, run_cmd: str, *keys: str) -> subprocess.CompletedProcess[str]:
     """nbdkit -U - ... --run CMD: the idiomatic captive server."""
     return subprocess.run(
-        ["nbdkit", "-U", "-", "python", PLUGIN, f"target={target.listen}", *keys,
+        ["nbdkit", "-U", "-", "python", PLUGIN, *target.keys, *keys,
          "--run", run_cmd], capture_output=True, text=True, timeout=300)
 
 
@@ -98,7 +98,7 @@ def test_readonly_export_refuses_writes_with_eperm(region: str, tmp_path: Path,
                                                    connect: Callable[[Nbdkit], Any]) -> None:
     target = Target(region, f"unix:{tmp_path / 'ro.sock'}", tmp_path, "--readonly",
                     transport="tcp").start()
-    server = Nbdkit(tmp_path, f"target={target.listen}").start()
+    server = Nbdkit(tmp_path, *target.keys).start()
     try:
         h = connect(server)
         assert h.is_read_only()
@@ -115,7 +115,7 @@ def test_readonly_export_refuses_writes_with_eperm(region: str, tmp_path: Path,
 
 def test_readonly_key_refuses_writes_with_eperm(target: Target, tmp_path: Path,
                                                 connect: Callable[[Nbdkit], Any]) -> None:
-    server = Nbdkit(tmp_path, f"target={target.listen}", "readonly=true").start()
+    server = Nbdkit(tmp_path, *target.keys, "readonly=true").start()
     try:
         h = connect(server)
         assert h.is_read_only()
@@ -150,7 +150,7 @@ def test_flushed_data_survives_target_sigkill(target: Target, tmp_path: Path) ->
 
 def test_retry_filter_carries_a_client_across_a_target_restart(
         target: Target, tmp_path: Path, connect: Callable[[Nbdkit], Any]) -> None:
-    server = Nbdkit(tmp_path, f"target={target.listen}", "retry-delay=1", "retries=30",
+    server = Nbdkit(tmp_path, *target.keys, "retry-delay=1", "retries=30",
                     filters=("retry",)).start()
     restarted = None
     try:
@@ -192,7 +192,7 @@ def test_auto_transport_says_why_it_chose_tcp(target: Target) -> None:
     res = captive(target, "true", "transport=auto")
     assert res.returncode == 0, res.stderr
     res = subprocess.run(["nbdkit", "-v", "-U", "-", "python", PLUGIN,
-                          f"target={target.listen}", "--run", 'nbdinfo "$uri" >/dev/null'],
+                          *target.keys, "--run", 'nbdinfo "$uri" >/dev/null'],
                          capture_output=True, text=True, timeout=120)
     assert "transport=auto: using TCP: the target is a Unix socket" in res.stderr
 

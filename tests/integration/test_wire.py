@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from pmemblk import protocol as p
+from pmemblk.auth import ClientHandshake
 from pmemblk.client import Client
 from pmemblk.errors import RemoteError
 from pmemblk.transport.stream import StreamTransport
 
 from ..procs import Target
+
+V = p.PROTOCOL_VERSION
 
 HELLO = p.Hello().encode()
 
@@ -27,11 +30,18 @@ def raw(target: Target) -> socket.socket:
     return s
 
 
+def handshake(s: socket.socket, readonly: bool = False) -> p.Welcome:
+    """HELLO, CHALLENGE, AUTH, WELCOME by hand (a target without a secret)."""
+    hs = ClientHandshake("test", None, readonly)
+    s.sendall(hs.hello.encode())
+    challenge = p.Challenge.decode(s.recv(p.CHALLENGE.size, socket.MSG_WAITALL))
+    s.sendall(hs.answer(challenge).encode())
+    return hs.check(p.Welcome.decode(s.recv(p.WELCOME.size, socket.MSG_WAITALL)))
+
+
 def welcomed(target: Target) -> socket.socket:
     s = raw(target)
-    s.sendall(HELLO)
-    answer = s.recv(p.WELCOME.size, socket.MSG_WAITALL)
-    p.Welcome.decode(answer)
+    handshake(s)
     return s
 
 
@@ -58,26 +68,29 @@ def roundtrip(c: Client, offset: int) -> None:
 
 
 def io(kind: int, offset: int, length: int, reserved: int = 0) -> bytes:
-    return p.IO.pack(p.MAGIC, 1, kind, 1, offset, length, reserved)
+    return p.IO.pack(p.MAGIC, V, kind, 1, offset, length, reserved)
 
 
 EXPORT = (64 << 20) - 4096
 CASES = {
     "bad magic": (True, b"XXXX" + HELLO[4:], "bad magic"),
     "bad version": (True, HELLO[:4] + struct.pack("<H", 9) + HELLO[6:], "protocol version 9"),
-    "not HELLO first": (True, io(p.MSG_READ, 0, 10), "first frame must be HELLO"),
+    "not HELLO first": (True, io(p.MSG_READ, 0, 10), "expected HELLO first"),
+    "not AUTH after HELLO": (True, HELLO + io(p.MSG_WRITE, 0, 10), "expected AUTH first"),
+    "bad AUTH": (True, HELLO + p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 1, 0, bytes(32)), "bad AUTH"),
     "truncated then gone": (True, HELLO[:11], "middle of a frame"),
     "read past the end": (False, io(p.MSG_READ, EXPORT - 10, 11), "past the end"),
     "write past the end": (False, io(p.MSG_WRITE, EXPORT, 1) + b"x", "past the end"),
     "length past the sane maximum": (False, io(p.MSG_READ, 0, p.MAX_IO + 1), "out of range"),
     "zero-length read": (False, io(p.MSG_READ, 0, 0), "out of range"),
     "reserved bits": (False, io(p.MSG_ZERO, 0, 10, reserved=1), "reserved"),
-    "COMMIT past the end": (False, p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, 1, 0, 5)
+    "COMMIT past the end": (False, p.COMMIT.pack(p.MAGIC, V, p.MSG_COMMIT, 1, 0, 5)
                             + p.RANGE.pack(EXPORT, 1), "past the end"),
-    "COMMIT with 60000 ranges": (False, p.COMMIT.pack(p.MAGIC, 1, p.MSG_COMMIT, 60000, 0, 5),
+    "COMMIT with 60000 ranges": (False, p.COMMIT.pack(p.MAGIC, V, p.MSG_COMMIT, 60000, 0, 5),
                                  "range count"),
     "HELLO twice": (False, HELLO, "HELLO after the handshake"),
-    "unknown type": (False, p.PREAMBLE.pack(p.MAGIC, 1, 77) + bytes(24), "unexpected message"),
+    "AUTH twice": (False, p.Auth(bytes(32)).encode(), "AUTH after the handshake"),
+    "unknown type": (False, p.PREAMBLE.pack(p.MAGIC, V, 77) + bytes(24), "unexpected message"),
     "reply-type frame": (False, p.CommitReply(1, 0).encode(), "unexpected message"),
     "truncated mid-write": (False, io(p.MSG_WRITE, 0, 1 << 20) + b"x" * 1000,
                             "middle of a frame"),
@@ -107,7 +120,7 @@ def test_hostile_peer_is_dropped_and_others_served(target: Target, name: str) ->
 def test_silent_peer_hits_the_handshake_deadline(target: Target) -> None:
     silent = raw(target)
     assert closed_by_peer(silent)
-    target.wait_log("sent no HELLO within 1s")
+    target.wait_log("did not complete the handshake within 1s")
     with Client(StreamTransport(target.listen), "gpspm") as c:
         roundtrip(c, 0)
 
@@ -148,8 +161,7 @@ def test_one_writer_unless_shared(region: str, tmp_path: Path) -> None:
                 reader.pread(memoryview(buf), 0)
             # The target, not only the client, holds a read-only client to its mode.
             s = raw(t)
-            s.sendall(p.Hello(readonly=True).encode())
-            p.Welcome.decode(s.recv(p.WELCOME.size, socket.MSG_WAITALL))
+            assert handshake(s, readonly=True).readonly
             s.sendall(p.IORequest(p.MSG_WRITE, 7, 0, 4).encode() + b"evil")
             reply = p.Reply.decode(s.recv(p.REPLY.size, socket.MSG_WAITALL))
             assert (reply.tag, reply.status) == (7, errno.EPERM)

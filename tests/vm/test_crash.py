@@ -38,7 +38,7 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
         pmemblk("create", str(region), "--size", "128M")
         target = vm_target(str(region), 7180, workdir, "--testing-durable-image",
                            str(image)).start()
-        server = Nbdkit(workdir, f"target={target.listen}").start()
+        server = Nbdkit(workdir, *target.keys).start()
         dev = NbdDevice().attach(server)
         run("mkfs.ext4", "-q", "-F", dev.dev)
         mnt = workdir / "mnt"
@@ -63,7 +63,7 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
                     f"words, {cut.kept_words} kept")
 
         target = target.restart()
-        server = Nbdkit(workdir, f"target={target.listen}").start()
+        server = Nbdkit(workdir, *target.keys).start()
         dev = NbdDevice().attach(server)
         try:
             with mounted(dev, mnt):  # mounting replays the journal

@@ -13,7 +13,7 @@ import pytest
 
 from ..conftest import report
 from ..procs import PLUGIN, NbdDevice, Nbdkit, Target, mounted, pmemblk, region_info, run, served
-from .harness import ADDR, vm_target
+from .harness import ADDR, secret_file, vm_target
 
 FLUSH = ["gpspm", "apm"]
 BIG = 70 << 20  # "one file over 64 MiB"
@@ -152,7 +152,7 @@ def test_sigterm_marks_clean_and_persists(shm_region: Path, workdir: Path) -> No
 def test_readonly_export(shm_region: Path, workdir: Path) -> None:
     pmemblk("create", str(shm_region), "--size", "16M")
     target = vm_target(str(shm_region), 7150, workdir, "--readonly").start()
-    server = Nbdkit(workdir, f"target={target.listen}").start()
+    server = Nbdkit(workdir, *target.keys).start()
     try:
         res = run("nbdsh", "-u", f"nbd+unix:///?socket={server.sock}", "-c",
                   "print(h.is_read_only(), h.get_size())")
@@ -178,28 +178,30 @@ def test_nbd_device_reports_fua_and_write_cache(shm_region: Path, workdir: Path)
         target.stop()
 
 
-def captive_verbose(target_addr: str, cmd: str, *keys: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nbdkit", "-v", "-U", "-", "python", PLUGIN, f"target={target_addr}",
+def captive_verbose(target: Target, cmd: str, *keys: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nbdkit", "-v", "-U", "-", "python", PLUGIN, *target.keys,
                            *keys, "--run", cmd], capture_output=True, text=True, timeout=300)
 
 
 def test_auto_transport_picks_rdma_and_falls_back_to_tcp(shm_region: Path,
                                                           workdir: Path) -> None:
     pmemblk("create", str(shm_region), "--size", "16M")
-    both = Target(str(shm_region), f"{ADDR}:7170", workdir, transport="verbs,tcp").start()
+    both = Target(str(shm_region), f"{ADDR}:7170", workdir, transport="verbs,tcp",
+                  secret=secret_file(workdir)).start()
     try:
-        res = captive_verbose(both.listen, 'nbdinfo "$uri"')
+        res = captive_verbose(both, 'nbdinfo "$uri"')
         assert res.returncode == 0, res.stderr
         assert "transport=auto: using RDMA verbs: RDMA device rxe0 has an active port" \
             in res.stderr
         assert "over RDMA" in res.stdout
-        res = captive_verbose(both.listen, 'nbdinfo "$uri"', "transport=tcp")
+        res = captive_verbose(both, 'nbdinfo "$uri"', "transport=tcp")
         assert res.returncode == 0 and "over TCP" in res.stdout  # same port, other transport
     finally:
         both.stop()
-    tcp_only = Target(str(shm_region), f"{ADDR}:7171", workdir, transport="tcp").start()
+    tcp_only = Target(str(shm_region), f"{ADDR}:7171", workdir, transport="tcp",
+                      secret=secret_file(workdir)).start()
     try:
-        res = captive_verbose(tcp_only.listen, 'nbdinfo "$uri"')
+        res = captive_verbose(tcp_only, 'nbdinfo "$uri"')
         assert res.returncode == 0, res.stderr
         assert "transport=auto: using TCP: RDMA could not reach the target" in res.stderr
         assert "over TCP" in res.stdout

@@ -16,11 +16,10 @@ from pmemblk.client import Client
 from pmemblk.errors import ConnectionLost, RemoteError, TransportError
 from pmemblk.protocol import Reject
 from pmemblk.transport import rdma
-from pmemblk.transport.verbs import VerbsTransport
 
 from ..conftest import report
 from ..procs import PY, Target, pmemblk, rss_kib
-from .harness import ADDR, vm_target
+from .harness import ADDR, verbs, vm_target
 
 SIZE = 16 << 20
 
@@ -35,7 +34,7 @@ def target(shm_region: Path, workdir: Path, request: pytest.FixtureRequest) -> I
 
 
 def connect(t: Target, **kw: object) -> Client:
-    return Client(VerbsTransport(ADDR, t.port, **kw), "gpspm")  # type: ignore[arg-type]
+    return Client(verbs(t, **kw), "gpspm")
 
 
 def roundtrip(c: Client, offset: int, n: int = 300_000) -> None:
@@ -102,7 +101,7 @@ def test_bad_hello_is_rejected_with_a_reason(target: Target, junk: bytes) -> Non
 
 def test_malformed_commit_disconnects_only_that_peer(target: Target) -> None:
     good = connect(target)
-    bad = VerbsTransport(ADDR, target.port)
+    bad = verbs(target)
     try:
         assert bad.ep is not None and bad.buffers is not None
         junk = b"PMBK\x01\x00\x04\x00" + b"\xff" * 40  # a COMMIT whose ranges are garbage
@@ -120,7 +119,7 @@ def test_malformed_commit_disconnects_only_that_peer(target: Target) -> None:
 def test_one_sided_write_past_the_region_fails_remotely(target: Target) -> None:
     """The MR bounds the export: a forged address gets a remote access error."""
     good = connect(target)
-    bad = VerbsTransport(ADDR, target.port, timeout=20)
+    bad = verbs(target, timeout=20)
     before = bytearray(4096)
     good.pread(memoryview(before), SIZE - 4096 - 4096)
     try:
@@ -142,15 +141,16 @@ def test_one_sided_write_past_the_region_fails_remotely(target: Target) -> None:
 
 CLIENT_SCRIPT = """
 import sys, time
+from pmemblk.auth import load_secret
 from pmemblk.transport.verbs import VerbsTransport
-t = VerbsTransport(sys.argv[1], int(sys.argv[2]))
+t = VerbsTransport(sys.argv[1], int(sys.argv[2]), secret=load_secret(sys.argv[3]))
 print("connected", flush=True)
 time.sleep(600)
 """
 
 
 def test_killed_client_is_noticed(target: Target) -> None:
-    proc = subprocess.Popen([PY, "-c", CLIENT_SCRIPT, ADDR, str(target.port)],
+    proc = subprocess.Popen([PY, "-c", CLIENT_SCRIPT, ADDR, str(target.port), str(target.secret)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
@@ -178,7 +178,7 @@ def test_client_of_a_killed_target_gets_an_error_not_a_hang(target: Target) -> N
 
 
 def test_readonly_client_cannot_write(target: Target) -> None:
-    c = Client(VerbsTransport(ADDR, target.port, readonly=True), "gpspm", readonly=True)
+    c = Client(verbs(target, readonly=True), "gpspm", readonly=True)
     with c, pytest.raises(Exception, match="read-only"):
         c.pwrite(memoryview(b"x"), 0)
 
@@ -215,7 +215,7 @@ def test_one_writer_unless_shared(shm_region: Path, workdir: Path) -> None:
         with connect(t) as first:
             with pytest.raises(RemoteError, match="open read-write"):
                 connect(t)
-            reader = Client(VerbsTransport(ADDR, t.port, readonly=True), readonly=True)
+            reader = Client(verbs(t, readonly=True), readonly=True)
             with reader:
                 buf = bytearray(16)
                 reader.pread(memoryview(buf), 0)
