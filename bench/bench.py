@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pmemblk.auth import create_secret
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = str(ROOT / "plugin" / "pmemblk.py")
 MEMPLUGIN = str(ROOT / "bench" / "memory_plugin.py")
@@ -80,16 +82,23 @@ class Server:
                             str(SIZE + 4096)], check=True, capture_output=True)
             pid = self.work / f"{self.name}.pid"
             pid.unlink(missing_ok=True)
+            auth: list[str] = []
             if self.name == "pmemblk-tcp":
                 listen, transport = f"unix:{self.work / 'target.sock'}", "tcp"
             else:
                 listen, transport = f"{ADDR}:7500", "verbs"
+                secret = self.work / "secret"
+                if not secret.exists():
+                    create_secret(str(secret))
+                auth = [f"secret-file={secret}"]
             target = subprocess.Popen(
                 [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
-                 transport, "--pid-file", str(pid), "--shared"], stderr=subprocess.DEVNULL)
+                 transport, "--pid-file", str(pid), "--shared",
+                 *(["--secret-file", auth[0].split("=", 1)[1]] if auth else [])],
+                stderr=subprocess.DEVNULL)
             self.procs.append(target)
             wait_for(pid, target, "the target")
-            keys = [f"target={listen}", f"transport={transport}", f"flush={flush}"]
+            keys = [f"target={listen}", f"transport={transport}", f"flush={flush}", *auth]
             if flush == "apm":
                 keys.append("allow-visibility-only=true")
             cmd = [*nbdkit, "python", PLUGIN, *keys]

@@ -127,9 +127,12 @@ class Client:
                 self._adopt(transport)
                 return
             if time.monotonic() + delay > deadline:
-                raise TransportError(
-                    f"the target did not come back within {self.reconnect_timeout:g}s "
-                    f"(reconnect-timeout): {last}")
+                # Like NVMe-oF's ctrl_loss_tmo: the device is dead from now on, and every
+                # request fails at once instead of waiting out the timeout again.
+                self.broken = (f"the target did not come back within "
+                               f"{self.reconnect_timeout:g}s (reconnect-timeout): {last}")
+                log.error("%s: failing every request on this connection", self.broken)
+                raise TransportError(self.broken)
             log.debug("reconnect failed (%s): next try in %.2fs", last, delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -176,7 +179,6 @@ class Client:
         self._check(offset, len(data))
         if not len(data):
             return
-        self._unflushed = True
         self._io(lambda t: t.write(data, offset))
         self._after_write(offset, len(data), fua)
 
@@ -185,11 +187,14 @@ class Client:
         self._check(offset, length)
         if not length:
             return
-        self._unflushed = True
         self._io(lambda t: t.write_zeroes(offset, length))
         self._after_write(offset, length, fua)
 
     def _after_write(self, offset: int, length: int, fua: bool) -> None:
+        # From here the write is acknowledged by the transport: if the target loses power
+        # before a flush, it may be lost. (A write whose connection broke while it was being
+        # sent was sent again in full, so it is only at risk from now on too.)
+        self._unflushed = True
         if self.flush_method == "apm":
             if fua:
                 self._io(lambda t: t.read_barrier(offset))
@@ -199,9 +204,13 @@ class Client:
             self._io(lambda t: t.commit([(offset, length)]))
         else:
             self._dirty.add(offset, length)
+        if fua and self.lost is not None:  # persisted on a target that may have lost it
+            raise RemoteError(self.lost, errno.EIO)
 
     def flush(self) -> None:
         """Make every write completed on this connection persistent (per the flush method)."""
+        if self.broken is not None:
+            raise RemoteError(self.broken, errno.EIO)
         if self.lost is not None:
             raise RemoteError(self.lost, errno.EIO)
         if self.flush_method == "apm":

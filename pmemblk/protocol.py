@@ -124,6 +124,12 @@ def _need(raw: bytes, size: int, what: str) -> None:
         raise ProtocolError(f"{what} truncated: {len(raw)} of {size} bytes")
 
 
+def _exact(raw: bytes, layout: struct.Struct, what: str) -> None:
+    """SEND messages have exact lengths (no CM padding)."""
+    if len(raw) != layout.size:
+        raise ProtocolError(f"{what} must be {layout.size} bytes, got {len(raw)}")
+
+
 def message_type(raw: bytes) -> int:
     """The type of a message whose preamble is valid (any type)."""
     if len(raw) < PREAMBLE.size:
@@ -196,8 +202,7 @@ class Auth:
     @classmethod
     def decode(cls, raw: bytes) -> Auth:
         _preamble(raw, MSG_AUTH)
-        if len(raw) != AUTH.size:
-            raise ProtocolError(f"AUTH must be {AUTH.size} bytes, got {len(raw)}")
+        _exact(raw, AUTH, "AUTH")
         _, _, _, r1, r2, mac = AUTH.unpack_from(raw)
         if r1 or r2:
             raise ProtocolError("AUTH reserved fields are not zero")
@@ -250,8 +255,7 @@ class Welcome:
     @classmethod
     def decode(cls, raw: bytes) -> Welcome:
         _preamble(raw, MSG_WELCOME)
-        if len(raw) != WELCOME.size:
-            raise ProtocolError(f"WELCOME must be {WELCOME.size} bytes, got {len(raw)}")
+        _exact(raw, WELCOME, "WELCOME")
         (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
          durable, epoch, proof) = WELCOME.unpack_from(raw)
         if size <= 0:
@@ -360,8 +364,7 @@ class CommitReply:
     @classmethod
     def decode(cls, raw: bytes) -> CommitReply:
         _preamble(raw, MSG_COMMIT_REPLY)
-        if len(raw) != COMMIT_REPLY.size:
-            raise ProtocolError(f"COMMIT_REPLY must be {COMMIT_REPLY.size} bytes, got {len(raw)}")
+        _exact(raw, COMMIT_REPLY, "COMMIT_REPLY")
         _, _, _, status, _, req_id = COMMIT_REPLY.unpack_from(raw)
         if status < 0:
             raise ProtocolError(f"COMMIT_REPLY status {status} is negative")
@@ -439,17 +442,23 @@ def request_header_size(preamble: bytes) -> int:
 
 def request_frame_size(header: bytes, export_size: int) -> int:
     """Total size of a client-to-target frame, from its fixed part (validated first)."""
+    return parse_request_header(header, export_size)[0]
+
+
+def parse_request_header(header: bytes, export_size: int) -> tuple[int, IORequest | None]:
+    """(total frame size, the decoded READ/WRITE/ZERO request or None) from a frame's fixed
+    part, validated first: a stream reader decodes each request header once."""
     mtype = message_type(header)
     if mtype == MSG_HELLO:
-        return HELLO.size
+        return HELLO.size, None
     if mtype == MSG_AUTH:
-        return AUTH.size
+        return AUTH.size, None
     if mtype == MSG_COMMIT:
         _need(header, COMMIT.size, "COMMIT")
         count = int(COMMIT.unpack_from(header)[3])
         if not 1 <= count <= MAX_COMMIT_RANGES:
             raise ProtocolError(
                 f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
-        return COMMIT.size + count * RANGE.size
+        return COMMIT.size + count * RANGE.size, None
     req = IORequest.decode(header, export_size)
-    return IO.size + (req.length if mtype == MSG_WRITE else 0)
+    return IO.size + (req.length if mtype == MSG_WRITE else 0), req

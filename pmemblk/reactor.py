@@ -21,7 +21,6 @@ class Reactor:
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Callback]] = []
-        self._cancelled: set[int] = set()
         self._ids = itertools.count()
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -49,7 +48,11 @@ class Reactor:
         return handle
 
     def cancel(self, handle: int) -> None:
-        self._cancelled.add(handle)
+        """Drop a timer now, and with it its callback and what that holds (a connection)."""
+        kept = [t for t in self._timers if t[1] != handle]
+        if len(kept) != len(self._timers):
+            heapq.heapify(kept)
+            self._timers = kept
 
     def stop(self) -> None:
         """Safe from a signal handler: sets a flag and wakes the loop."""
@@ -68,10 +71,7 @@ class Reactor:
     def _run_timers(self) -> float | None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, handle, callback = heapq.heappop(self._timers)
-            if handle in self._cancelled:
-                self._cancelled.discard(handle)
-                continue
+            _, _, callback = heapq.heappop(self._timers)
             callback()
         return max(0.0, self._timers[0][0] - now) if self._timers else None
 

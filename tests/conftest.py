@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -7,12 +8,23 @@ from typing import Any
 import pytest
 
 from pmemblk import layout
+from pmemblk.client import Client
 from pmemblk.pmem import PmemRegion
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Figures tests want in the run's output (pytest captures print): shown in the summary.
 REPORT: list[str] = []
+
+
+def roundtrip(c: Client, offset: int, n: int = 70_000) -> None:
+    """Write, flush and read back ``n`` random bytes at ``offset``."""
+    data = os.urandom(n)
+    c.pwrite(memoryview(data), offset)
+    c.flush()
+    buf = bytearray(n)
+    c.pread(memoryview(buf), offset)
+    assert buf == data
 
 
 def report(line: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import uuid
 
@@ -9,7 +10,7 @@ import pytest
 
 from pmemblk import protocol as p
 from pmemblk.client import Client
-from pmemblk.errors import ConfigError, RemoteError, RequestError
+from pmemblk.errors import ConfigError, ConnectionLost, RemoteError, RequestError, TransportError
 
 SIZE = 1 << 20
 
@@ -155,3 +156,96 @@ def test_visibility_only_method_is_refused_unless_accepted(
         Client(MemoryTransport(durable=0), "auto")
     assert Client(MemoryTransport(durable=0), "auto", allow_visibility_only=True).flush_method \
         == "gpspm"
+
+
+# --- reconnect (the transports' real reconnects are in tests/integration/test_reconnect.py) ---
+
+class Dropping(MemoryTransport):
+    """Loses its connection on the next ``drops`` requests."""
+
+    def __init__(self, drops: int = 0, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.drops = drops
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if self.drops:
+            self.drops -= 1
+            raise ConnectionLost("gone")
+        super().write(data, offset)
+
+
+def reconnecting(first: MemoryTransport, answers: list[object]) -> Client:
+    """A client whose reconnects return (or raise) ``answers`` in turn."""
+    def again() -> MemoryTransport:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, MemoryTransport)
+        return answer
+    return Client(first, "gpspm", reconnect=again, reconnect_timeout=30)
+
+
+def same_region(t: MemoryTransport, **changes: object) -> MemoryTransport:
+    new = MemoryTransport()
+    new.info = dataclasses.replace(t.info, **changes)  # type: ignore[arg-type]
+    new.mem, new.durable = t.mem, t.durable  # the same memory, as after a restart
+    return new
+
+
+def test_a_lost_write_is_issued_again_after_reconnecting() -> None:
+    old = Dropping(drops=1)
+    new = same_region(old)
+    busy = RemoteError("another client has this export open read-write", errno.EBUSY)
+    c = reconnecting(old, [TransportError("refused"), busy, new])
+    c.pwrite(memoryview(b"abc"), 10)
+    assert ("close", None) in old.calls and ("write", (10, 3)) in new.calls
+    c.flush()
+    assert new.durable[10:13] == b"abc" and c.reconnects == 1 and c.lost is None
+
+
+def test_a_refusal_other_than_busy_ends_the_connection() -> None:
+    c = reconnecting(Dropping(drops=1), [RemoteError("authentication failed", errno.EACCES)])
+    with pytest.raises(RemoteError, match="authentication failed") as exc:
+        c.pwrite(memoryview(b"x"), 0)
+    assert exc.value.errno == errno.EIO
+    with pytest.raises(RemoteError):
+        c.pread(memoryview(bytearray(1)), 0)
+
+
+def test_a_new_loss_epoch_fails_flush_only_if_writes_were_unflushed() -> None:
+    old = Dropping(drops=0)
+    answers: list[object] = []
+    c = reconnecting(old, answers)
+    c.pwrite(memoryview(b"a"), 0)
+    c.flush()
+    # Flushed, then the target comes back in a new epoch: the write that found the
+    # connection gone is sent again in full, so nothing acknowledged is at risk.
+    old.drops = 1
+    first = Dropping(drops=0)
+    first.info = dataclasses.replace(old.info, loss_epoch=1)
+    answers.append(first)
+    c.pwrite(memoryview(b"b"), 1)
+    assert c.reconnects == 1 and c.lost is None
+    # "b" is acknowledged and unflushed when the next loss (epoch 2) happens.
+    first.drops = 1
+    second = Dropping(drops=0)
+    second.info = dataclasses.replace(old.info, loss_epoch=2)
+    answers.append(second)
+    c.pwrite(memoryview(b"c"), 2)
+    assert c.lost is not None
+    for _ in range(2):
+        with pytest.raises(RemoteError, match="loss epoch 1 → 2") as exc:
+            c.flush()
+        assert exc.value.errno == errno.EIO
+    with pytest.raises(RemoteError, match="loss epoch"):  # FUA cannot promise either
+        c.pwrite(memoryview(b"d"), 3, fua=True)
+
+
+def test_a_different_region_is_refused_for_good() -> None:
+    old = Dropping(drops=1)
+    c = reconnecting(old, [same_region(old, region_uuid=uuid.uuid4())])
+    with pytest.raises(RemoteError, match="now serves region") as exc:
+        c.pwrite(memoryview(b"x"), 0)
+    assert exc.value.errno == errno.EIO
+    with pytest.raises(RemoteError, match="now serves region"):
+        c.flush()

@@ -113,3 +113,24 @@ def test_unformatted_region_is_refused(region_path: object) -> None:
 def test_state_word_encoding() -> None:
     assert layout.State.decode(layout.State(True, 5).encode()) == layout.State(True, 5)
     assert layout.State.decode(0) == layout.State(False, 0)
+
+
+def test_loss_epoch_moves_only_after_an_unclean_stop_in_another_boot(region: PmemRegion) -> None:
+    layout.format_region(region)
+    boot_a, boot_b = uuid.uuid4().bytes, uuid.uuid4().bytes
+    first = layout.open_for_serving(region, boot_a)  # a fresh region was clean
+    assert first.continuity and first.loss_epoch == 0
+    # Killed, restarted in the same boot: the memory kept every write.
+    again = layout.open_for_serving(region, boot_a)
+    assert not again.previous.clean and again.continuity and again.loss_epoch == 0
+    # Unclean, and the machine rebooted (or lost power): unflushed writes may be gone.
+    lost = layout.open_for_serving(region, boot_b)
+    assert not lost.continuity and lost.loss_epoch == 1
+    assert layout.read_loss_epoch(region) == 1
+    # A clean stop carries continuity into any boot.
+    layout.write_state(region, layout.State(True, layout.read_state(region).times_served))
+    clean = layout.open_for_serving(region, boot_a)
+    assert clean.continuity and clean.loss_epoch == 1
+    # An unknown boot id never proves continuity.
+    assert not layout.open_for_serving(region, bytes(16)).continuity
+    assert layout.read_state(region).times_served == 5

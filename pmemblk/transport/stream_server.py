@@ -26,14 +26,13 @@ from ..protocol import (
     MSG_HELLO,
     MSG_READ,
     MSG_WRITE,
-    MSG_ZERO,
     PREAMBLE,
     Commit,
     IORequest,
     Reject,
     Reply,
     message_type,
-    request_frame_size,
+    parse_request_header,
     request_header_size,
 )
 from ..reactor import Reactor
@@ -132,19 +131,19 @@ class _Conn:
             return False
         export = self.server.export
         assert export is not None
-        total = request_frame_size(bytes(buf[:hsize]), export.size)
+        total, req = parse_request_header(bytes(buf[:hsize]), export.size)
         if len(buf) < total:
             return False
         frame = memoryview(buf)[:total]
         try:
-            self._handle(frame, export)
+            self._handle(frame, export, message_type(preamble), req)
         finally:
             frame.release()
         del buf[:total]
         return True
 
-    def _handle(self, frame: memoryview, export: Export) -> None:
-        mtype = message_type(bytes(frame[:PREAMBLE.size]))
+    def _handle(self, frame: memoryview, export: Export, mtype: int,
+                req: IORequest | None) -> None:
         if not self.welcomed:  # _next_frame checked the type
             if self.greeting is None:
                 self._hello(bytes(frame), export)
@@ -154,8 +153,7 @@ class _Conn:
         self.requests += 1
         if mtype == MSG_COMMIT:
             self.send(export.commit(Commit.decode(bytes(frame), export.size)).encode())
-        elif mtype in (MSG_READ, MSG_WRITE, MSG_ZERO):
-            req = IORequest.decode(bytes(frame[:IO.size]), export.size)
+        elif req is not None:  # READ, WRITE or ZERO, decoded by _next_frame
             if mtype == MSG_READ:
                 self.send(Reply(req.tag, 0, req.length).encode())
                 self.send(bytes(export.read(req.offset, req.length)))

@@ -37,3 +37,4 @@ def nbd_server(target: Target, tmp_path: Path) -> Iterator[Nbdkit]:
     server = Nbdkit(tmp_path, *target.keys).start()
     yield server
     server.stop()
+

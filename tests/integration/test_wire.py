@@ -16,6 +16,7 @@ from pmemblk.client import Client
 from pmemblk.errors import RemoteError
 from pmemblk.transport.stream import StreamTransport
 
+from ..conftest import roundtrip
 from ..procs import Target
 
 V = p.PROTOCOL_VERSION
@@ -56,15 +57,6 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def roundtrip(c: Client, offset: int) -> None:
-    data = os.urandom(70_000)
-    c.pwrite(memoryview(data), offset)
-    c.flush()
-    buf = bytearray(len(data))
-    c.pread(memoryview(buf), offset)
-    assert buf == data
 
 
 def io(kind: int, offset: int, length: int, reserved: int = 0) -> bytes:

@@ -1,11 +1,13 @@
 """A random NBD workload checked against an in-memory model (run under nbdkit --run).
 
     python3 workload.py URI [--seed N] [--ops N] [--max-size BYTES] [--model-out FILE]
+                        [--announce N]
 
 Reads, writes (some with FUA), zeroes and flushes of 1 byte to --max-size, aligned and not;
 every read is compared with the model. With --model-out, the model as of the last completed
 flush is written there (what must survive a crash). Prints one summary line; exits 1 on the
-first mismatch.
+first mismatch. With --announce N, "at op N" is printed when op N starts (a test can then
+disturb the target while the workload runs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=2000)
     ap.add_argument("--max-size", type=int, default=4 << 20)
     ap.add_argument("--model-out")
+    ap.add_argument("--announce", type=int, default=-1)
     args = ap.parse_args()
     rng = random.Random(args.seed)
     h = nbd.NBD()
@@ -52,6 +55,8 @@ def main() -> int:
         return off // 4096 * 4096 if rng.random() < 0.4 else off
 
     for i in range(args.ops):
+        if i == args.announce:
+            print(f"at op {i}", flush=True)
         op = rng.random()
         if op < 0.4:
             n = pick_size()

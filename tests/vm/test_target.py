@@ -18,6 +18,7 @@ from pmemblk.protocol import Reject
 from pmemblk.transport import rdma
 
 from ..conftest import report
+from ..conftest import roundtrip as shared_roundtrip
 from ..procs import PY, Target, pmemblk, rss_kib
 from .harness import ADDR, verbs, vm_target
 
@@ -37,13 +38,8 @@ def connect(t: Target, **kw: object) -> Client:
     return Client(verbs(t, **kw), "gpspm")
 
 
-def roundtrip(c: Client, offset: int, n: int = 300_000) -> None:
-    data = os.urandom(n)
-    c.pwrite(memoryview(data), offset)
-    c.flush()
-    buf = bytearray(n)
-    c.pread(memoryview(buf), offset)
-    assert buf == data
+def roundtrip(c: Client, offset: int) -> None:
+    shared_roundtrip(c, offset, 300_000)
 
 
 def test_several_clients_at_once(target: Target) -> None:
