@@ -24,8 +24,9 @@ WORKLOAD = str(ROOT / "tests" / "integration" / "workload.py")
 
 def client(target: Target, reconnect_timeout: float = 60) -> Client:
     cfg = PluginConfig()
+    timeout = "1" if reconnect_timeout < 10 else "10"
     for key, value in (("target", target.listen), ("transport", "tcp"), ("flush", "gpspm"),
-                       ("reconnect-timeout", str(reconnect_timeout)), ("timeout", "10")):
+                       ("reconnect-timeout", str(reconnect_timeout)), ("timeout", timeout)):
         cfg.set(key, value)
     cfg.complete()
     return connect(cfg, readonly=False)
@@ -130,6 +131,23 @@ def test_io_fails_with_eio_after_the_reconnect_timeout(target: Target) -> None:
         with pytest.raises(RemoteError, match="did not come back") as again:
             c.flush()
         assert again.value.errno == errno.EIO
+    finally:
+        c.close()
+
+
+def test_a_hung_target_gives_eio_not_a_hang(target: Target) -> None:
+    """A stopped (not dead) target: every attempt times out, then the request fails."""
+    c = client(target, reconnect_timeout=2)
+    assert target.proc is not None
+    try:
+        c.pwrite(memoryview(b"x" * 4096), 0)
+        os.kill(target.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TransportError, match="did not come back within 2s") as exc:
+                c.flush()
+            assert exc.value.errno == errno.EIO
+        finally:
+            os.kill(target.proc.pid, signal.SIGCONT)
     finally:
         c.close()
 

@@ -6,6 +6,7 @@ import errno
 import re
 import statistics
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,13 @@ import pytest
 from pmemblk.auth import create_secret, load_secret
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, RemoteError
+from pmemblk.protocol import AUTH_HMAC_SHA256, CHALLENGE, Challenge, Hello
 from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
 from ..conftest import report
-from ..procs import Target, pmemblk, wait_until
-from .harness import ADDR, verbs, vm_target
+from ..procs import Target, pmemblk, region_info, wait_until
+from .harness import ADDR, raw_connect, verbs, vm_target
 
 SIZE = 16 << 20
 PROBE = 1 << 20  # where the forged writes aim
@@ -28,7 +30,7 @@ PROBE = 1 << 20  # where the forged writes aim
 @pytest.fixture
 def target(shm_region: Path, workdir: Path) -> Iterator[Target]:
     pmemblk("create", str(shm_region), "--size", str(SIZE))
-    t = vm_target(str(shm_region), 7600, workdir, "--shared").start()
+    t = vm_target(str(shm_region), 7600, workdir, "--shared", "--handshake-timeout", "2").start()
     yield t
     t.stop()
 
@@ -136,3 +138,19 @@ def test_cost_of_a_registration_per_client(shm_region: Path, workdir: Path) -> N
     report(f"per-client MR over a {size >> 20} MiB region: registration median "
            f"{statistics.median(regs):.1f} ms (max {max(regs):.1f}); whole connect + "
            f"authenticate median {statistics.median(connects) * 1000:.0f} ms")
+
+
+def test_an_unauthenticated_rdma_peer_learns_nothing_and_is_dropped(target: Target,
+                                                                   shm_region: Path) -> None:
+    """A peer that sends a valid HELLO gets only a CHALLENGE (no rkey, no address, no size),
+    and is disconnected when it never answers it."""
+    info = region_info(str(shm_region))
+    etype, data = raw_connect(target.port, Hello().encode(), silent_for=60)
+    assert etype == rdma.ce.RDMA_CM_EVENT_CONNECT_RESPONSE
+    challenge = Challenge.decode(data)
+    assert challenge.method == AUTH_HMAC_SHA256
+    assert data[CHALLENGE.size:] == bytes(len(data) - CHALLENGE.size)  # CM padding only
+    assert uuid.UUID(str(info["uuid"])).bytes not in data
+    target.wait_log("did not complete the handshake within 2s")
+    with Client(verbs(target), "gpspm") as good:
+        good.pwrite(memoryview(b"still serving"), 0, fua=True)

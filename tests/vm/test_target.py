@@ -20,7 +20,7 @@ from pmemblk.transport import rdma
 from ..conftest import report
 from ..conftest import roundtrip as shared_roundtrip
 from ..procs import PY, Target, pmemblk, rss_kib
-from .harness import ADDR, verbs, vm_target
+from .harness import ADDR, raw_connect, verbs, vm_target
 
 SIZE = 16 << 20
 
@@ -58,27 +58,6 @@ def test_several_clients_at_once(target: Target) -> None:
         for c in clients:
             c.close()
     target.wait_log("client 3 disconnected")
-
-
-def raw_connect(port: int, private: bytes) -> tuple[int, bytes]:
-    """Connect with arbitrary private data; return the CM event type and its private data."""
-    with rdma.EventChannel() as events:
-        cmid = rdma.new_cmid(events)
-        try:
-            cmid.resolve_addr(rdma.AddrInfo(dst=ADDR, dst_service=str(port),
-                                            port_space=rdma.ce.RDMA_PS_TCP), 5000)
-            deadline = time.monotonic() + 20
-            events.wait_for(rdma.ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, "address")
-            cmid.resolve_route(5000)
-            events.wait_for(rdma.ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, "route")
-            with rdma.Device(cmid.dev_name) as dev, rdma.Endpoint(dev.ctx, dev.pd, 2, 2) as ep:
-                param = rdma.ConnParam(qp_num=ep.qp_num, data_len=len(private))
-                param.set_private_data(private)
-                cmid.connect(param)
-                return events.wait_for(rdma.ce.RDMA_CM_EVENT_CONNECT_RESPONSE, deadline,
-                                       "answer")
-        finally:
-            cmid.close()
 
 
 @pytest.mark.parametrize("junk", [b"GARBAGE-HELLO-" * 3, b"PMBK\x07\x00\x01\x00" + bytes(8), b""])
