@@ -30,7 +30,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from . import durability
-from .errors import ConfigError, RemoteError, RequestError, TransportError
+from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .protocol import FLUSH_METHODS
 from .ranges import RangeSet
 from .transport import Transport
@@ -116,10 +116,12 @@ class Client:
         while True:
             try:
                 transport = self._reconnect()
-            except TransportError as exc:
+            except TransportError as exc:  # not reachable (yet)
                 last = exc
-            except RemoteError as exc:
-                if exc.errno != errno.EBUSY:  # EBUSY: it has not noticed our old connection
+            except PmemblkError as exc:
+                # EBUSY: the target has not yet noticed our old connection. Anything else (a
+                # refusal, a new secret, another protocol version) will not change by waiting.
+                if not (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY):
                     self.broken = f"reconnecting failed: {exc}"
                     raise RemoteError(self.broken, errno.EIO) from None
                 last = exc

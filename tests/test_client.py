@@ -10,7 +10,14 @@ import pytest
 
 from pmemblk import protocol as p
 from pmemblk.client import Client
-from pmemblk.errors import ConfigError, ConnectionLost, RemoteError, RequestError, TransportError
+from pmemblk.errors import (
+    ConfigError,
+    ConnectionLost,
+    ProtocolError,
+    RemoteError,
+    RequestError,
+    TransportError,
+)
 
 SIZE = 1 << 20
 
@@ -203,9 +210,14 @@ def test_a_lost_write_is_issued_again_after_reconnecting() -> None:
     assert new.durable[10:13] == b"abc" and c.reconnects == 1 and c.lost is None
 
 
-def test_a_refusal_other_than_busy_ends_the_connection() -> None:
-    c = reconnecting(Dropping(drops=1), [RemoteError("authentication failed", errno.EACCES)])
-    with pytest.raises(RemoteError, match="authentication failed") as exc:
+@pytest.mark.parametrize("refusal", [
+    RemoteError("authentication failed", errno.EACCES),
+    ConfigError("target requires authentication: give the client the target's secret"),
+    ProtocolError("protocol version 3 is not supported"),
+])
+def test_a_refusal_other_than_busy_ends_the_connection(refusal: Exception) -> None:
+    c = reconnecting(Dropping(drops=1), [refusal])
+    with pytest.raises(RemoteError, match=f"reconnecting failed: {refusal}") as exc:
         c.pwrite(memoryview(b"x"), 0)
     assert exc.value.errno == errno.EIO
     with pytest.raises(RemoteError):
