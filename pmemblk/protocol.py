@@ -14,8 +14,8 @@ bytes past their fixed layout; SEND messages must have their exact lengths.
 
 Over a stream (TCP or a Unix socket) the same messages are frames, and READ, WRITE and ZERO
 requests (tagged, several in flight) and their REPLY frames are added. ``request_header_size`` and
-``request_frame_size`` tell a reader how long a frame is from its fixed part, after checking it,
-so that no length is trusted before it is validated.
+``parse_request_header`` tell a reader how long a frame is from its fixed part, after checking
+it, so that no length is trusted before it is validated.
 
 Every decoder validates before anything is used and raises ProtocolError saying what is wrong.
 """
@@ -438,11 +438,6 @@ def request_header_size(preamble: bytes) -> int:
         raise ProtocolError(
             f"unexpected message type {_TYPE_NAMES.get(mtype, mtype)} from a client")
     return size
-
-
-def request_frame_size(header: bytes, export_size: int) -> int:
-    """Total size of a client-to-target frame, from its fixed part (validated first)."""
-    return parse_request_header(header, export_size)[0]
 
 
 def parse_request_header(header: bytes, export_size: int) -> tuple[int, IORequest | None]:

@@ -95,7 +95,7 @@ def test_parser_survives_generated_inputs(name: str) -> None:
 def test_stream_frame_sizing_never_trusts_bad_lengths(raw: bytes) -> None:
     try:
         size = p.request_header_size(raw[:8])
-        total = p.request_frame_size(raw[:size], EXPORT)
+        total, _ = p.parse_request_header(raw[:size], EXPORT)
     except ProtocolError:
         return
     assert p.HELLO.size <= total <= p.IO.size + p.MAX_IO

@@ -220,14 +220,16 @@ def test_io_request_round_trip_and_frame_sizes() -> None:
         assert p.IORequest.decode(raw, EXPORT) == req
         assert p.request_header_size(raw[:8]) == p.IO.size
         extra = 1000 if kind == p.MSG_WRITE else 0
-        assert p.request_frame_size(raw, EXPORT) == p.IO.size + extra
+        assert p.parse_request_header(raw, EXPORT) == (p.IO.size + extra, req)
     hello = p.Hello().encode()
-    assert p.request_header_size(hello[:8]) == p.request_frame_size(hello, EXPORT) == 32
+    assert p.request_header_size(hello[:8]) == 32
+    assert p.parse_request_header(hello, EXPORT) == (32, None)
     auth = p.Auth(bytes(32)).encode()
-    assert p.request_header_size(auth[:8]) == p.request_frame_size(auth, EXPORT) == 48
+    assert p.request_header_size(auth[:8]) == 48
+    assert p.parse_request_header(auth, EXPORT) == (48, None)
     commit = p.Commit(1, ((0, 1), (10, 1))).encode()
     assert p.request_header_size(commit[:8]) == p.COMMIT.size
-    assert p.request_frame_size(commit[:p.COMMIT.size], EXPORT) == len(commit)
+    assert p.parse_request_header(commit[:p.COMMIT.size], EXPORT) == (len(commit), None)
 
 
 @pytest.mark.parametrize(
@@ -262,10 +264,10 @@ def test_request_header_size_refuses(raw: bytes) -> None:
         p.request_header_size(raw)
 
 
-def test_request_frame_size_refuses_huge_commit() -> None:
+def test_parse_request_header_refuses_huge_commit() -> None:
     head = p.COMMIT.pack(p.MAGIC, V, p.MSG_COMMIT, 100000, 0, 1)
     with pytest.raises(ProtocolError, match="range count"):
-        p.request_frame_size(head, EXPORT)
+        p.parse_request_header(head, EXPORT)
 
 
 def test_reply_round_trip_and_checks() -> None:

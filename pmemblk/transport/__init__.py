@@ -45,12 +45,15 @@ def refused(peer: str, reject: Reject) -> RemoteError:
     return RemoteError(f"target {peer} refused the connection: {reject.reason}", reject.errno)
 
 
-def check_commit_reply(reply: CommitReply, request_id: int, ranges: int) -> None:
-    """Raise unless ``reply`` says the COMMIT ``request_id`` of ``ranges`` ranges persisted.
+def check_commit_reply(raw: bytes, request_id: int, ranges: int) -> None:
+    """Raise unless ``raw`` is a COMMIT_REPLY saying that the COMMIT ``request_id`` of
+    ``ranges`` ranges persisted.
 
-    A reply to another request means the connection is out of step (TransportError: the caller
-    marks it broken); a non-zero status is the target's answer (RemoteError).
+    Anything but a well-formed COMMIT_REPLY is a ProtocolError; a reply to another request
+    means the connection is out of step (TransportError). The caller marks the connection
+    broken for both. A non-zero status is the target's answer (RemoteError).
     """
+    reply = CommitReply.decode(raw)
     if reply.request_id != request_id:
         raise TransportError(
             f"COMMIT_REPLY answers request {reply.request_id}, expected {request_id}")

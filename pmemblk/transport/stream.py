@@ -20,7 +20,6 @@ from ..protocol import (
     COMMIT_REPLY,
     MAX_IO,
     MSG_CHALLENGE,
-    MSG_COMMIT_REPLY,
     MSG_READ,
     MSG_REJECT,
     MSG_WELCOME,
@@ -33,7 +32,6 @@ from ..protocol import (
     WELCOME,
     Challenge,
     Commit,
-    CommitReply,
     IORequest,
     Reject,
     Reply,
@@ -218,10 +216,7 @@ class StreamTransport(_Closing):
             req_id = self._tag()
             try:
                 self._send(Commit(req_id, batch).encode())
-                raw = self._recv(COMMIT_REPLY.size)
-                if message_type(raw) != MSG_COMMIT_REPLY:
-                    raise ProtocolError(f"expected COMMIT_REPLY, got type {message_type(raw)}")
-                check_commit_reply(CommitReply.decode(raw), req_id, len(batch))
+                check_commit_reply(self._recv(COMMIT_REPLY.size), req_id, len(batch))
             except (TransportError, ProtocolError) as exc:
                 raise self._fail(exc) from None
 

@@ -121,9 +121,10 @@ class _Conn:
         if len(buf) < PREAMBLE.size:
             return False
         preamble = bytes(buf[:PREAMBLE.size])
+        mtype = message_type(preamble)
         if not self.welcomed:  # checked before any length, which would depend on the export
             expected = MSG_HELLO if self.greeting is None else MSG_AUTH
-            if message_type(preamble) != expected:
+            if mtype != expected:
                 raise ProtocolError(f"expected {'HELLO' if expected == MSG_HELLO else 'AUTH'} "
                                     "first: the handshake is HELLO, then AUTH")
         hsize = request_header_size(preamble)
@@ -136,7 +137,7 @@ class _Conn:
             return False
         frame = memoryview(buf)[:total]
         try:
-            self._handle(frame, export, message_type(preamble), req)
+            self._handle(frame, export, mtype, req)
         finally:
             frame.release()
         del buf[:total]
