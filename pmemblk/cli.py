@@ -9,48 +9,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, layout
 from .auth import create_secret, load_secret
 from .errors import ConfigError, PmemblkError
+from .lock import path_holder
 from .pmem import PmemRegion, is_devdax
+from .provision import create_region
 from .units import human, parse_size
 
 log = logging.getLogger("pmemblk")
 
 def cmd_create(args: argparse.Namespace) -> None:
     path: str = args.path
-    layout.check_block_size(args.block_size, ConfigError)
     size = parse_size(args.size) if args.size is not None else None
-    if is_devdax(path):
-        region = PmemRegion.open(path)
-        if size is not None and size != region.size:
-            region.close()
-            raise ConfigError(f"{path} is a devdax device of {region.size} bytes: its size is "
-                              "fixed, so leave out --size")
-    elif os.path.exists(path):
-        if not args.force:
-            raise ConfigError(f"{path} already exists; pmemblk never overwrites silently: pass "
-                              "--force to erase it and create a new region")
-        if size is None:
-            size = os.path.getsize(path)
-        os.unlink(path)
-        region = PmemRegion.create(path, size)
-    else:
-        if size is None:
-            raise ConfigError(f"{path} does not exist: give its size with --size, e.g. --size 1G")
-        region = PmemRegion.create(path, size)
-    with region:
-        if is_devdax(path) and layout.has_header(region) and not args.force:
-            raise ConfigError(f"{path} already holds a pmemblk region; pass --force to erase it")
-        header = layout.format_region(region, args.block_size)
-        print(f"created {path}: {human(header.data_size)} of data "
-              f"({header.data_size // header.block_size} blocks of {header.block_size} bytes), "
-              f"uuid {header.uuid}, is_pmem={int(region.is_pmem)} "
-              f"(persistence by {region.persist_method})")
+    made = create_region(path, size, args.block_size, args.force)
+    header = made.header
+    print(f"created {path}: {human(header.data_size)} of data "
+          f"({header.data_size // header.block_size} blocks of {header.block_size} bytes), "
+          f"uuid {header.uuid}, is_pmem={int(made.is_pmem)} "
+          f"(persistence by {made.persist_method})")
 
 
 def region_info(path: str) -> dict[str, object]:
@@ -76,6 +56,7 @@ def region_info(path: str) -> dict[str, object]:
             "clean_shutdown": state.clean,
             "times_served": state.times_served,
             "loss_epoch": layout.read_loss_epoch(region),
+            "locked_by_pid": path_holder(path),
         }
 
 

@@ -72,6 +72,47 @@ def is_devdax(path: str) -> bool:
         return False
 
 
+def check_region_path(path: str) -> os.stat_result:
+    """The region's ``stat``; refuses what cannot be a region (a directory, FIFO, socket...)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PmemError(f"{path}: no such file or device") from None
+    except OSError as exc:
+        raise PmemError(f"{path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a block device (use its devdax namespace, or a file)"
+                if stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise PmemError(f"{path} is {kind}: a region is a regular file or a devdax device")
+    return st
+
+
+def allocate(fd: int, path: str, size: int) -> None:
+    """Give every byte of the file open at ``fd`` its storage now (posix_fallocate), so that no
+    store into the mapping can ever fault for want of space (SIGBUS)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        hints = {errno.ENOSPC: " (the filesystem has no room for it)",
+                 errno.EFBIG: " (larger than the filesystem allows for one file)"}
+        hint = hints.get(exc.errno or 0, "")
+        raise PmemError(f"cannot allocate {size} bytes for {path}: {exc.strerror}{hint}") from None
+
+
+def check_backed(path: str) -> None:
+    """Refuse a region file with holes: a store into a hole on a full filesystem kills the
+    process with SIGBUS. (Allocated blocks are counted: SEEK_HOLE also reports allocated,
+    never-written extents, which are fine.)"""
+    st = check_region_path(path)
+    if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
+        raise PmemError(
+            f"{path} is sparse ({st.st_blocks * 512} of its {st.st_size} bytes have storage): "
+            "writing into a hole can fail for want of space and kill the target with SIGBUS. "
+            f"Allocate it, keeping its data: fallocate -l {st.st_size} {path}")
+
+
 class PmemRegion:
     """A mapped pmem region. A context manager; ``close()`` is safe to call twice.
 
@@ -98,8 +139,7 @@ class PmemRegion:
     @classmethod
     def open(cls, path: str) -> PmemRegion:
         """Map an existing file or devdax device, whole."""
-        if not os.path.exists(path):
-            raise PmemError(f"{path}: no such file or device")
+        check_region_path(path)
         return cls._map(path, 0, 0)
 
     @classmethod

@@ -16,6 +16,7 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from typing import Protocol
 
 from . import auth, durability, layout
 from .errors import ConfigError, PmemblkError, PmemError
-from .pmem import PmemRegion
+from .lock import RegionLock
+from .pmem import PmemRegion, check_backed
 from .powercut import DurableImage
 from .protocol import (
     FLUSH_APM,
@@ -55,6 +57,11 @@ class ServeConfig:
     transports: tuple[str, ...] = ("verbs",)
     readonly: bool = False
     max_clients: int = 64
+    #: Connections that may be in their handshake (not yet authenticated) at once.
+    max_handshakes: int = 64
+    #: TCP: probe a silent client after this many seconds; one that does not answer three
+    #: probes (KEEPALIVE_PROBES) a third of this apart is dropped.
+    keepalive: float = 15.0
     pid_file: str | None = None
     handshake_timeout: float = 10.0
     #: The operator asserts that incoming writes reach the persistence domain (docs/persistence.md).
@@ -147,10 +154,15 @@ class Export:
     """The region being served and the decisions every transport shares."""
 
     def __init__(self, config: ServeConfig) -> None:
+        """Lock and map the region and read its header; nothing in it changes until
+        ``begin()``, so a target that fails to start leaves the region as it found it."""
         self.config = config
         self.readonly = config.readonly
-        region = PmemRegion.open(config.path)
-        try:
+        self._stack = contextlib.ExitStack()
+        with self._stack as stack:
+            stack.enter_context(RegionLock(config.path, "serve it", shared=config.readonly))
+            check_backed(config.path)
+            region = stack.enter_context(PmemRegion.open(config.path))
             try:
                 self.header = layout.read_header(region)
             except PmemblkError as exc:
@@ -158,43 +170,63 @@ class Export:
                     f"{config.path} holds no valid pmemblk region: {exc}. Create one with: "
                     f"pmemblk create {config.path} --size SIZE (this erases what it holds)"
                 ) from None
-        except BaseException:
-            region.close()
-            raise
+            self.image: DurableImage | None = None
+            if config.durable_image:
+                self.image = stack.enter_context(
+                    contextlib.closing(DurableImage(config.durable_image, region)))
+            self._stack = stack.pop_all()
         self.region = region
         self.size = self.header.data_size
         self.clients = 0
         self.writers = 0
+        #: Connections accepted and not yet admitted or gone, on every transport.
+        self.handshakes = 0
+        self.began = False
         self._closed = False
-        self.image: DurableImage | None = None
-        if config.durable_image:
-            self.image = DurableImage(config.durable_image, region)
         self.guarantees = durability.guarantees(region.is_pmem, region.persist_method,
                                                 config.apm_durable)
         self.durable_methods = durability.durable_mask(self.guarantees)
+        self.loss_epoch = layout.read_loss_epoch(region)
+
+    def begin(self) -> None:
+        """Every listener is up: record that the region is served (not clean) from now on."""
         for g in self.guarantees:
             log.info("flush %s", g.describe())
         log.info("%s", durability.native_flush_support())
+        self.began = True
         if self.readonly:
-            self.loss_epoch = layout.read_loss_epoch(region)
-        else:
-            opening = layout.open_for_serving(region)
-            self.loss_epoch = opening.loss_epoch
-            if not opening.continuity:
-                log.warning(
-                    "%s was not shut down cleanly and the machine has restarted since (a "
-                    "crash or power cut): data the clients flushed is intact; writes they never "
-                    "flushed may be lost (loss epoch now %d)", config.path, self.loss_epoch)
-            elif not opening.previous.clean:
-                log.warning(
-                    "%s was not shut down cleanly, but in this same boot (the target process "
-                    "was killed): every write it took is still in the region", config.path)
+            return
+        region, path = self.region, self.config.path
+        opening = layout.open_for_serving(region)
+        self.loss_epoch = opening.loss_epoch
+        if not opening.continuity:
+            log.warning(
+                "%s was not shut down cleanly and the machine has restarted since (a "
+                "crash or power cut): data the clients flushed is intact; writes they never "
+                "flushed may be lost (loss epoch now %d)", path, self.loss_epoch)
+        elif not opening.previous.clean:
+            log.warning(
+                "%s was not shut down cleanly, but in this same boot (the target process "
+                "was killed): every write it took is still in the region", path)
 
     @property
     def data_addr(self) -> int:
         return self.region.addr + self.header.data_offset
 
     # -- handshake -------------------------------------------------------------------------
+
+    def start_handshake(self) -> Reject | None:
+        """A new connection: counted until ``end_handshake``, or refused when too many
+        unauthenticated ones are open (each holds a descriptor and memory)."""
+        if self.handshakes >= self.config.max_handshakes:
+            return Reject(errno.EBUSY, f"{self.handshakes} connections are already in their "
+                                       "handshake: try again shortly")
+        self.handshakes += 1
+        return None
+
+    def end_handshake(self) -> None:
+        """A connection counted by ``start_handshake`` was admitted, refused or went away."""
+        self.handshakes = max(0, self.handshakes - 1)
 
     def greet(self, raw: bytes) -> Greeting | Reject:
         """Answer a client's HELLO with a CHALLENGE. Nothing about the region is revealed."""
@@ -287,20 +319,17 @@ class Export:
     # -- shutdown --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Persist the whole data area, mark the region clean, unmap. Safe twice."""
+        """Persist the whole data area and mark the region clean (once it was served), unmap,
+        unlock. Safe twice."""
         if self._closed:
             return
         self._closed = True
-        try:
-            if not self.readonly:
+        with self._stack:
+            if self.began and not self.readonly:
                 self.region.persist(self.header.data_offset, self.size)
                 state = layout.read_state(self.region)
                 layout.write_state(self.region, layout.State(True, state.times_served))
                 log.info("persisted %d bytes and marked %s clean", self.size, self.region.path)
-        finally:
-            if self.image is not None:
-                self.image.close()
-            self.region.close()
 
 
 class Target:
@@ -311,6 +340,7 @@ class Target:
         self.reactor = Reactor()
         self.export: Export | None = None
         self.servers: list[Server] = []
+        self.pid_file: PidFile | None = None
 
     def _make_servers(self) -> None:
         for name in self.config.transports:
@@ -332,12 +362,15 @@ class Target:
         try:
             check_exposure(self.config)
             self._make_servers()  # validates addresses before the region is touched
-            self.export = Export(self.config)
+            if self.config.pid_file:
+                self.pid_file = PidFile(self.config.pid_file, self.config.path)
+            raise_fd_limit()
+            self.export = Export(self.config)  # locked; unchanged until begin()
             for server in self.servers:
                 server.start(self.export)
-            if self.config.pid_file:
-                with open(self.config.pid_file, "w") as f:
-                    f.write(f"{os.getpid()}\n")
+            self.export.begin()
+            if self.pid_file is not None:
+                self.pid_file.publish()
             self.reactor.run()
         finally:
             for s, handler in old.items():
@@ -350,9 +383,55 @@ class Target:
         if self.export is not None:
             self.export.close()
         self.reactor.close()
-        if self.config.pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.pid_file)
+        if self.pid_file is not None:
+            self.pid_file.close()
+
+
+class PidFile:
+    """``--pid-file``: checked before anything starts, written once every listener is up (by
+    a rename, so a reader never sees it half-written), removed on exit only if still ours."""
+
+    def __init__(self, path: str, region: str) -> None:
+        self.path = path
+        if os.path.exists(path) and os.path.exists(region) and os.path.samefile(path, region):
+            raise ConfigError(f"--pid-file {path} is the region itself")
+        if os.path.isdir(path):
+            raise ConfigError(f"--pid-file {path} is a directory")
+        folder = os.path.dirname(path) or "."
+        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
+                              f"{exc.strerror}") from None
+        self.content = f"{os.getpid()}\n".encode()
+        try:
+            os.write(fd, self.content)
+        finally:
+            os.close(fd)
+        self.published = False
+
+    def publish(self) -> None:
+        os.replace(self.tmp, self.path)
+        self.published = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+        if self.published:
+            self.published = False
+            with contextlib.suppress(OSError), open(self.path, "rb") as f:
+                if f.read(64) == self.content:
+                    os.unlink(self.path)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: each client holds descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
 
 
 def serve(config: ServeConfig) -> None:

@@ -86,6 +86,8 @@ class _Conn:
         self.close_after_send = False
         self.timer: int | None = None
         self.requests = 0
+        #: Counted by the export's handshake cap until admitted, refused or gone.
+        self.handshaking = True
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -104,8 +106,14 @@ class _Conn:
                 self.drop("disconnected", warn=False)
             return
         self.rbuf += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle the complete frames received, until the replies queued for this client reach
+        MAX_QUEUED: then nothing more is read or handled until they drain."""
         try:
-            while not self.closed and not self.close_after_send and self._next_frame():
+            while (not self.closed and not self.close_after_send
+                   and self.queued <= MAX_QUEUED and self._next_frame()):
                 pass
         except PmemblkError as exc:
             self.drop(f"sent an invalid frame: {exc}")
@@ -157,7 +165,9 @@ class _Conn:
         elif req is not None:  # READ, WRITE or ZERO, decoded by _next_frame
             if mtype == MSG_READ:
                 self.send(Reply(req.tag, 0, req.length).encode())
-                self.send(bytes(export.read(req.offset, req.length)))
+                # Sent from the mapping itself, no copy: the view stays valid because the
+                # region is unmapped only after every connection is dropped (Target.shutdown).
+                self.send(export.read(req.offset, req.length))
             elif self.readonly:  # the export, or this client's own read-only mode
                 self.send(Reply(req.tag, errno.EPERM, 0).encode())
             else:
@@ -181,6 +191,7 @@ class _Conn:
         if self.timer is not None:
             self.server.reactor.cancel(self.timer)
             self.timer = None
+        self._end_handshake()
         admission = export.admit(greeting, raw)
         if isinstance(admission, Reject):
             self._refuse(admission)
@@ -197,6 +208,12 @@ class _Conn:
         self.send(reject.encode())
         self.close_after_send = True
 
+    def _end_handshake(self) -> None:
+        if self.handshaking:
+            self.handshaking = False
+            if self.server.export is not None:
+                self.server.export.end_handshake()
+
     def handshake_expired(self) -> None:
         self.timer = None
         if not self.welcomed and not self.closed:
@@ -205,7 +222,7 @@ class _Conn:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if data:
             self.wq.append(memoryview(data))
             self.queued += len(data)
@@ -229,7 +246,10 @@ class _Conn:
         return True
 
     def on_writable(self) -> None:
-        self._update_interest()
+        if self.rbuf and self.queued <= MAX_QUEUED and self._flush():
+            self._process()  # frames held back while the replies were over the bound
+        else:
+            self._update_interest()
 
     def _update_interest(self) -> None:
         if self.closed or not self._flush():
@@ -252,6 +272,7 @@ class _Conn:
             ": disconnecting it" if warn else "")
         if self.timer is not None:
             self.server.reactor.cancel(self.timer)
+        self._end_handshake()
         self.server.reactor.remove(self.fd)
         with contextlib.suppress(OSError):
             self.sock.close()

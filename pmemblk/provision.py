@@ -1,0 +1,83 @@
+"""Making a region: ``pmemblk create`` on a new file, an existing file, or a devdax device.
+
+Every byte of a file region is allocated before the header is written (a sparse region would die
+with SIGBUS when its filesystem fills up). An existing region is rewritten in place, under the
+region lock (``pmemblk.lock``), so a region being served is refused rather than replaced behind
+its target's back. A failure leaves nothing half-made: a file this command created is removed,
+an existing one is left as it was when the failure comes before formatting.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from . import layout
+from .errors import ConfigError
+from .lock import RegionLock
+from .pmem import PmemRegion, allocate, check_region_path
+
+
+@dataclass(frozen=True)
+class Created:
+    header: layout.Header
+    is_pmem: bool
+    persist_method: str
+
+
+def _format(path: str, block_size: int, keep_existing: bool = False) -> Created:
+    with PmemRegion.open(path) as region:
+        if keep_existing and layout.has_header(region):
+            raise ConfigError(f"{path} already holds a pmemblk region; pass --force to erase it")
+        header = layout.format_region(region, block_size)
+        return Created(header, region.is_pmem, region.persist_method)
+
+
+def create_region(path: str, size: int | None, block_size: int, force: bool) -> Created:
+    """Create (or with ``force``, recreate) the region at ``path``."""
+    layout.check_block_size(block_size, ConfigError)
+    if size is not None and size < 2 * layout.DATA_ALIGN:
+        raise ConfigError(f"--size {size} is too small: the header takes {layout.DATA_ALIGN} "
+                          "bytes and at least one block must follow (e.g. --size 64M)")
+    if not os.path.lexists(path):
+        if size is None:
+            raise ConfigError(f"{path} does not exist: give its size with --size, e.g. --size 1G")
+        return _create_file(path, size, block_size)
+    st = check_region_path(path)
+    if stat.S_ISCHR(st.st_mode):  # devdax: fixed size, rewritten in place
+        with RegionLock(path, "create a region on it"):
+            with PmemRegion.open(path) as region:
+                if size is not None and size != region.size:
+                    raise ConfigError(f"{path} is a devdax device of {region.size} bytes: its "
+                                      "size is fixed, so leave out --size")
+            return _format(path, block_size, keep_existing=not force)
+    if not force:
+        raise ConfigError(f"{path} already exists; pmemblk never overwrites silently: pass "
+                          "--force to erase it and create a new region")
+    with RegionLock(path, "erase it") as lock:
+        size = st.st_size if size is None else size
+        if size < 2 * layout.DATA_ALIGN:
+            raise ConfigError(f"{path} holds {size} bytes, too small for a region: give "
+                              "--size, e.g. --size 64M")
+        if size != st.st_size:
+            try:
+                os.ftruncate(lock.fd, size)
+            except OSError as exc:
+                raise ConfigError(f"cannot resize {path} to {size} bytes: {exc.strerror}") from None
+        allocate(lock.fd, path, size)
+        return _format(path, block_size)
+
+
+def _create_file(path: str, size: int, block_size: int) -> Created:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        with RegionLock(path, "create a region on it", fd=fd) as lock:
+            allocate(lock.fd, path, size)
+            return _format(path, block_size)
+    except BaseException:
+        os.unlink(path)  # ours: made above with O_EXCL
+        raise
