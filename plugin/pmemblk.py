@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,6 +32,7 @@ API_VERSION = 2
 # expected errors (PmemblkError) then read as one line. Unexpected ones are bugs: _guard logs
 # their full traceback itself.
 sys.tracebacklimit = 0
+_ALL_FRAMES = 1000
 
 _cfg = PluginConfig()
 _log = logging.getLogger("pmemblk.plugin")
@@ -55,8 +57,11 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
     except PmemblkError as exc:
         nbdkit.set_error(exc.errno)
         raise
-    except Exception:
-        _log.exception("internal error in %s (please report it)", fn.__name__)
+    except Exception as exc:
+        # A bug: logged with every frame. (logging's own formatting would honour
+        # sys.tracebacklimit = 0 above and keep none.)
+        frames = "".join(traceback.format_exception(exc, limit=_ALL_FRAMES))
+        _log.error("internal error in %s (please report it):\n%s", fn.__name__, frames)
         nbdkit.set_error(errno.EIO)
         raise
 

@@ -48,7 +48,8 @@ def load_secret(path: str) -> bytes:
     (like ssh does with private keys).
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"secret file {path}: {exc.strerror}") from None
     try:

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad u
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -21,6 +22,9 @@ from .provision import create_region
 from .units import human, parse_size
 
 log = logging.getLogger("pmemblk")
+
+#: Upper bound for --max-clients and --max-handshakes (each connection holds descriptors).
+MAX_CONNECTIONS = 65536
 
 def cmd_create(args: argparse.Namespace) -> None:
     path: str = args.path
@@ -90,14 +94,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     transports = parse_transports(args.transport)
     if args.listen.startswith("unix:") and "verbs" in transports:
         raise ConfigError("a unix: socket can only serve --transport tcp")
-    if args.max_clients < 1:
-        raise ConfigError("--max-clients must be at least 1")
+    for name in ("max_clients", "max_handshakes"):
+        if not 1 <= getattr(args, name) <= MAX_CONNECTIONS:
+            raise ConfigError(f"--{name.replace('_', '-')} must be from 1 to {MAX_CONNECTIONS}")
     if not 0 < args.handshake_timeout <= 3600:
         raise ConfigError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+    if not 1 <= args.keepalive <= 3600:
+        raise ConfigError("--keepalive must be from 1 to 3600 seconds")
     secret = load_secret(args.secret_file) if args.secret_file else None
+    # A fault (SIGBUS if another program truncates the region under the target) then leaves
+    # a line and a Python traceback in the log instead of a silent death.
+    faulthandler.enable()
     serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
                       pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
+                      max_handshakes=args.max_handshakes, keepalive=args.keepalive,
                       apm_durable=args.apm_durable, shared=args.shared,
                       durable_image=args.testing_durable_image, secret=secret,
                       insecure_no_auth=args.insecure_no_auth))
@@ -172,7 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address without a secret: anyone who can "
                    "connect can read and write the region")
-    s.add_argument("--max-clients", type=int, default=64)
+    s.add_argument("--max-clients", type=int, default=64,
+                   help="authenticated clients at once (default 64)")
+    s.add_argument("--max-handshakes", type=int, default=64, metavar="N",
+                   help="connections not yet authenticated at once; more are refused with "
+                   "EBUSY (default 64)")
+    s.add_argument("--keepalive", type=float, default=15.0, metavar="SECONDS",
+                   help="tcp: a client silent this long is probed; one whose host is gone is "
+                   "dropped after about twice this (default 15)")
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
 
     k = sub.add_parser("secret", help="write a new random shared secret to a file (mode 600)")

@@ -107,8 +107,10 @@ class Header:
             )
         if data_offset + data_size > region_size:
             raise LayoutError(
-                f"data area [{data_offset}, {data_offset + data_size}) runs past the end of "
-                f"the {region_size}-byte region"
+                f"the region is {region_size} bytes but its header says "
+                f"{data_offset + data_size}: it was truncated or copied in part. "
+                f"fallocate -l {data_offset + data_size} PATH restores its length (what was cut "
+                "off reads back as zeros)"
             )
         return cls(uuid.UUID(bytes=uuid_b), block_size, data_offset, data_size, created, version)
 

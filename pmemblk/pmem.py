@@ -67,9 +67,16 @@ def _errormsg(lib: Any) -> str:
 
 def is_devdax(path: str) -> bool:
     try:
-        return stat.S_ISCHR(os.stat(path).st_mode)
+        st = os.stat(path)
     except OSError:
         return False
+    return stat.S_ISCHR(st.st_mode) and _is_dax_char(st)
+
+
+def _is_dax_char(st: os.stat_result) -> bool:
+    """Whether a character device belongs to the kernel's dax subsystem (as libpmem checks)."""
+    link = f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/subsystem"
+    return os.path.basename(os.path.realpath(link)) == "dax"
 
 
 def check_region_path(path: str) -> os.stat_result:
@@ -86,6 +93,10 @@ def check_region_path(path: str) -> os.stat_result:
                 else "a block device (use its devdax namespace, or a file)"
                 if stat.S_ISBLK(st.st_mode) else "not a regular file")
         raise PmemError(f"{path} is {kind}: a region is a regular file or a devdax device")
+    if stat.S_ISCHR(st.st_mode) and not _is_dax_char(st):
+        raise PmemError(f"{path} is a character device but not a devdax device (ndctl "
+                        "create-namespace -m devdax makes one): a region is a regular file or "
+                        "a devdax device")
     return st
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from . import layout
 from .errors import PmemError
-from .pmem import PmemRegion
+from .lock import RegionLock
+from .pmem import PmemRegion, check_region_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class DurableImage:
         if region.size % LINE:
             raise PmemError(f"{region.path}: size is not a multiple of {LINE}")
         exists = os.path.exists(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise PmemError(f"durable image {path}: {exc.strerror}") from None
         self._closed = False
         if not exists:  # what is in the region now is the durable starting point
             for off in range(0, region.size, CHUNK):
@@ -79,9 +83,17 @@ def power_cut(region_path: str, image_path: str, keep: float = 0.0, seed: int = 
     """Replace the region (and the image) by what a power cut would leave. Target stopped."""
     if not 0.0 <= keep <= 1.0:
         raise PmemError(f"keep fraction {keep} is outside 0..1")
-    size = os.path.getsize(region_path)
+    size = check_region_path(region_path).st_size
+    if not os.path.isfile(image_path):
+        raise PmemError(f"durable image {image_path} is not a file (serve with "
+                        "--testing-durable-image PATH makes one)")
     if os.path.getsize(image_path) != size:
         raise PmemError(f"durable image {image_path} is not the size of {region_path}")
+    with RegionLock(region_path, "emulate a power cut on it"):
+        return _cut(region_path, image_path, size, keep, seed)
+
+
+def _cut(region_path: str, image_path: str, size: int, keep: float, seed: int) -> PowerCut:
     rng = random.Random(seed)
     unpersisted = kept = 0
     rfd = os.open(region_path, os.O_RDWR)

@@ -166,6 +166,9 @@ class Export:
             try:
                 self.header = layout.read_header(region)
             except PmemblkError as exc:
+                if layout.has_header(region):  # damaged, not absent: no advice to erase it
+                    raise PmemblkError(f"{config.path}: {exc}".replace(
+                        "PATH", config.path)) from None
                 raise PmemblkError(
                     f"{config.path} holds no valid pmemblk region: {exc}. Create one with: "
                     f"pmemblk create {config.path} --size SIZE (this erases what it holds)"

@@ -63,10 +63,13 @@ class Target:
     count = 0
 
     def __init__(self, region: str, listen: str, workdir: Path, *extra: str,
-                 transport: str = "verbs", secret: Path | None = None) -> None:
+                 transport: str = "verbs", secret: Path | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         Target.count += 1
         self.region, self.listen, self.extra, self.transport = region, listen, extra, transport
         self.secret = secret
+        #: A command the target runs under (it must exec it: prlimit, ip netns exec).
+        self.wrapper = wrapper
         self.port = int(listen.rpartition(":")[2]) if not listen.startswith("unix:") else 0
         self.pid_file = workdir / f"target-{Target.count}.pid"
         self.log_path = workdir / f"target-{Target.count}.log"
@@ -77,8 +80,9 @@ class Target:
         self.pid_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [PY, "-m", "pmemblk", "-v", "serve", self.region, "--listen", self.listen,
-             "--transport", self.transport, "--pid-file", str(self.pid_file), *self.extra,
+            [*self.wrapper, PY, "-m", "pmemblk", "-v", "serve", self.region, "--listen",
+             self.listen, "--transport", self.transport, "--pid-file", str(self.pid_file),
+             *self.extra,
              *(["--secret-file", str(self.secret)] if self.secret else [])],
             stdout=self._log, stderr=subprocess.STDOUT)
         proc = self.proc
@@ -117,7 +121,8 @@ class Target:
     def restart(self) -> Target:
         """A new process for the same region and address (after stop or kill)."""
         return Target(self.region, self.listen, self.log_path.parent, *self.extra,
-                      transport=self.transport, secret=self.secret).start()
+                      transport=self.transport, secret=self.secret,
+                      wrapper=self.wrapper).start()
 
 
 class Nbdkit:

@@ -80,7 +80,7 @@ def test_truncated() -> None:
         (12, struct.pack("<I", 256), "block size 256"),
         (32, struct.pack("<Q", 100), "data offset 100"),
         (40, struct.pack("<Q", 4097), "not a positive multiple"),
-        (40, struct.pack("<Q", SIZE), "runs past the end"),
+        (40, struct.pack("<Q", SIZE), "truncated or copied in part"),
         (40, struct.pack("<Q", 0), "not a positive multiple"),
     ],
 )

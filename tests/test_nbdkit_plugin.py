@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,49 @@ def test_plugin_help_lists_nothing_unexpected() -> None:
     assert res.returncode == 0, res.stderr
     assert "python_pep_384_abi_version" in res.stdout or "max_known_status" in res.stdout \
         or "name=python" in res.stdout
+
+
+BUGGY = """
+import runpy
+
+plugin = runpy.run_path({plugin!r})
+API_VERSION = 2
+
+
+def config(key, value):
+    plugin["config"](key, value)
+
+
+def config_complete():
+    plugin["config_complete"]()
+
+
+def planted_bug_in_a_helper():
+    raise ValueError("planted bug")
+
+
+def open(readonly):
+    return plugin["_guard"](planted_bug_in_a_helper)
+
+
+def get_size(h):
+    return 0
+
+
+def pread(h, buf, offset, flags):
+    pass
+"""
+
+
+def test_an_internal_error_is_logged_with_every_frame(tmp_path: Path) -> None:
+    """The plugin keeps expected errors to one line (sys.tracebacklimit = 0); a bug must still
+    be logged with the frames that show where it is."""
+    wrapper = tmp_path / "buggy_plugin.py"
+    wrapper.write_text(BUGGY.format(plugin=PLUGIN))
+    res = subprocess.run(["nbdkit", "-f", "-U", "-", "python", str(wrapper),
+                          "target=unix:/nonexistent.sock", "--run", "nbdinfo --size \"$uri\""],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "internal error in planted_bug_in_a_helper" in res.stderr, res.stderr
+    assert 'line 17, in planted_bug_in_a_helper' in res.stderr, res.stderr
+    assert "ValueError: planted bug" in res.stderr

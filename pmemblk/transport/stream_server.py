@@ -16,6 +16,8 @@ import errno
 import logging
 import os
 import socket
+import stat
+import time
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
@@ -43,6 +45,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 1 << 20
+#: Connections accepted per readiness event of the listener.
+ACCEPT_BATCH = 64
+#: After accept() fails (out of descriptors), the listener is ignored this long.
+ACCEPT_PAUSE = 0.25
+#: Refusals and accept failures are logged at most once per this many seconds.
+ACCEPT_LOG_INTERVAL = 10.0
+KEEPALIVE_PROBES = 3
+#: sun_path holds 108 bytes, the last one a NUL.
+UNIX_PATH_MAX = 107
 #: Stop reading a client's requests while this much of its replies is still unsent.
 MAX_QUEUED = 64 << 20
 
@@ -55,6 +66,9 @@ def parse_stream_address(listen: str) -> tuple[int, str | tuple[str, int]]:
         path = listen[len("unix:"):]
         if not path:
             raise ConfigError("unix: needs a socket path, e.g. unix:/run/pmemblk.sock")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ConfigError(f"unix:{path}: the path is {len(os.fsencode(path))} bytes long; a "
+                              f"Unix socket path has at most {UNIX_PATH_MAX}: choose a shorter one")
         return socket.AF_UNIX, path
     host, port = parse_listen(listen)
     try:
@@ -293,6 +307,10 @@ class StreamServer:
         self.conns: dict[int, _Conn] = {}
         self._number = 0
         self._closed = False
+        #: (st_dev, st_ino) of the Unix socket this server made: only that one is removed.
+        self._socket_id: tuple[int, int] | None = None
+        self._accept_paused = False
+        self._complaints = RateLimitedLog(ACCEPT_LOG_INTERVAL)
 
     def start(self, export: Export) -> None:
         self.export = export
@@ -300,16 +318,22 @@ class StreamServer:
         try:
             if self.family == socket.AF_UNIX:
                 assert isinstance(self.address, str)
-                if os.path.exists(self.address):
-                    os.unlink(self.address)  # a stale socket from a killed target
+                remove_stale_socket(self.address)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(self.address)
+            if self.family == socket.AF_UNIX:
+                assert isinstance(self.address, str)
+                st = os.stat(self.address)
+                self._socket_id = (st.st_dev, st.st_ino)
             sock.listen(64)
         except OSError as exc:
             sock.close()
-            raise TransportError(
-                f"cannot listen on {describe_address(self.address)}: {exc.strerror}") from None
+            raise TransportError(f"cannot listen on {describe_address(self.address)}: "
+                                 f"{exc.strerror or exc}") from None
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
         self.sock = sock
         self.reactor.add(sock.fileno(), self._on_accept)
@@ -321,24 +345,49 @@ class StreamServer:
             ", read-only" if export.readonly else "", describe_address(self.address))
 
     def _on_accept(self) -> None:
-        assert self.sock is not None
-        while True:
+        assert self.sock is not None and self.export is not None
+        for _ in range(ACCEPT_BATCH):  # then let the other clients have a turn
             try:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc.strerror)
+                # Out of descriptors (EMFILE, ENFILE) or memory: the listener stays readable,
+                # so stop watching it for a moment instead of spinning.
+                self._pause_accepting(exc)
                 return
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and addr else "unix socket"
+            busy = self.export.start_handshake()
+            if busy is not None:
+                self._complaints.warn(f"refusing connections: {busy.reason}")
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(busy.encode())  # a REJECT the client reports (and retries)
+                sock.close()
+                continue
             sock.setblocking(False)
             if self.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(sock, self.export.config.keepalive)
             self._number += 1
-            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix socket"
             conn = _Conn(self, sock, self._number, peer)
             self.conns[conn.number] = conn
             conn.timer = self.reactor.call_later(self.handshake_timeout, conn.handshake_expired)
             self.reactor.add(conn.fd, conn.on_readable)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        assert self.sock is not None
+        self._complaints.warn(f"accept failed: {exc.strerror or exc}; not accepting for "
+                              f"{ACCEPT_PAUSE:g}s at a time (connections: {len(self.conns)})")
+        if not self._accept_paused:
+            self._accept_paused = True
+            self.reactor.remove(self.sock.fileno())
+            self.reactor.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if not self._closed and self.sock is not None:
+            self.reactor.add(self.sock.fileno(), self._on_accept)
 
     def close(self) -> None:
         if self._closed:
@@ -349,7 +398,72 @@ class StreamServer:
         if self.sock is not None:
             self.reactor.remove(self.sock.fileno())
             self.sock.close()
-            if self.family == socket.AF_UNIX:
-                assert isinstance(self.address, str)
-                with contextlib.suppress(OSError):
+        if self._socket_id is not None:
+            assert isinstance(self.address, str)
+            with contextlib.suppress(OSError):
+                st = os.stat(self.address)
+                if (st.st_dev, st.st_ino) == self._socket_id:  # still ours, not a successor's
                     os.unlink(self.address)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Make room for a Unix socket at ``path``: only a socket nobody listens on (left by a
+    killed target) is removed; anything else there is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"--listen unix:{path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"--listen unix:{path}: {path} exists and is not a socket; pmemblk "
+                          "removes nothing but a stale socket. Choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # stale: nothing listens on it
+    except OSError as exc:
+        raise ConfigError(f"--listen unix:{path}: cannot tell whether the socket there is in "
+                          f"use ({exc.strerror or exc}); remove it if it is stale") from None
+    else:
+        raise ConfigError(f"--listen unix:{path}: another process is listening on it (another "
+                          "target?); stop it or choose another path")
+    finally:
+        probe.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    log.info("removed the stale socket %s (nothing was listening on it)", path)
+
+
+def set_keepalive(sock: socket.socket, idle: float) -> None:
+    """Drop a client whose host vanished without closing the connection: after ``idle``
+    seconds of silence, KEEPALIVE_PROBES probes ``idle / 3`` apart; and unacknowledged data
+    times out after the same total (TCP_USER_TIMEOUT)."""
+    interval = max(1, round(idle / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                    int((idle + KEEPALIVE_PROBES * interval) * 1000))
+
+
+class RateLimitedLog:
+    """A warning at most once per ``interval`` seconds, with how many were held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.held = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        more = f" (and {self.held} more like it in the last {self.interval:g}s)" if self.held \
+            else ""
+        log.warning("%s%s", message, more)
+        self.last, self.held = now, 0

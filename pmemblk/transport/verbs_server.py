@@ -47,6 +47,7 @@ class _Connection:
         self.number = number
         self.greeting = greeting
         self.admitted = False  # AUTH checked, counted by the export
+        self.handshaking = True  # counted by the export's handshake cap until AUTH or gone
         self.writer = False
         self.refused = False  # a REJECT is being sent; disconnect once it is
         self.cmid = cmid
@@ -191,22 +192,35 @@ class VerbsServer:
         if isinstance(greeting, Reject):
             self._reject(child, greeting)
             return
-        if len(self.conns) >= 2 * self.export.config.max_clients:
-            self._reject(child, Reject(errno.EBUSY, "too many connections"))
+        busy = self.export.start_handshake()
+        if busy is not None:
+            self._reject(child, busy)
             return
+        conn = self._accept(child, greeting)
+        if conn is None:
+            self.export.end_handshake()
+            return
+        self.conns[conn.number] = conn
+        self.reactor.add(conn.ep.fd, lambda: self._on_completions(conn))
+        conn.timer = self.reactor.call_later(self.handshake_timeout,
+                                             lambda: self._handshake_expired(conn))
+
+    def _accept(self, child: Any, greeting: Greeting) -> _Connection | None:
+        """A queue pair and buffers for a new client, and the CM accept with the CHALLENGE."""
+        assert self.device is not None
         self._number += 1
         try:
             ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth,
                           recv_depth=self.depth)
         except TransportError as exc:
             self._reject(child, Reject(errno.ENOMEM, f"cannot create a queue pair: {exc}"))
-            return
+            return None
         try:
             bufs = RegisteredBuffer(self.device.pd, 2 * self.depth * MAX_MESSAGE_SIZE)
         except TransportError as exc:
             ep.close()
             self._reject(child, Reject(errno.ENOMEM, f"cannot register buffers: {exc}"))
-            return
+            return None
         conn = _Connection(self._number, child, ep, bufs, greeting)
         challenge = greeting.challenge.encode()
         try:
@@ -221,11 +235,8 @@ class VerbsServer:
         except (TransportError, rdma.PyverbsError) as exc:
             log.warning("accepting client %d failed: %s", conn.number, exc)
             conn.close(disconnect=False)
-            return
-        self.conns[conn.number] = conn
-        self.reactor.add(ep.fd, lambda: self._on_completions(conn))
-        conn.timer = self.reactor.call_later(self.handshake_timeout,
-                                             lambda: self._handshake_expired(conn))
+            return None
+        return conn
 
     def _handshake_expired(self, conn: _Connection) -> None:
         conn.timer = None
@@ -240,6 +251,7 @@ class VerbsServer:
         if conn.timer is not None:
             self.reactor.cancel(conn.timer)
             conn.timer = None
+        self._end_handshake(conn)
         admission = self.export.admit(conn.greeting, raw)
         if isinstance(admission, Reject):
             log.warning("refusing client %d: %s", conn.number, admission.reason)
@@ -271,7 +283,13 @@ class VerbsServer:
                 conn.timer = None
             if conn.admitted and self.export is not None:
                 self.export.client_left(conn.writer)
+            self._end_handshake(conn)
         conn.close(disconnect)
+
+    def _end_handshake(self, conn: _Connection) -> None:
+        if conn.handshaking and self.export is not None:
+            conn.handshaking = False
+            self.export.end_handshake()
 
     # -- completions -----------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -146,29 +145,6 @@ def test_flushed_data_survives_target_sigkill(target: Target, tmp_path: Path) ->
         report(f"every flushed byte ({EXPORT} compared) read back after SIGKILL + restart")
     finally:
         restarted.stop()
-
-
-def test_retry_filter_carries_a_client_across_a_target_restart(
-        target: Target, tmp_path: Path, connect: Callable[[Nbdkit], Any]) -> None:
-    server = Nbdkit(tmp_path, *target.keys, "retry-delay=1", "retries=30",
-                    filters=("retry",)).start()
-    restarted = None
-    try:
-        h = connect(server)
-        data = os.urandom(1 << 20)
-        h.pwrite(data, 4096)
-        h.flush()
-        target.kill()
-        restarted = target.restart()
-        assert h.pread(len(data), 4096) == data  # the filter reopened the plugin connection
-        h.pwrite(b"after", 0)
-        h.flush()
-        assert h.pread(5, 0) == b"after"
-        disconnect(h)
-    finally:
-        server.stop()
-        if restarted is not None:
-            restarted.stop()
 
 
 def test_fio_nbd_engine_verifies(target: Target) -> None:
