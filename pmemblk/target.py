@@ -359,7 +359,8 @@ class Target:
                                                  self.config.handshake_timeout))
 
     def run(self) -> None:
-        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        # SIGHUP too: a target started from a terminal that closes must stop cleanly, not die.
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         for s in old:
             signal.signal(s, lambda signum, frame: self.reactor.stop())
         try:

@@ -321,7 +321,15 @@ class StreamServer:
                 remove_stale_socket(self.address)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.address)
+            if self.family == socket.AF_UNIX:
+                # Mode 600 from the start: only the target's user (and root) may connect.
+                old_umask = os.umask(0o177)
+                try:
+                    sock.bind(self.address)
+                finally:
+                    os.umask(old_umask)
+            else:
+                sock.bind(self.address)
             if self.family == socket.AF_UNIX:
                 assert isinstance(self.address, str)
                 st = os.stat(self.address)
