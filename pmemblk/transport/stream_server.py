@@ -56,6 +56,8 @@ KEEPALIVE_PROBES = 3
 UNIX_PATH_MAX = 107
 #: Stop reading a client's requests while this much of its replies is still unsent.
 MAX_QUEUED = 64 << 20
+#: ... or while this many replies (each a few hundred bytes of Python objects) are unsent.
+MAX_QUEUED_MESSAGES = 4096
 
 
 def parse_stream_address(listen: str) -> tuple[int, str | tuple[str, int]]:
@@ -123,11 +125,11 @@ class _Conn:
         self._process()
 
     def _process(self) -> None:
-        """Handle the complete frames received, until the replies queued for this client reach
-        MAX_QUEUED: then nothing more is read or handled until they drain."""
+        """Handle the complete frames received until this client's unsent replies reach a bound
+        (``backlogged``): then nothing more is read or handled until they drain."""
         try:
             while (not self.closed and not self.close_after_send
-                   and self.queued <= MAX_QUEUED and self._next_frame()):
+                   and not self.backlogged and self._next_frame()):
                 pass
         except PmemblkError as exc:
             self.drop(f"sent an invalid frame: {exc}")
@@ -236,6 +238,11 @@ class _Conn:
 
     # -- writing ---------------------------------------------------------------------------
 
+    @property
+    def backlogged(self) -> bool:
+        """Over the bound on unsent replies: MAX_QUEUED bytes or MAX_QUEUED_MESSAGES replies."""
+        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES
+
     def send(self, data: bytes | memoryview) -> None:
         if data:
             self.wq.append(memoryview(data))
@@ -260,7 +267,9 @@ class _Conn:
         return True
 
     def on_writable(self) -> None:
-        if self.rbuf and self.queued <= MAX_QUEUED and self._flush():
+        if not self._flush():
+            return
+        if self.rbuf and not self.backlogged:
             self._process()  # frames held back while the replies were over the bound
         else:
             self._update_interest()
@@ -271,7 +280,7 @@ class _Conn:
         if not self.wq and self.close_after_send:
             self.drop("refused", warn=False)
             return
-        reading = self.queued <= MAX_QUEUED and not self.close_after_send
+        reading = not self.backlogged and not self.close_after_send
         self.server.reactor.modify(self.fd, self.on_readable if reading else None,
                                    self.on_writable if self.wq else None)
 

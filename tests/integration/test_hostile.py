@@ -11,6 +11,7 @@ sockets). Each test failed before the change it covers (issue 11); figures go to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -206,6 +207,33 @@ def test_a_read_flood_does_not_grow_the_target(region: str, tmp_path: Path) -> N
                 peak = max(peak, rss_anon_kib(pid))
         report(f"target anonymous memory under a flood of {count} pipelined 32 MiB READs: "
                f"{base} KiB -> peak {peak} KiB (+{peak - base} KiB)")
+        assert peak - base < 32 << 10
+    finally:
+        flood.close()
+        t.stop()
+
+
+def test_a_flood_of_tiny_reads_does_not_grow_the_target(region: str, tmp_path: Path) -> None:
+    """The bound counts replies too: each costs Python objects, whatever its size."""
+    t = tcp_target(region, tmp_path, "--shared")
+    assert t.proc is not None
+    pid = t.proc.pid
+    flood = welcomed(t)
+    try:
+        base = rss_anon_kib(pid)
+        count = 300_000  # 1-byte READs: 9.6 MB on the wire, never read back
+        one = io(p.MSG_READ, 0, 1)
+        flood.settimeout(5)
+        sent = 0
+        with contextlib.suppress(TimeoutError):  # the target stopped reading: its bound
+            while sent < count:
+                flood.sendall(one * 1000)
+                sent += 1000
+        with client(t) as c:  # the target has handled what it took by now
+            roundtrip(c, 4096)
+        peak = rss_anon_kib(pid)
+        report(f"target anonymous memory under {sent} pipelined 1-byte READs whose replies are "
+               f"never read: {base} KiB -> {peak} KiB (+{peak - base} KiB)")
         assert peak - base < 32 << 10
     finally:
         flood.close()
