@@ -18,13 +18,14 @@ from typing import TypeVar
 import nbdkit
 
 try:
-    import pmemblk  # noqa: F401
+    import pmemblk
 except ImportError:  # running from a checkout: the package sits beside plugin/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import pmemblk
 
 from pmemblk.client import Client
 from pmemblk.errors import PmemblkError
-from pmemblk.nbdplugin import PluginConfig, connect, describe
+from pmemblk.nbdplugin import KEYS, PluginConfig, connect, describe
 
 API_VERSION = 2
 
@@ -73,6 +74,12 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
+def dump_plugin() -> None:
+    # nbdkit ... --dump-plugin: what this plugin is and which keys it takes.
+    print(f"pmemblk_version={pmemblk.__version__}")
+    print(f"pmemblk_keys={','.join(KEYS)}")
+
+
 def config(key: str, value: str) -> None:
     _guard(_cfg.set, key, value)
 
@@ -88,7 +95,7 @@ def config_complete() -> None:
 
 def open(readonly: bool) -> Client:
     # Verbs resources are made here, after nbdkit forked: ones made before the fork are dead.
-    return _guard(connect, _cfg, readonly or _cfg.readonly)
+    return _guard(connect, _cfg, readonly)
 
 
 def close(h: Client) -> None:

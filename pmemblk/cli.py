@@ -111,7 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       max_handshakes=args.max_handshakes, keepalive=args.keepalive,
                       apm_durable=args.apm_durable, shared=args.shared,
                       durable_image=args.testing_durable_image, secret=secret,
-                      insecure_no_auth=args.insecure_no_auth))
+                      insecure_no_auth=args.insecure_no_auth,
+                      fail_persist=args.testing_fail_persist,
+                      lose_reply=args.testing_lose_reply))
 
 
 def cmd_secret(args: argparse.Namespace) -> None:
@@ -162,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "domain (ADR with DDIO off, or eADR), making flush=apm persistent on pmem")
     s.add_argument("--testing-durable-image", metavar="PATH",
                    help="TESTING ONLY: power-cut emulation; see pmemblk testing-power-cut")
+    s.add_argument("--testing-fail-persist", metavar="SPEC",
+                   help="TESTING ONLY: make persistence fail (errno=EIO|ENOSPC, after=N, "
+                   "times=N, range=OFF:LEN; see docs/testing.md)")
+    s.add_argument("--testing-lose-reply", metavar="commit:N|read:N",
+                   help="TESTING ONLY: never send the N-th COMMIT (or READ) reply and drop "
+                   "that client")
     s.set_defaults(func=cmd_serve)
 
     pc = sub.add_parser("testing-power-cut",

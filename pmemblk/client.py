@@ -199,11 +199,19 @@ class Client:
         self._unflushed = True
         if self.flush_method == "apm":
             if fua:
-                self._io(lambda t: t.read_barrier(offset))
+                try:
+                    self._io(lambda t: t.read_barrier(offset))
+                except BaseException:
+                    self._unflushed_at = offset  # a later flush must try again
+                    raise
             else:
                 self._unflushed_at = offset
         elif fua:
-            self._io(lambda t: t.commit([(offset, length)]))
+            try:
+                self._io(lambda t: t.commit([(offset, length)]))
+            except BaseException:
+                self._dirty.add(offset, length)  # not persisted: a later flush tries again
+                raise
         else:
             self._dirty.add(offset, length)
         if fua and self.lost is not None:  # persisted on a target that may have lost it

@@ -29,7 +29,9 @@ class ConfigError(PmemblkError):
 
 
 class PmemError(PmemblkError):
-    pass
+    def __init__(self, message: str, errno_value: int = _errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_value
 
 
 class LayoutError(PmemblkError):

@@ -195,6 +195,8 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
 
 
 def connect(cfg: PluginConfig, readonly: bool) -> Client:
+    """A client for one NBD connection; read-only if nbdkit asks or ``readonly=true``."""
+    readonly = readonly or cfg.readonly
     transport, kind = connect_transport(cfg, readonly)
     try:
         # A reconnect uses the transport the first connection chose.

@@ -138,6 +138,9 @@ class PmemRegion:
         self._closed = False
         #: Called with (offset, length) after each successful persist (power-cut emulation).
         self.on_persist: Callable[[int, int], None] | None = None
+        #: Called with (offset, length) before each persist; raises to fail it (fault
+        #: injection, pmemblk.faults).
+        self.persist_fault: Callable[[int, int], None] | None = None
         log.info(
             "mapped %s: %d bytes at 0x%x, is_pmem=%d, persistence by %s",
             path, size, addr, int(is_pmem), self.persist_method,
@@ -213,6 +216,8 @@ class PmemRegion:
         self._check(offset, length)
         if length == 0:
             return
+        if self.persist_fault is not None:
+            self.persist_fault(offset, length)
         lib = _libpmem()
         if self.is_pmem:
             lib.pmem_persist(self.addr + offset, length)

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from . import auth, durability, layout
 from .errors import ConfigError, PmemblkError, PmemError
+from .faults import LostReply, PersistFault
 from .lock import RegionLock
 from .pmem import PmemRegion, check_backed
 from .powercut import DurableImage
@@ -74,6 +75,9 @@ class ServeConfig:
     secret: bytes | None = dataclasses.field(default=None, repr=False)
     #: Serve a non-loopback address without authentication anyway.
     insecure_no_auth: bool = False
+    #: TESTING ONLY: fault injection (pmemblk.faults).
+    fail_persist: str | None = None
+    lose_reply: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,12 @@ class Export:
                     f"{config.path} holds no valid pmemblk region: {exc}. Create one with: "
                     f"pmemblk create {config.path} --size SIZE (this erases what it holds)"
                 ) from None
+            self.lost_reply = LostReply.parse(config.lose_reply) if config.lose_reply else None
+            if config.fail_persist:
+                fault, data_range = PersistFault.parse(config.fail_persist)
+                fault.bind(self.header.data_offset, data_range)
+                region.persist_fault = fault.check
+                log.warning("TESTING ONLY: persist fails as told: %s", config.fail_persist)
             self.image: DurableImage | None = None
             if config.durable_image:
                 self.image = stack.enter_context(
@@ -285,6 +295,10 @@ class Export:
             welcome, proof=auth.target_proof(secret, g.hello, g.challenge, admission.auth,
                                              welcome))
 
+    def lose_reply(self, kind: str) -> bool:
+        """TESTING ONLY: whether this reply of ``kind`` is to be lost (pmemblk.faults)."""
+        return self.lost_reply is not None and self.lost_reply.lose(kind)
+
     def client_left(self, writer: bool) -> None:
         self.clients = max(0, self.clients - 1)
         self.writers = max(0, self.writers - writer)
@@ -300,7 +314,7 @@ class Export:
                     self.region.persist(self.header.data_offset + off, length)
             except PmemError as exc:
                 log.error("persisting for a COMMIT failed: %s", exc)
-                status = errno.EIO
+                status = exc.errno
         return CommitReply(commit.request_id, status)
 
     # -- data (stream transports; RDMA moves data without the target's CPU) -----------------
@@ -329,7 +343,12 @@ class Export:
         self._closed = True
         with self._stack:
             if self.began and not self.readonly:
-                self.region.persist(self.header.data_offset, self.size)
+                try:
+                    self.region.persist(self.header.data_offset, self.size)
+                except PmemError as exc:
+                    log.error("%s is NOT marked clean: persisting its data area failed (%s)",
+                              self.region.path, exc)
+                    raise
                 state = layout.read_state(self.region)
                 layout.write_state(self.region, layout.State(True, state.times_served))
                 log.info("persisted %d bytes and marked %s clean", self.size, self.region.path)
@@ -382,13 +401,16 @@ class Target:
             self.shutdown()
 
     def shutdown(self) -> None:
-        for server in self.servers:
-            server.close()
-        if self.export is not None:
-            self.export.close()
-        self.reactor.close()
-        if self.pid_file is not None:
-            self.pid_file.close()
+        """Servers, then the export, the reactor and the pid file: each one even if an earlier
+        one failed (the first error is raised afterwards)."""
+        with contextlib.ExitStack() as stack:
+            if self.pid_file is not None:
+                stack.callback(self.pid_file.close)
+            stack.callback(self.reactor.close)
+            if self.export is not None:
+                stack.callback(self.export.close)
+            for server in reversed(self.servers):
+                stack.callback(server.close)
 
 
 class PidFile:

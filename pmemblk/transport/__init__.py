@@ -6,6 +6,7 @@ tracking and request validation live in the core so that every transport shares 
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Protocol
 
@@ -58,5 +59,7 @@ def check_commit_reply(raw: bytes, request_id: int, ranges: int) -> None:
         raise TransportError(
             f"COMMIT_REPLY answers request {reply.request_id}, expected {request_id}")
     if reply.status:
+        # EIO whatever the target's reason (ENOSPC, ...): to the block layer a failed flush is
+        # an I/O error; the reason is in the message.
         raise RemoteError(f"the target could not persist {ranges} ranges: "
-                          f"{os.strerror(reply.status)}", reply.status)
+                          f"{os.strerror(reply.status)}", errno.EIO)

@@ -177,9 +177,15 @@ class _Conn:
             return
         self.requests += 1
         if mtype == MSG_COMMIT:
-            self.send(export.commit(Commit.decode(bytes(frame), export.size)).encode())
+            reply = export.commit(Commit.decode(bytes(frame), export.size))
+            if export.lose_reply("commit"):
+                self.drop("lost its COMMIT reply (testing)")
+                return
+            self.send(reply.encode())
         elif req is not None:  # READ, WRITE or ZERO, decoded by _next_frame
-            if mtype == MSG_READ:
+            if mtype == MSG_READ and export.lose_reply("read"):
+                self.drop("lost its READ reply (testing)")
+            elif mtype == MSG_READ:
                 self.send(Reply(req.tag, 0, req.length).encode())
                 # Sent from the mapping itself, no copy: the view stays valid because the
                 # region is unmapped only after every connection is dropped (Target.shutdown).

@@ -341,7 +341,12 @@ class VerbsServer:
             return
         commit = Commit.decode(raw, self.export.size)  # ProtocolError drops the client
         conn.commits += 1
-        self._send(conn, slot, self.export.commit(commit).encode())
+        reply = self.export.commit(commit)
+        if self.export.lose_reply("commit"):
+            log.warning("client %d: losing its COMMIT reply (testing)", conn.number)
+            self._drop(conn, disconnect=True)
+            return
+        self._send(conn, slot, reply.encode())
 
     def _send(self, conn: _Connection, slot: int, msg: bytes) -> None:
         """Send the answer to the message received in ``slot``, from that slot's send buffer."""

@@ -158,10 +158,10 @@ def test_one_writer_unless_shared(region: str, tmp_path: Path) -> None:
             reply = p.Reply.decode(s.recv(p.REPLY.size, socket.MSG_WAITALL))
             assert (reply.tag, reply.status) == (7, errno.EPERM)
             s.close()
-            roundtrip(first, 0)
-            check = bytearray(4)
+            check = bytearray(4)  # read before anything else writes there
             first.pread(memoryview(check), 0)
             assert check != b"evil"
+            roundtrip(first, 0)
         t.wait_log("client 1 (unix socket) disconnected")
         with Client(StreamTransport(t.listen)) as second:  # the writer's slot is free again
             roundtrip(second, 4096)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pmemblk.errors import ConnectionLost, RemoteError, TransportError
 from pmemblk.protocol import Reject
 from pmemblk.transport import rdma
 
-from ..conftest import report
+from ..conftest import ROOT, report
 from ..conftest import roundtrip as shared_roundtrip
 from ..procs import PY, Target, pmemblk, rss_kib
 from .harness import ADDR, raw_connect, verbs, vm_target
@@ -199,4 +200,62 @@ def test_one_writer_unless_shared(shm_region: Path, workdir: Path) -> None:
         with connect(t) as second:  # the writer's slot is free again
             roundtrip(second, 4096)
     finally:
+        t.stop()
+
+
+def test_a_failed_persist_fails_the_flush_over_rdma_and_a_later_flush_retries(
+        shm_region: Path, workdir: Path) -> None:
+    """Fault injection on the verbs COMMIT path (the host suite covers TCP)."""
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    data_size = SIZE - 4096
+    t = vm_target(str(shm_region), 7790, workdir, "--testing-fail-persist",
+                  f"errno=ENOSPC,times=1,range=0:{data_size}").start()
+    try:
+        with connect(t) as c:
+            c.pwrite(memoryview(os.urandom(65536)), 0)
+            with pytest.raises(RemoteError, match="No space left") as exc:
+                c.flush()
+            assert exc.value.errno == errno.EIO
+            c.flush()  # the ranges were kept: persisted now
+        assert t.log().count("injected ENOSPC") == 1
+        report("verbs COMMIT with an injected ENOSPC: FLUSH failed with EIO, the next one "
+               "persisted the kept ranges")
+    finally:
+        t.stop()
+
+
+SILENT_PEER = """
+import sys
+from pmemblk import protocol
+from tests.vm.harness import raw_connect
+raw_connect(int(sys.argv[1]), protocol.Hello().encode(), silent_for=30)
+"""
+
+
+def test_connections_in_their_handshake_are_capped_over_rdma(shm_region: Path,
+                                                             workdir: Path) -> None:
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    t = vm_target(str(shm_region), 7791, workdir, "--max-handshakes", "1",
+                  "--handshake-timeout", "6").start()
+    # A peer that sends HELLO and then nothing holds the one place for 6 s: a client that
+    # comes meanwhile is refused with EBUSY, and admitted once the silent one is dropped.
+    silent = subprocess.Popen([PY, "-c", SILENT_PEER, str(t.port)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        refused: RemoteError | None = None
+        while time.monotonic() < deadline and refused is None:
+            try:
+                verbs(t).close()
+            except RemoteError as exc:
+                refused = exc
+        assert refused is not None and refused.errno == errno.EBUSY, t.log()
+        assert "already in their handshake" in str(refused)
+        silent.wait(timeout=60)
+        t.wait_log("did not complete the handshake")
+        with connect(t) as c:
+            roundtrip(c, 0)
+    finally:
+        if silent.poll() is None:
+            silent.kill()
+            silent.wait()
         t.stop()

@@ -1,0 +1,233 @@
+"""A mutation score for the code that guards data: small, realistic bugs planted one at a time
+in a copy of the tree, each run against the fast host tests that should catch it.
+
+    scripts/mutants [--list] [NAME ...]
+
+A mutant is *killed* when its tests fail, *survives* when they pass. Every mutant's replacement
+must match its file exactly once, so a mutant that no longer fits the code is reported as stale
+instead of silently passing. The latest score is in docs/testing.md; a survivor there is either
+killed by a new test or explained (an equivalent mutant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAULTS = "tests/integration/test_faults.py"
+WIRE = "tests/integration/test_wire.py"
+HOSTILE = "tests/integration/test_hostile.py"
+RECONNECT = "tests/integration/test_reconnect.py"
+AUTH = "tests/integration/test_auth.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    # -- target core (pmemblk/target.py)
+    Mutant("COMMIT persists only its first range", "pmemblk/target.py",
+           "for off, length in commit.ranges:", "for off, length in commit.ranges[:1]:",
+           ("tests/crash", FAULTS)),
+    Mutant("COMMIT logs a failed persist and replies success", "pmemblk/target.py",
+           "                status = exc.errno", "                status = 0", (FAULTS,)),
+    Mutant("WELCOME carries a stale loss epoch", "pmemblk/target.py",
+           "commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,\n"
+           "            loss_epoch=self.loss_epoch,",
+           "commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,\n"
+           "            loss_epoch=0,", (FAULTS, RECONNECT + "::test_power_cut_while")),
+    Mutant("a second read-write client is admitted", "pmemblk/target.py",
+           "if not readonly and self.writers and not self.config.shared:",
+           "if False:", (WIRE + "::test_one_writer_unless_shared",)),
+    Mutant("a clean stop marks clean before it persists", "pmemblk/target.py",
+           "                try:\n                    self.region.persist(self.header.data_offset, "
+           "self.size)",
+           "                layout.write_state(self.region, layout.State(True, 0))\n"
+           "                try:\n                    self.region.persist(self.header.data_offset, "
+           "self.size)", (FAULTS,)),
+    Mutant("a clean stop does not persist the data area", "pmemblk/target.py",
+           "                    self.region.persist(self.header.data_offset, self.size)\n",
+           "                    pass\n", (FAULTS,)),
+    Mutant("a clean stop never marks clean", "pmemblk/target.py",
+           "                layout.write_state(self.region, layout.State(True, "
+           "state.times_served))",
+           "                pass", (FAULTS,)),
+    Mutant("a target that failed to start marks the region clean", "pmemblk/target.py",
+           "if self.began and not self.readonly:", "if not self.readonly:", (HOSTILE,)),
+    Mutant("serve takes no region lock", "pmemblk/target.py",
+           'stack.enter_context(RegionLock(config.path, "serve it", shared=config.readonly))',
+           "pass", (HOSTILE + "::test_a_second_serve_create_or_power_cut_is_refused_and_a_flush"
+                    "_of_lost_writes_fails",)),
+    Mutant("no cap on connections in their handshake", "pmemblk/target.py",
+           "if self.handshakes >= self.config.max_handshakes:", "if False:",
+           (HOSTILE + "::test_connections_in_their_handshake_are_capped",)),
+    # -- client core (pmemblk/client.py)
+    Mutant("a failed COMMIT drops its dirty ranges", "pmemblk/client.py",
+           "                for off, n in ranges:  # not persisted: a later flush must try them "
+           "again\n                    self._dirty.add(off, n)",
+           "                pass", (FAULTS,)),
+    Mutant("a failed FUA write is not retried by the next flush", "pmemblk/client.py",
+           "                self._dirty.add(offset, length)  # not persisted: a later flush "
+           "tries again", "                pass", (FAULTS,)),
+    Mutant("FUA ignored on zero", "pmemblk/client.py",
+           "self._io(lambda t: t.write_zeroes(offset, length))\n"
+           "        self._after_write(offset, length, fua)",
+           "self._io(lambda t: t.write_zeroes(offset, length))\n"
+           "        self._after_write(offset, length, False)", ("tests/crash",)),
+    Mutant("the loss epoch is checked against the dirty ranges", "pmemblk/client.py",
+           "if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:",
+           "if new.loss_epoch != old.loss_epoch and self._dirty and self.lost is None:",
+           (FAULTS,)),
+    Mutant("a reconnect to another region is accepted", "pmemblk/client.py",
+           "if new.region_uuid != old.region_uuid:", "if False:", (RECONNECT + "::test_a_target"
+                                                                  "_now_serving",)),
+    Mutant("the client's bounds check is off by one", "pmemblk/client.py",
+           "if offset < 0 or length < 0 or offset + length > self.size:",
+           "if offset < 0 or length < 0 or offset + length > self.size + 1:", (FAULTS,)),
+    Mutant("the client lets a read-only connection write", "pmemblk/client.py",
+           "        if self.readonly:\n            raise RequestError", "        if False:\n"
+           "            raise RequestError", (FAULTS,)),
+    Mutant("apm flush skips its READ barrier", "pmemblk/client.py",
+           "                self._io(lambda t: t.read_barrier(at))", "                pass",
+           ("tests/crash",)),
+    # -- transports' shared checks (pmemblk/transport/__init__.py)
+    Mutant("a COMMIT_REPLY's error status is ignored", "pmemblk/transport/__init__.py",
+           "    if reply.status:", "    if False:", (FAULTS,)),
+    # -- layout, protocol, auth
+    Mutant("the header CRC is not checked", "pmemblk/layout.py", "if crc != actual:",
+           "if False:", ("tests/test_layout.py",)),
+    Mutant("the loss epoch never increments", "pmemblk/layout.py",
+           "epoch = read_loss_epoch(region) + (not continuity)",
+           "epoch = read_loss_epoch(region)", ("tests/test_layout.py",)),
+    Mutant("the target's bounds check is off by one", "pmemblk/protocol.py",
+           "        if offset + length > export_size:",
+           "        if offset + length > export_size + 1:", ("tests/test_protocol.py", WIRE)),
+    Mutant("a COMMIT range past the end is accepted", "pmemblk/protocol.py",
+           "if length == 0 or off + length > export_size:", "if length == 0:",
+           ("tests/test_protocol.py", WIRE)),
+    Mutant("the client's MAC is compared over 0 bytes", "pmemblk/auth.py",
+           "return hmac.compare_digest(auth.mac, client_mac(secret, hello, challenge))",
+           "return hmac.compare_digest(auth.mac[:0], client_mac(secret, hello, challenge)[:0])",
+           (AUTH,)),
+    Mutant("the target's proof is not checked", "pmemblk/auth.py",
+           "            if not hmac.compare_digest(welcome.proof, expected):",
+           "            if False:", (AUTH,)),
+    # -- the stream server's limits (pmemblk/transport/stream_server.py)
+    Mutant("the target applies a read-only client's write", "pmemblk/transport/stream_server.py",
+           "            elif self.readonly:  # the export, or this client's own read-only mode",
+           "            elif False:", (WIRE + "::test_one_writer_unless_shared",)),
+    Mutant("the handshake deadline is cancelled at HELLO", "pmemblk/transport/stream_server.py",
+           "        self.greeting = greeting\n",
+           "        self.greeting = greeting\n        if self.timer is not None:\n"
+           "            self.server.reactor.cancel(self.timer)\n            self.timer = None\n",
+           (FAULTS,)),
+    Mutant("the reply bound is ineffective", "pmemblk/transport/stream_server.py",
+           "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
+           "        return False", (HOSTILE + "::test_a_flood_of_tiny_reads_does_not_grow_the"
+                                   "_target",)),
+    Mutant("the reply count bound is missing", "pmemblk/transport/stream_server.py",
+           "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
+           "        return self.queued > MAX_QUEUED", (HOSTILE + "::test_a_flood_of_tiny_reads"
+                                                     "_does_not_grow_the_target",)),
+    Mutant("a live socket at the listen path is taken over",
+           "pmemblk/transport/stream_server.py",
+           "        raise ConfigError(f\"--listen unix:{path}: another process is listening",
+           "        pass\n        if False: raise ConfigError(f\"--listen unix:{path}: another "
+           "process is listening", (HOSTILE + "::test_listen_refuses_to_delete_what_is_not_a"
+                                    "_stale_socket",)),
+    Mutant("a target removes a socket that is no longer its own",
+           "pmemblk/transport/stream_server.py",
+           "if (st.st_dev, st.st_ino) == self._socket_id:", "if True:",
+           (HOSTILE + "::test_a_stale_socket_is_replaced_and_a_target_removes_only_its_own",)),
+    Mutant("accept failures are retried at once", "pmemblk/transport/stream_server.py",
+           "                self._pause_accepting(exc)\n                return",
+           "                log.warning(\"accept failed: %s\", exc)\n                return",
+           (HOSTILE + "::test_out_of_descriptors_the_target_backs_off_and_recovers",)),
+    Mutant("no TCP keepalive", "pmemblk/transport/stream_server.py",
+           "                set_keepalive(sock, self.export.config.keepalive)", "",
+           (HOSTILE + "::test_a_vanished_client_host_gives_back_the_writer_slot",)),
+    # -- power-cut emulation, provisioning
+    Mutant("create leaves the file sparse", "pmemblk/provision.py",
+           "            allocate(lock.fd, path, size)\n            return _format(path, "
+           "block_size)\n    except", "            return _format(path, block_size)\n    except",
+           (HOSTILE + "::test_create_on_a_full_filesystem_fails_in_one_line_and_leaves_nothing",)),
+)
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def pytest(tree: Path, tests: tuple[str, ...], timeout: float = 600) -> int:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        return subprocess.run(cmd, cwd=tree, capture_output=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return 1  # a hang is a failure the mutant caused
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/mutants", description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="run only mutants whose name contains one of these")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.path}: {m.name}")
+        return 0
+    killed: list[Mutant] = []
+    survived: list[Mutant] = []
+    stale: list[Mutant] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pmemblk-mutants.") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        tests = tuple(sorted({t for m in chosen for t in m.tests}))
+        print(f"baseline: the {len(tests)} test selections pass on the unmutated copy ...",
+              flush=True)
+        if pytest(tree, tests, timeout=1800) != 0:
+            print("the tests fail without any mutant: fix that first", file=sys.stderr)
+            return 2
+        for m in chosen:
+            target = tree / m.path
+            original = target.read_text()
+            if original.count(m.old) != 1:
+                stale.append(m)
+                print(f"STALE     {m.name}: its code is not in {m.path} exactly once", flush=True)
+                continue
+            target.write_text(original.replace(m.old, m.new))
+            t0 = time.monotonic()
+            rc = pytest(tree, m.tests)
+            target.write_text(original)
+            verdict = "killed" if rc == 1 else "SURVIVED" if rc == 0 else f"error {rc}"
+            (killed if rc == 1 else survived).append(m)
+            print(f"{verdict:<9} {m.name} ({m.path}, {time.monotonic() - t0:.0f}s)", flush=True)
+    total = len(killed) + len(survived)
+    print(f"\nmutation score: {len(killed)} of {total} killed, {len(survived)} survived, "
+          f"{len(stale)} stale, in {time.monotonic() - started:.0f}s")
+    return 0 if not survived and not stale else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
