@@ -2,8 +2,10 @@
 is lost and nothing foreign appears.
 
 Crash kinds: SIGKILL of the target (the page cache survives: even visibility-only flushes
-hold), SIGKILL of nbdkit (the plugin dies mid-request), and an emulated power cut (only what
-the target persisted survives, plus a random share of unpersisted 8-byte words).
+hold), SIGKILL of nbdkit (the plugin dies mid-request), an emulated power cut (only what
+the target persisted survives, plus a random share of unpersisted 8-byte words), and a clean
+stop (SIGTERM) followed by a power cut: then every acknowledged write, flushed or not, must
+survive, with either flush method. SIGKILLs cannot see a persistence bug; the power cuts can.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ KINDS = {
     "kill-target": ("gpspm", "apm"),
     "kill-nbdkit": ("gpspm",),
     "power-cut": ("gpspm",),
+    "stop-power-cut": ("gpspm", "apm"),
 }
+POWER_CUTS = ("power-cut", "stop-power-cut")
 # The power-cut case needs its durable image; apm through a power cut is the negative control.
 CASES = [(kind, flush, seed) for kind, flushes in KINDS.items() for flush in flushes
          for seed in range(SEEDS)]
@@ -84,6 +88,30 @@ class Workload:
         return write
 
 
+def crash_in_flight(kind: str, work: Workload, rng: random.Random, server: Nbdkit,
+                    target: Target) -> None:
+    """Crash while the next operation is in flight, at a random moment."""
+    inflight = work.op()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            inflight()
+        except nbd.Error as exc:  # the crash interrupted it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    threading.Event().wait(rng.random() * 0.003)  # randomizes the moment; asserts nothing
+    if kind == "kill-nbdkit":
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)
+    else:
+        target.kill()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the in-flight request hung after the crash"
+
+
 def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
                       keep: float | None = None) -> Verdict:
     """One workload, one crash of ``kind`` at a random moment, recovery; the model's verdict."""
@@ -91,7 +119,7 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
     region = str(tmp_path / "region.img")
     image = str(tmp_path / "durable.img")
     pmemblk("create", region, "--size", str(REGION))
-    extra: tuple[str, ...] = ("--testing-durable-image", image) if kind == "power-cut" else ()
+    extra: tuple[str, ...] = ("--testing-durable-image", image) if kind in POWER_CUTS else ()
     target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, *extra, "--shared",
                     transport="tcp").start()
     keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
@@ -103,32 +131,24 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
     try:
         for _ in range(crash_at):
             work.op()()
-        # The crash lands while the next operation is in flight, at a random moment.
-        inflight = work.op()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                inflight()
-            except nbd.Error as exc:  # the crash interrupted it
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        threading.Event().wait(rng.random() * 0.003)  # randomizes the moment; asserts nothing
-        if kind == "kill-nbdkit":
-            assert server.proc is not None
-            os.kill(server.proc.pid, signal.SIGKILL)
+        if kind == "stop-power-cut":  # between requests: a clean stop persists everything
+            assert target.stop(signal.SIGTERM) == 0
+            model.flush_acked()
         else:
-            target.kill()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the in-flight request hung after the crash"
+            crash_in_flight(kind, work, rng, server, target)
     finally:
         close_handle(h)
         server.stop()
         if kind != "kill-nbdkit":
             target.stop()
-    if kind == "power-cut":
+    return _recover(kind, keep, rng, seed, region, image, target, tmp_path, keys, model)
+
+
+def _recover(kind: str, keep: float | None, rng: random.Random, seed: int, region: str,
+             image: str, target: Target, tmp_path: Path, keys: list[str],
+             model: CrashModel) -> Verdict:
+    """After the crash: the power cut if any, a restart, and the model's verdict."""
+    if kind in POWER_CUTS:
         cut = power_cut(region, image, keep=rng.random() if keep is None else keep, seed=seed)
         print(f"power cut: {cut.unpersisted_words} unpersisted words, {cut.kept_words} kept")
     if kind != "kill-nbdkit":

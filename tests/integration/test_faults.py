@@ -80,6 +80,28 @@ def test_a_failed_persist_fails_the_flush_and_a_later_flush_retries_it(
         t.stop()
 
 
+def test_every_range_of_a_flush_and_a_fua_zero_survive_a_power_cut(region: str,
+                                                                  tmp_path: Path) -> None:
+    t = start(region, tmp_path)
+    blobs = {off: os.urandom(5000) for off in (0, 3 << 20, 17 << 20)}
+    c = client(t)
+    try:
+        for off, blob in blobs.items():  # three disjoint dirty ranges, one COMMIT
+            c.pwrite(memoryview(blob), off)
+        c.pwrite(memoryview(b"\xff" * 8192), 40 << 20)
+        c.flush()
+        c.zero(40 << 20, 4096, fua=True)  # persisted by itself, no flush after it
+    finally:
+        c.close()
+    t = power_cut(t)
+    try:
+        for off, blob in blobs.items():
+            assert read_fresh(t, off, len(blob)) == blob, f"the range at {off} was lost"
+        assert read_fresh(t, 40 << 20, 8192) == bytes(4096) + b"\xff" * 4096
+    finally:
+        t.stop()
+
+
 @pytest.mark.parametrize("flush", ["gpspm", "apm"])
 def test_a_failed_fua_write_is_retried_by_the_next_flush(region: str, tmp_path: Path,
                                                          flush: str) -> None:
