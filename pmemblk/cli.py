@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, layout
+from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
 from .errors import ConfigError, PmemblkError
 from .lock import path_holder
@@ -92,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .target import ServeConfig, parse_transports, serve
 
     transports = parse_transports(args.transport)
-    if args.listen.startswith("unix:") and "verbs" in transports:
+    listen = parse_address(args.listen, "--listen")
+    if isinstance(listen, UnixAddress) and "verbs" in transports:
         raise ConfigError("a unix: socket can only serve --transport tcp")
     for name in ("max_clients", "max_handshakes"):
         if not 1 <= getattr(args, name) <= MAX_CONNECTIONS:
@@ -105,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # A fault (SIGBUS if another program truncates the region under the target) then leaves
     # a line and a Python traceback in the log instead of a silent death.
     faulthandler.enable()
-    serve(ServeConfig(path=args.path, listen=args.listen, transports=transports,
+    serve(ServeConfig(path=args.path, listen=listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
                       pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
                       max_handshakes=args.max_handshakes, keepalive=args.keepalive,

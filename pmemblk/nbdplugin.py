@@ -25,14 +25,15 @@ Keys::
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
 from . import auth
+from .address import Address, TCPAddress, UnixAddress, parse_address
 from .client import Client
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
-from .target import parse_listen
 from .transport import Transport, rdma
 from .transport.stream import StreamTransport
 from .transport.verbs import (
@@ -40,7 +41,6 @@ from .transport.verbs import (
     DEFAULT_DEPTH,
     DEFAULT_TIMEOUT,
     VerbsTransport,
-    resolve_ip,
 )
 from .units import parse_size
 
@@ -76,9 +76,7 @@ def _seconds(key: str, value: str, allow_zero: bool) -> float:
 
 @dataclass
 class PluginConfig:
-    target: str = ""  # as given: HOST:PORT or unix:PATH
-    host: str = ""
-    port: int = 0
+    target: Address | None = None
     transport: str = "auto"
     flush: str = "auto"
     allow_visibility_only: bool = False
@@ -98,12 +96,7 @@ class PluginConfig:
             raise ConfigError(f"{key} given twice")
         self.seen.add(key)
         if key == "target":
-            self.target = value
-            if value.startswith("unix:"):
-                if len(value) == len("unix:"):
-                    raise ConfigError("target=unix: needs a socket path")
-            else:
-                self.host, self.port = parse_listen(value)
+            self.target = parse_address(value, "target=")
         elif key == "transport":
             if value not in TRANSPORTS:
                 raise ConfigError(f"transport={value!r}: use auto, verbs or tcp")
@@ -133,23 +126,32 @@ class PluginConfig:
             self.chunk = n
 
     def complete(self) -> None:
-        if "target" not in self.seen:
+        if self.target is None:
             raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
         if self.secret_file:
             self.secret = auth.load_secret(self.secret_file)
         if self.transport == "verbs":
-            if self.is_unix:
+            if not isinstance(self.target, TCPAddress):
                 raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
-            self.host = resolve_ip(self.host, "target")
+            _ = self.rdma_ip  # refuses loopback and wildcard addresses now
 
     @property
-    def is_unix(self) -> bool:
-        return self.target.startswith("unix:")
+    def address(self) -> Address:
+        if self.target is None:
+            raise ConfigError("target=HOST:PORT is required")
+        return self.target
+
+    @functools.cached_property
+    def rdma_ip(self) -> str:
+        """The target's IP address for RDMA CM, resolved once (ConfigError if unusable)."""
+        if not isinstance(self.target, TCPAddress):
+            raise ConfigError("RDMA needs target=HOST:PORT, not a unix: socket")
+        return self.target.rdma_ip("target")
 
 
 def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
     """(transport, why) for transport=auto, before trying to connect."""
-    if cfg.is_unix:
+    if isinstance(cfg.target, UnixAddress):
         return "tcp", "the target is a Unix socket"
     if not rdma.HAVE_PYVERBS:
         return "tcp", "pyverbs is not importable"
@@ -157,7 +159,7 @@ def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
     if not devices:
         return "tcp", "no RDMA device with an active port on this host"
     try:
-        resolve_ip(cfg.host, "target")
+        _ = cfg.rdma_ip
     except ConfigError as exc:
         return "tcp", str(exc).split(". ")[0]
     return "verbs", f"RDMA device {', '.join(devices)} has an active port"
@@ -186,10 +188,11 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> tuple[Transport, str
 
 def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
     if kind == "verbs":
-        return VerbsTransport(resolve_ip(cfg.host, "target"), cfg.port, readonly=readonly,
+        assert isinstance(cfg.target, TCPAddress)  # rdma_ip checked it
+        return VerbsTransport(cfg.rdma_ip, cfg.target.port, readonly=readonly,
                               timeout=cfg.timeout, depth=cfg.depth, chunk_size=cfg.chunk,
                               secret=cfg.secret)
-    return StreamTransport(cfg.target, readonly=readonly, timeout=cfg.timeout,
+    return StreamTransport(cfg.address, readonly=readonly, timeout=cfg.timeout,
                            depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20),
                            secret=cfg.secret)
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import logging
 import os
 import resource
 import signal
-import socket
 from dataclasses import dataclass
 from typing import Protocol
 
 from . import auth, durability, layout
+from .address import Address
 from .errors import ConfigError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
@@ -54,7 +53,7 @@ TRANSPORTS = ("verbs", "tcp")
 @dataclass(frozen=True)
 class ServeConfig:
     path: str
-    listen: str  # HOST:PORT, or unix:PATH for the tcp (stream) transport
+    listen: Address  # a Unix socket only for the tcp (stream) transport
     transports: tuple[str, ...] = ("verbs",)
     readonly: bool = False
     max_clients: int = 64
@@ -98,42 +97,14 @@ class Admission:
     readonly: bool
 
 
-def is_local_listen(listen: str) -> bool:
-    """Whether ``listen`` is reachable only from this host (a Unix socket or loopback)."""
-    if listen.startswith("unix:"):
-        return True
-    host, _ = parse_listen(listen)
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False  # the server reports the resolution error itself
-    return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
-
-
 def check_exposure(config: ServeConfig) -> None:
     """Refuse to serve a network address to anyone who asks, unless told to."""
-    if config.secret is None and not config.insecure_no_auth and not is_local_listen(
-            config.listen):
+    if config.secret is None and not config.insecure_no_auth and not config.listen.is_local:
         raise ConfigError(
             f"--listen {config.listen} is reachable from other hosts and no --secret-file was "
             "given: anyone who can connect could read and write the region. Create a secret "
             "(pmemblk secret FILE), pass --secret-file FILE here and secret-file=FILE to the "
             "clients, or pass --insecure-no-auth to serve without authentication")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT``."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{value!r}: expected HOST:PORT, e.g. 192.0.2.1:7000")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ConfigError(f"{value!r}: port {port_s!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{value!r}: port {port} is outside 1..65535")
-    return host, port
 
 
 def parse_transports(value: str) -> tuple[str, ...]:
@@ -183,10 +154,9 @@ class Export:
                 fault.bind(self.header.data_offset, data_range)
                 region.persist_fault = fault.check
                 log.warning("TESTING ONLY: persist fails as told: %s", config.fail_persist)
-            self.image: DurableImage | None = None
             if config.durable_image:
-                self.image = stack.enter_context(
-                    contextlib.closing(DurableImage(config.durable_image, region)))
+                stack.enter_context(contextlib.closing(DurableImage(config.durable_image,
+                                                                    region)))
             self._stack = stack.pop_all()
         self.region = region
         self.size = self.header.data_size

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from pmemblk.address import TCPAddress, UnixAddress
 from pmemblk.errors import ConfigError
 from pmemblk.nbdplugin import PluginConfig, parse_bool
 
@@ -16,10 +17,11 @@ def configured(**keys: str) -> PluginConfig:
 
 def test_defaults_and_values() -> None:
     cfg = configured(target="192.0.2.1:7000")
-    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("192.0.2.1", 7000, "auto", False)
+    assert (cfg.target, cfg.flush, cfg.readonly) == (TCPAddress("192.0.2.1", 7000), "auto", False)
     cfg = configured(target="[2001:db8::1]:9", flush="apm", readonly="yes", timeout="2.5",
                      depth="4", chunk="64K")
-    assert (cfg.host, cfg.port, cfg.flush, cfg.readonly) == ("2001:db8::1", 9, "apm", True)
+    assert (cfg.target, cfg.flush, cfg.readonly) == (TCPAddress("2001:db8::1", 9), "apm", True)
+    assert str(cfg.target) == "[2001:db8::1]:9"  # printed as it is written
     assert (cfg.timeout, cfg.depth, cfg.chunk) == (2.5, 4, 65536)
 
 
@@ -70,7 +72,7 @@ def test_addresses_rdma_cm_cannot_use(addr: str) -> None:
 
 def test_transport_and_unix_targets() -> None:
     cfg = configured(target="unix:/run/p.sock")
-    assert cfg.is_unix and cfg.transport == "auto"
+    assert cfg.target == UnixAddress("/run/p.sock") and cfg.transport == "auto"
     with pytest.raises(ConfigError, match="use auto, verbs or tcp"):
         PluginConfig().set("transport", "carrier-pigeon")
     with pytest.raises(ConfigError, match="needs a socket path"):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 
+from ..address import Address, parse_address
 from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import (
@@ -41,7 +42,6 @@ from ..protocol import (
 )
 from . import check_commit_reply, refused
 from .rdma import _Closing
-from .stream_server import describe_address, parse_stream_address
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 class StreamTransport(_Closing):
     """A connection to a pmemblk target over TCP or a Unix socket."""
 
-    def __init__(self, address: str, *, readonly: bool = False, timeout: float = 30.0,
+    def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
                  depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  secret: bytes | None = None) -> None:
-        family, addr = parse_stream_address(address)
-        self.peer = describe_address(addr)
+        if isinstance(address, str):
+            address = parse_address(address, "target")
+        family, addr = address.socket_address()
+        self.peer = str(address)
         self.depth = depth
         self.chunk_size = min(chunk_size, MAX_IO)
         self._broken: str | None = None

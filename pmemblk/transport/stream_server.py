@@ -20,6 +20,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
+from ..address import Address
 from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
 from ..protocol import (
     IO,
@@ -52,36 +53,10 @@ ACCEPT_PAUSE = 0.25
 #: Refusals and accept failures are logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 10.0
 KEEPALIVE_PROBES = 3
-#: sun_path holds 108 bytes, the last one a NUL.
-UNIX_PATH_MAX = 107
 #: Stop reading a client's requests while this much of its replies is still unsent.
 MAX_QUEUED = 64 << 20
 #: ... or while this many replies (each a few hundred bytes of Python objects) are unsent.
 MAX_QUEUED_MESSAGES = 4096
-
-
-def parse_stream_address(listen: str) -> tuple[int, str | tuple[str, int]]:
-    """``unix:PATH`` or ``HOST:PORT`` → (address family, socket address)."""
-    from ..target import parse_listen
-
-    if listen.startswith("unix:"):
-        path = listen[len("unix:"):]
-        if not path:
-            raise ConfigError("unix: needs a socket path, e.g. unix:/run/pmemblk.sock")
-        if len(os.fsencode(path)) > UNIX_PATH_MAX:
-            raise ConfigError(f"unix:{path}: the path is {len(os.fsencode(path))} bytes long; a "
-                              f"Unix socket path has at most {UNIX_PATH_MAX}: choose a shorter one")
-        return socket.AF_UNIX, path
-    host, port = parse_listen(listen)
-    try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    return info[0], (str(info[4][0]), port)
-
-
-def describe_address(addr: str | tuple[str, int]) -> str:
-    return f"unix:{addr}" if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
 
 
 class _Conn:
@@ -313,9 +288,11 @@ class _Conn:
 
 class StreamServer:
 
-    def __init__(self, reactor: Reactor, listen: str, handshake_timeout: float) -> None:
+    def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float) -> None:
         self.reactor = reactor
-        self.family, self.address = parse_stream_address(listen)
+        self.listen = listen
+        self.address: str | tuple[str, int]
+        self.family, self.address = listen.socket_address()
         self.handshake_timeout = handshake_timeout
         self.export: Export | None = None
         self.sock: socket.socket | None = None
@@ -352,7 +329,7 @@ class StreamServer:
             sock.listen(64)
         except OSError as exc:
             sock.close()
-            raise TransportError(f"cannot listen on {describe_address(self.address)}: "
+            raise TransportError(f"cannot listen on {self.listen}: "
                                  f"{exc.strerror or exc}") from None
         except BaseException:
             sock.close()
@@ -365,7 +342,7 @@ class StreamServer:
             "serving %s (%d bytes, block size %d, uuid %s, is_pmem=%d, persistence by %s%s) "
             "on %s over TCP", region.path, export.size, export.header.block_size,
             export.header.uuid, int(region.is_pmem), region.persist_method,
-            ", read-only" if export.readonly else "", describe_address(self.address))
+            ", read-only" if export.readonly else "", self.listen)
 
     def _on_accept(self) -> None:
         assert self.sock is not None and self.export is not None

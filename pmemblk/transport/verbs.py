@@ -14,14 +14,13 @@ pool is never shared between two requests.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import socket
 import time
 from typing import Any
 
+from ..address import resolve_ip
 from ..auth import ClientHandshake
-from ..errors import ConfigError, ConnectionLost, ProtocolError, TransportError
+from ..errors import ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
     MAX_MESSAGE_SIZE,
     MSG_REJECT,
@@ -41,28 +40,6 @@ DEFAULT_DEPTH = 8
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
-LOOPBACK_HINT = (
-    "RDMA CM does not work on the loopback interface: give the RDMA device (e.g. rxe) a real "
-    "or dummy interface and use its address (see docs/pmemblk.md, 'Soft-RoCE')"
-)
-
-
-def resolve_ip(host: str, what: str) -> str:
-    """Resolve ``host`` to one IP address and refuse addresses RDMA CM cannot use."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"{what}: cannot resolve {host!r}: {exc.strerror}") from None
-    ip = ipaddress.ip_address(infos[0][4][0])
-    if ip.is_loopback:
-        raise ConfigError(f"{what}: {ip} is a loopback address. {LOOPBACK_HINT}")
-    if ip.is_unspecified:
-        raise ConfigError(
-            f"{what}: {ip} is a wildcard address; give the address of the interface the RDMA "
-            "device is bound to"
-        )
-    return str(ip)
-
 
 class VerbsTransport(rdma._Closing):
     """A connection to a pmemblk target over RDMA (RC QP, RDMA CM)."""

@@ -22,13 +22,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PmemblkError, PmemError, TransportError
+from ..address import Address, TCPAddress
+from ..errors import ConfigError, PmemblkError, PmemError, TransportError
 from ..pmem import is_devdax
 from ..protocol import MAX_MESSAGE_SIZE, Commit, Reject
 from ..reactor import Reactor
 from . import rdma
 from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
-from .verbs import resolve_ip
 
 if TYPE_CHECKING:
     from ..target import Export, Greeting
@@ -76,12 +76,15 @@ class _Connection:
 
 class VerbsServer:
 
-    def __init__(self, reactor: Reactor, listen: str, handshake_timeout: float = 10.0) -> None:
-        from ..target import COMMIT_DEPTH, parse_listen
+    def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float = 10.0
+                 ) -> None:
+        from ..target import COMMIT_DEPTH
 
         rdma.require_pyverbs()
-        host, self.port = parse_listen(listen)
-        self.ip = resolve_ip(host, "--listen")
+        if not isinstance(listen, TCPAddress):
+            raise ConfigError(f"--listen {listen}: RDMA needs HOST:PORT, not a Unix socket")
+        self.port = listen.port
+        self.ip = listen.rdma_ip("--listen")
         self.depth = COMMIT_DEPTH
         self.handshake_timeout = handshake_timeout
         self.reactor = reactor
