@@ -9,7 +9,8 @@ Flush methods (what an acknowledged FLUSH or FUA means is in docs/persistence.md
   written since the last flush; the target persists them (``pmem_persist`` on real pmem,
   ``pmem_msync`` otherwise) and replies.
 
-FUA is a write followed by the same persistence step for just that range.
+FUA is a write followed by the same persistence step for just that range. Each is a policy
+object (``pmemblk/flush.py``), chosen when the client connects.
 
 Reconnect: when the connection is lost (disconnect event, QP in error, TCP reset, no answer
 before the deadline), the request in progress is held, the client reconnects with backoff,
@@ -31,8 +32,8 @@ from types import TracebackType
 
 from . import durability
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
+from .flush import make_policy
 from .protocol import FLUSH_METHODS
-from .ranges import RangeSet
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,13 @@ class Client:
             raise ConfigError(str(exc)) from None
         self.transport = transport
         self.flush_method = method
+        #: Chosen once: what the writes since the last flush are, and how to persist them.
+        self.policy = make_policy(method)
         #: Whether an acknowledged FLUSH/FUA survives a power cut (else: the target's memory).
         self.persistent = persistent
         self.size = info.export_size
         self.block_size = info.block_size
         self.readonly = info.readonly or readonly
-        self._dirty = RangeSet()
-        self._unflushed_at: int | None = None  # apm: offset of a write since the last flush
         self._unflushed = False  # any write since the last successful FLUSH
         self._reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
@@ -197,23 +198,10 @@ class Client:
         # before a flush, it may be lost. (A write whose connection broke while it was being
         # sent was sent again in full, so it is only at risk from now on too.)
         self._unflushed = True
-        if self.flush_method == "apm":
-            if fua:
-                try:
-                    self._io(lambda t: t.read_barrier(offset))
-                except BaseException:
-                    self._unflushed_at = offset  # a later flush must try again
-                    raise
-            else:
-                self._unflushed_at = offset
-        elif fua:
-            try:
-                self._io(lambda t: t.commit([(offset, length)]))
-            except BaseException:
-                self._dirty.add(offset, length)  # not persisted: a later flush tries again
-                raise
+        if fua:
+            self.policy.persist_range(self._io, offset, length)
         else:
-            self._dirty.add(offset, length)
+            self.policy.wrote(offset, length)
         if fua and self.lost is not None:  # persisted on a target that may have lost it
             raise RemoteError(self.lost, errno.EIO)
 
@@ -223,19 +211,7 @@ class Client:
             raise RemoteError(self.broken, errno.EIO)
         if self.lost is not None:
             raise RemoteError(self.lost, errno.EIO)
-        if self.flush_method == "apm":
-            if self._unflushed_at is not None:
-                at = self._unflushed_at
-                self._io(lambda t: t.read_barrier(at))
-                self._unflushed_at = None
-        elif self._dirty:
-            ranges = self._dirty.take()
-            try:
-                self._io(lambda t: t.commit(ranges))
-            except BaseException:
-                for off, n in ranges:  # not persisted: a later flush must try them again
-                    self._dirty.add(off, n)
-                raise
+        self.policy.flush(self._io)
         if self.lost is not None:  # found out while reconnecting during this flush
             raise RemoteError(self.lost, errno.EIO)
         self._unflushed = False

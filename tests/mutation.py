@@ -37,6 +37,8 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]
+    #: A pytest -k expression narrowing ``tests``, if any.
+    select: str = ""
     #: Why no host test can tell this mutant from the real code, if none can.
     equivalent: str = ""
 
@@ -78,14 +80,14 @@ MUTANTS = (
     Mutant("no cap on connections in their handshake", "pmemblk/target.py",
            "if self.handshakes >= self.config.max_handshakes:", "if False:",
            (HOSTILE + "::test_connections_in_their_handshake_are_capped",)),
-    # -- client core (pmemblk/client.py)
-    Mutant("a failed COMMIT drops its dirty ranges", "pmemblk/client.py",
-           "                for off, n in ranges:  # not persisted: a later flush must try them "
-           "again\n                    self._dirty.add(off, n)",
-           "                pass", (FAULTS,)),
-    Mutant("a failed FUA write is not retried by the next flush", "pmemblk/client.py",
-           "                self._dirty.add(offset, length)  # not persisted: a later flush "
-           "tries again", "                pass", (FAULTS,)),
+    # -- client core (pmemblk/client.py, pmemblk/flush.py)
+    Mutant("a failed COMMIT drops its dirty ranges", "pmemblk/flush.py",
+           "            for off, n in ranges:  # not persisted: a later flush must try them "
+           "again\n                self._dirty.add(off, n)",
+           "            pass", (FAULTS,)),
+    Mutant("a failed FUA write is not retried by the next flush", "pmemblk/flush.py",
+           "            self._dirty.add(offset, length)  # not persisted: a later flush "
+           "tries again", "            pass", (FAULTS,)),
     Mutant("FUA ignored on zero", "pmemblk/client.py",
            "self._io(lambda t: t.write_zeroes(offset, length))\n"
            "        self._after_write(offset, length, fua)",
@@ -93,7 +95,8 @@ MUTANTS = (
            "        self._after_write(offset, length, False)", (FAULTS,)),
     Mutant("the loss epoch is checked against the dirty ranges", "pmemblk/client.py",
            "if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:",
-           "if new.loss_epoch != old.loss_epoch and self._dirty and self.lost is None:",
+           "if new.loss_epoch != old.loss_epoch and self.policy.__dict__.get('_dirty') "
+           "and self.lost is None:",
            (FAULTS,)),
     Mutant("a reconnect to another region is accepted", "pmemblk/client.py",
            "if new.region_uuid != old.region_uuid:", "if False:", (RECONNECT + "::test_a_target"
@@ -104,9 +107,9 @@ MUTANTS = (
     Mutant("the client lets a read-only connection write", "pmemblk/client.py",
            "        if self.readonly:\n            raise RequestError", "        if False:\n"
            "            raise RequestError", (FAULTS,)),
-    Mutant("apm flush skips its READ barrier", "pmemblk/client.py",
-           "                self._io(lambda t: t.read_barrier(at))", "                pass",
-           ("tests/crash", "-k", "stop or power"),
+    Mutant("apm flush skips its READ barrier", "pmemblk/flush.py",
+           "            io(lambda t: t.read_barrier(at))", "            pass",
+           ("tests/crash",), select="stop or power",
            equivalent="over TCP the target applies a WRITE before it replies, so the reply "
            "already proves placement and the barrier adds nothing the host can observe; over "
            "RDMA it orders placement, which rxe in the VM performs before the WRITE completes "
@@ -185,9 +188,10 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def pytest(tree: Path, tests: tuple[str, ...], timeout: float = 600,
+def pytest(tree: Path, tests: tuple[str, ...], select: str = "", timeout: float = 600,
            show_failure: bool = False) -> int:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
+           *(["-k", select] if select else [])]
     try:
         res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -215,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pmemblk-mutants.") as tmp:
         tree = Path(tmp)
         copy_tree(tree)
-        tests = tuple(sorted({t for m in chosen for t in m.tests}))
-        print(f"baseline: the {len(tests)} test selections pass on the unmutated copy ...",
+        selections = sorted({(m.tests, m.select) for m in chosen})
+        print(f"baseline: the {len(selections)} test selections pass on the unmutated copy ...",
               flush=True)
-        if pytest(tree, tests, timeout=1800, show_failure=True) != 0:
-            print("the tests fail without any mutant: fix that first", file=sys.stderr)
-            return 2
+        for tests, select in selections:
+            if pytest(tree, tests, select, show_failure=True) != 0:
+                print(f"{' '.join(tests)} fails without any mutant: fix that first",
+                      file=sys.stderr)
+                return 2
         for m in chosen:
             target = tree / m.path
             original = target.read_text()
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             target.write_text(original.replace(m.old, m.new))
             t0 = time.monotonic()
-            rc = pytest(tree, m.tests)
+            rc = pytest(tree, m.tests, m.select)
             target.write_text(original)
             verdict = "killed" if rc == 1 else "SURVIVED" if rc == 0 else f"error {rc}"
             if rc == 1:
