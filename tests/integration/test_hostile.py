@@ -183,61 +183,62 @@ def rss_anon_kib(pid: int) -> int:
     raise AssertionError(f"no RssAnon for process {pid}")
 
 
-def test_a_read_flood_does_not_grow_the_target(region: str, tmp_path: Path) -> None:
+@pytest.fixture
+def flooded(region: str, tmp_path: Path) -> Iterator[tuple[Target, int, socket.socket]]:
+    """A target, its PID, and an authenticated raw connection to flood it with."""
     t = tcp_target(region, tmp_path, "--shared")
     assert t.proc is not None
-    pid = t.proc.pid
     flood = welcomed(t)
     try:
-        with client(t) as c:
-            roundtrip(c, 0)
-        base = rss_anon_kib(pid)
-        count = 24  # 24 READs of 32 MiB: 768 MiB asked for in 768 bytes on the wire
-        flood.sendall(b"".join(io(p.MSG_READ, 0, p.MAX_IO) for _ in range(count)))
-        with client(t) as c:  # the target has handled the flood's bytes by now
-            roundtrip(c, 4096)
-        peak = rss_anon_kib(pid)
-        got = 0
-        buf = bytearray(1 << 20)
-        while got < count * (p.MAX_IO + p.REPLY.size):  # drain, sampling as we go
-            n = flood.recv_into(buf)
-            assert n, "the target closed the flooding connection"
-            got += n
-            if got % (64 << 20) < n:
-                peak = max(peak, rss_anon_kib(pid))
-        report(f"target anonymous memory under a flood of {count} pipelined 32 MiB READs: "
-               f"{base} KiB -> peak {peak} KiB (+{peak - base} KiB)")
-        assert peak - base < 32 << 10
+        yield t, t.proc.pid, flood
     finally:
         flood.close()
         t.stop()
 
 
-def test_a_flood_of_tiny_reads_does_not_grow_the_target(region: str, tmp_path: Path) -> None:
+def test_a_read_flood_does_not_grow_the_target(
+        flooded: tuple[Target, int, socket.socket]) -> None:
+    t, pid, flood = flooded
+    with client(t) as c:
+        roundtrip(c, 0)
+    base = rss_anon_kib(pid)
+    count = 24  # 24 READs of 32 MiB: 768 MiB asked for in 768 bytes on the wire
+    flood.sendall(b"".join(io(p.MSG_READ, 0, p.MAX_IO) for _ in range(count)))
+    with client(t) as c:  # the target has handled the flood's bytes by now
+        roundtrip(c, 4096)
+    peak = rss_anon_kib(pid)
+    got = 0
+    buf = bytearray(1 << 20)
+    while got < count * (p.MAX_IO + p.REPLY.size):  # drain, sampling as we go
+        n = flood.recv_into(buf)
+        assert n, "the target closed the flooding connection"
+        got += n
+        if got % (64 << 20) < n:
+            peak = max(peak, rss_anon_kib(pid))
+    report(f"target anonymous memory under a flood of {count} pipelined 32 MiB READs: "
+           f"{base} KiB -> peak {peak} KiB (+{peak - base} KiB)")
+    assert peak - base < 32 << 10
+
+
+def test_a_flood_of_tiny_reads_does_not_grow_the_target(
+        flooded: tuple[Target, int, socket.socket]) -> None:
     """The bound counts replies too: each costs Python objects, whatever its size."""
-    t = tcp_target(region, tmp_path, "--shared")
-    assert t.proc is not None
-    pid = t.proc.pid
-    flood = welcomed(t)
-    try:
-        base = rss_anon_kib(pid)
-        count = 300_000  # 1-byte READs: 9.6 MB on the wire, never read back
-        one = io(p.MSG_READ, 0, 1)
-        flood.settimeout(5)
-        sent = 0
-        with contextlib.suppress(TimeoutError):  # the target stopped reading: its bound
-            while sent < count:
-                flood.sendall(one * 1000)
-                sent += 1000
-        with client(t) as c:  # the target has handled what it took by now
-            roundtrip(c, 4096)
-        peak = rss_anon_kib(pid)
-        report(f"target anonymous memory under {sent} pipelined 1-byte READs whose replies are "
-               f"never read: {base} KiB -> {peak} KiB (+{peak - base} KiB)")
-        assert peak - base < 32 << 10
-    finally:
-        flood.close()
-        t.stop()
+    t, pid, flood = flooded
+    base = rss_anon_kib(pid)
+    count = 300_000  # 1-byte READs: 9.6 MB on the wire, never read back
+    one = io(p.MSG_READ, 0, 1)
+    flood.settimeout(5)
+    sent = 0
+    with contextlib.suppress(TimeoutError):  # the target stopped reading: its bound
+        while sent < count:
+            flood.sendall(one * 1000)
+            sent += 1000
+    with client(t) as c:  # the target has handled what it took by now
+        roundtrip(c, 4096)
+    peak = rss_anon_kib(pid)
+    report(f"target anonymous memory under {sent} pipelined 1-byte READs whose replies are "
+           f"never read: {base} KiB -> {peak} KiB (+{peak - base} KiB)")
+    assert peak - base < 32 << 10
 
 
 # -- 4. descriptors, CPU and log under a connection flood ------------------------------------
