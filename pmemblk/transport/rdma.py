@@ -404,6 +404,12 @@ class Endpoint(_Closing):
             if self.fd in ready:
                 self.consume_events()
             if watch is not None and watch.fd in ready and on_cm_event is not None:
+                # Completions that arrived before the peer left come first (a REJECT is sent
+                # just before the target disconnects); the CM event stays pending (the fd is
+                # level-triggered) and is handled once the queue is empty.
+                wcs = self.poll()
+                if wcs:
+                    return wcs
                 on_cm_event()
 
     def close(self) -> None:
