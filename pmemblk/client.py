@@ -96,6 +96,7 @@ class Client:
         if self.broken is not None:
             raise RemoteError(self.broken, errno.EIO)
         deadline: float | None = None
+        delay = 0.0
         while True:
             try:
                 op(self.transport)
@@ -103,10 +104,22 @@ class Client:
             except TransportError as exc:
                 if self._reconnect is None or self.reconnect_timeout <= 0:
                     raise
+                now = time.monotonic()
                 if deadline is None:
-                    deadline = time.monotonic() + self.reconnect_timeout
+                    deadline = now + self.reconnect_timeout
                     log.warning("lost the connection to the target (%s): reconnecting for up to "
                                 "%gs", exc, self.reconnect_timeout)
+                elif now >= deadline:
+                    # The target is there, but this request keeps losing the connection: give
+                    # up like a target that never came back, never loop for ever.
+                    self.broken = (f"the request kept failing for {self.reconnect_timeout:g}s "
+                                   f"(reconnect-timeout), on {self.reconnects} new connections: "
+                                   f"{exc}")
+                    log.error("%s: failing every request on this connection", self.broken)
+                    raise TransportError(self.broken) from None
+                else:  # failed again on a fresh connection: back off before the next try
+                    delay = min(max(delay * 2, 0.05), 2.0)
+                    time.sleep(min(delay, deadline - now))
                 self._recover(exc, deadline)
 
     def _recover(self, cause: TransportError, deadline: float) -> None:

@@ -11,9 +11,10 @@ would, before anything is persisted. SPEC is comma-separated ``key=value``:
     range=OFF:LEN      only persist calls that overlap these bytes of the *data area* match
                        (default: every call, the header's included)
 
-``--testing-lose-reply KIND:N`` (stream transport): the N-th reply of KIND (``commit``, or
-``read``: the apm barrier is a READ) is never sent, as if lost with its connection, which the
-target then drops. The request itself was carried out.
+``--testing-lose-reply KIND:N`` (stream transport; COMMIT also over RDMA): the N-th reply of
+KIND (``commit``, or ``read``: the apm barrier is a READ) is never sent, as if lost with its
+connection, which the target then drops. The request itself was carried out. ``KIND:N+``
+loses the N-th and every later one.
 """
 
 from __future__ import annotations
@@ -94,22 +95,25 @@ class LostReply:
 
     kind: str
     nth: int
+    and_later: bool = False
     seen: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> LostReply:
         kind, _, n = spec.partition(":")
+        later = n.endswith("+")
+        n = n.removesuffix("+")
         if kind not in REPLY_KINDS or not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"--testing-lose-reply {spec!r}: expected commit:N or read:N "
-                              "(N from 1)")
-        return cls(kind, int(n))
+            raise ConfigError(f"--testing-lose-reply {spec!r}: expected commit:N, read:N, "
+                              "commit:N+ or read:N+ (N from 1)")
+        return cls(kind, int(n), later)
 
     def lose(self, kind: str) -> bool:
         """Count a reply of ``kind``; True if it is the one to lose."""
         if kind != self.kind:
             return False
         self.seen += 1
-        if self.seen != self.nth:
+        if self.seen < self.nth or (self.seen > self.nth and not self.and_later):
             return False
         log.warning("TESTING ONLY: losing %s reply %d", kind, self.nth)
         return True

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("figures")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _no_target_outlives_its_test() -> Iterator[None]:
+    yield
+    from .procs import Target
+
+    for t in list(Target.running):
+        t.stop(signal.SIGKILL)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 from .conftest import ROOT
 
@@ -58,9 +58,14 @@ def region_info(path: str) -> dict[str, object]:
 
 
 class Target:
-    """``pmemblk serve`` in the background; its log is kept for assertions."""
+    """``pmemblk serve`` in the background; its log is kept for assertions.
+
+    Every target started and not yet stopped is in ``Target.running``: tests/conftest.py stops
+    them after each test, so a failing test leaves no target (and no region lock) behind.
+    """
 
     count = 0
+    running: ClassVar[set[Target]] = set()
 
     def __init__(self, region: str, listen: str, workdir: Path, *extra: str,
                  transport: str = "verbs", secret: Path | None = None,
@@ -85,6 +90,7 @@ class Target:
              *self.extra,
              *(["--secret-file", str(self.secret)] if self.secret else [])],
             stdout=self._log, stderr=subprocess.STDOUT)
+        Target.running.add(self)
         proc = self.proc
         wait_until(lambda: self.pid_file.exists() or proc.poll() is not None, "the target")
         if proc.poll() is not None:
@@ -110,6 +116,7 @@ class Target:
         elif self.proc is not None:
             rc = self.proc.returncode
         self.proc = None
+        Target.running.discard(self)
         if self._log is not None:
             self._log.close()
             self._log = None

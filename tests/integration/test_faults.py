@@ -22,7 +22,8 @@ from pmemblk.client import Client
 from pmemblk.errors import RemoteError, RequestError, TransportError
 from pmemblk.nbdplugin import PluginConfig, connect
 
-from ..procs import Target, pmemblk, region_info
+from ..conftest import report
+from ..procs import PY, Target, pmemblk, region_info, run
 from .test_reconnect import read
 from .test_wire import closed_by_peer, raw
 
@@ -153,6 +154,44 @@ def test_a_lost_commit_reply_without_reconnect_is_an_error_not_a_success(
             c.flush()
     finally:
         c.close()
+        t.stop()
+
+
+KEEPS_FAILING = """
+import sys, time
+from pmemblk.errors import TransportError
+from pmemblk.nbdplugin import PluginConfig, connect
+cfg = PluginConfig()
+for kv in (("target", sys.argv[1]), ("transport", "tcp"), ("flush", "gpspm"),
+           ("reconnect-timeout", "2"), ("timeout", "2")):
+    cfg.set(*kv)
+cfg.complete()
+c = connect(cfg, readonly=False)
+c.pwrite(memoryview(b"x" * 4096), 0)
+started = time.monotonic()
+try:
+    c.flush()
+    print("the flush succeeded")
+except TransportError as exc:
+    print(f"failed after {time.monotonic() - started:.1f}s and {c.reconnects} reconnects: {exc}")
+"""
+
+
+def test_a_request_that_keeps_losing_its_connection_gives_up_in_time(region: str,
+                                                                     tmp_path: Path) -> None:
+    """A target that is up but drops every try of one request (a COMMIT whose reply is always
+    lost): the client backs off and fails after reconnect-timeout, instead of reconnecting
+    as fast as it can for ever (found by the mutation run: 1.47 million reconnects in 9
+    minutes, a 400 MB target log)."""
+    t = start(region, tmp_path, "--testing-lose-reply", "commit:1+")
+    try:
+        res = run(PY, "-c", KEEPS_FAILING, t.listen, timeout=60, check=False)
+        assert res.stdout.startswith("failed after"), res.stdout + res.stderr
+        reconnects = int(res.stdout.split(" and ")[1].split()[0])
+        report(f"a COMMIT whose reply is always lost, reconnect-timeout=2: {res.stdout.strip()}")
+        assert 1 <= reconnects <= 20 and "reconnect-timeout" in res.stdout
+        assert t.log().count("lost its COMMIT reply") <= 21
+    finally:
         t.stop()
 
 
