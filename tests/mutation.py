@@ -114,9 +114,9 @@ MUTANTS = (
            "            io(lambda t: t.read_barrier(at))", "            pass",
            ("tests/crash",), select="stop or power",
            equivalent="over TCP the target applies a WRITE before it replies, so the reply "
-           "already proves placement and the barrier adds nothing the host can observe; over "
-           "RDMA it orders placement, which rxe in the VM performs before the WRITE completes "
-           "anyway"),
+           "already proves placement and the barrier adds nothing a test can observe; over RDMA "
+           "it matters on a real NIC, but rxe places a WRITE before completing it, so no test "
+           "on this machine can see it either"),
     # -- transports' shared checks (pmemblk/transport/__init__.py)
     Mutant("a COMMIT_REPLY's error status is ignored", "pmemblk/transport/__init__.py",
            "    if reply.status:", "    if False:", (FAULTS,)),
