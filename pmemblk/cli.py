@@ -40,11 +40,7 @@ def cmd_create(args: argparse.Namespace) -> None:
 
 def region_info(path: str) -> dict[str, object]:
     with PmemRegion.open(path) as region:
-        try:
-            header = layout.read_header(region)
-        except PmemblkError as exc:
-            raise PmemblkError(f"{path}: {exc}. Create a region with: pmemblk create {path} "
-                               "--size SIZE") from None
+        header = layout.read_header(region)
         state = layout.read_state(region)
         return {
             "path": path,

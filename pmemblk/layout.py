@@ -75,8 +75,9 @@ class Header:
         return body[:56] + struct.pack("<II", crc, 0)
 
     @classmethod
-    def decode(cls, raw: bytes, region_size: int) -> Header:
-        """Parse and validate a header; every failure says what is wrong."""
+    def decode(cls, raw: bytes, region_size: int, path: str = "REGION") -> Header:
+        """Parse and validate a header; every failure says what is wrong (``path`` names the
+        region in the command that fixes a short one)."""
         if len(raw) < HEADER_SIZE:
             raise LayoutError(f"header truncated: {len(raw)} of {HEADER_SIZE} bytes")
         (magic, version, hsize, block_size, uuid_b, data_offset, data_size, created,
@@ -109,8 +110,8 @@ class Header:
             raise LayoutError(
                 f"the region is {region_size} bytes but its header says "
                 f"{data_offset + data_size}: it was truncated or copied in part. "
-                f"fallocate -l {data_offset + data_size} PATH restores its length (what was cut "
-                "off reads back as zeros)"
+                f"fallocate -l {data_offset + data_size} {path} restores its length (what was "
+                "cut off reads back as zeros)"
             )
         return cls(uuid.UUID(bytes=uuid_b), block_size, data_offset, data_size, created, version)
 
@@ -199,9 +200,19 @@ def has_header(region: PmemRegion) -> bool:
 
 
 def read_header(region: PmemRegion) -> Header:
-    if region.size < DATA_ALIGN:
-        raise LayoutError(f"{region.size} bytes is too small to hold a region")
-    return Header.decode(region.read(0, HEADER_SIZE), region.size)
+    """The region's header. A region with none is told how to create one; a damaged one is
+    not (creating would erase it): its error says what is wrong and, when it can, the fix."""
+    path = region.path
+    try:
+        if region.size < DATA_ALIGN:
+            raise LayoutError(f"{region.size} bytes is too small to hold a region")
+        return Header.decode(region.read(0, HEADER_SIZE), region.size, path)
+    except LayoutError as exc:
+        if has_header(region):
+            raise LayoutError(f"{path}: {exc}") from None
+        raise LayoutError(f"{path} holds no valid pmemblk region: {exc}. Create one with: "
+                          f"pmemblk create {path} --size SIZE (this erases what it holds)"
+                          ) from None
 
 
 def read_state(region: PmemRegion) -> State:

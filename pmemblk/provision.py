@@ -26,8 +26,12 @@ class Created:
     persist_method: str
 
 
-def _format(path: str, block_size: int, keep_existing: bool = False) -> Created:
+def _format(path: str, block_size: int, keep_existing: bool = False,
+            devdax_size: int | None = None) -> Created:
     with PmemRegion.open(path) as region:
+        if devdax_size is not None and devdax_size != region.size:
+            raise ConfigError(f"{path} is a devdax device of {region.size} bytes: its size is "
+                              "fixed, so leave out --size")
         if keep_existing and layout.has_header(region):
             raise ConfigError(f"{path} already holds a pmemblk region; pass --force to erase it")
         header = layout.format_region(region, block_size)
@@ -47,11 +51,7 @@ def create_region(path: str, size: int | None, block_size: int, force: bool) -> 
     st = check_region_path(path)
     if stat.S_ISCHR(st.st_mode):  # devdax: fixed size, rewritten in place
         with RegionLock(path, "create a region on it"):
-            with PmemRegion.open(path) as region:
-                if size is not None and size != region.size:
-                    raise ConfigError(f"{path} is a devdax device of {region.size} bytes: its "
-                                      "size is fixed, so leave out --size")
-            return _format(path, block_size, keep_existing=not force)
+            return _format(path, block_size, keep_existing=not force, devdax_size=size)
     if not force:
         raise ConfigError(f"{path} already exists; pmemblk never overwrites silently: pass "
                           "--force to erase it and create a new region")

@@ -138,16 +138,7 @@ class Export:
             stack.enter_context(RegionLock(config.path, "serve it", shared=config.readonly))
             check_backed(config.path)
             region = stack.enter_context(PmemRegion.open(config.path))
-            try:
-                self.header = layout.read_header(region)
-            except PmemblkError as exc:
-                if layout.has_header(region):  # damaged, not absent: no advice to erase it
-                    raise PmemblkError(f"{config.path}: {exc}".replace(
-                        "PATH", config.path)) from None
-                raise PmemblkError(
-                    f"{config.path} holds no valid pmemblk region: {exc}. Create one with: "
-                    f"pmemblk create {config.path} --size SIZE (this erases what it holds)"
-                ) from None
+            self.header = layout.read_header(region)
             self.lost_reply = LostReply.parse(config.lose_reply) if config.lose_reply else None
             if config.fail_persist:
                 fault, data_range = PersistFault.parse(config.fail_persist)
