@@ -27,16 +27,21 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from . import durability
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .flush import make_policy
 from .protocol import FLUSH_METHODS
+from .stats import IoStats
 from .transport import Transport
 
 log = logging.getLogger(__name__)
+
+#: The operations counted in statistics (a FUA write counts as a write).
+OPS = ("read", "write", "zero", "flush")
 
 
 class Client:
@@ -45,7 +50,7 @@ class Client:
     def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
                  allow_visibility_only: bool = False,
                  reconnect: Callable[[], Transport] | None = None,
-                 reconnect_timeout: float = 0.0) -> None:
+                 reconnect_timeout: float = 0.0, stats: IoStats | None = None) -> None:
         if flush != "auto" and flush not in FLUSH_METHODS:
             raise ConfigError(f"unknown flush method {flush!r}: use auto, apm or gpspm")
         info = transport.info
@@ -67,6 +72,8 @@ class Client:
         self._reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0
+        #: Shared with the plugin instance's other connections (None: not counted).
+        self.stats = stats
         #: Why every FLUSH now fails (unflushed writes may have been lost), or None.
         self.lost: str | None = None
         #: Why every request now fails (the target serves something else), or None.
@@ -180,31 +187,50 @@ class Client:
             log.error("%s", self.lost)
         self.transport = transport
         self.reconnects += 1
+        if self.stats is not None:
+            self.stats.reconnected()
         log.warning("reconnected to the target (region %s, loss epoch %d)", new.region_uuid,
                     new.loss_epoch)
 
     # -- requests --------------------------------------------------------------------------
 
+    @contextmanager
+    def _counted(self, op: str, nbytes: int) -> Iterator[None]:
+        """Count the request in the statistics, with its latency and whether it failed."""
+        if self.stats is None or not self.stats.enabled:
+            yield
+            return
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.stats.record(op, nbytes, started, ok)
+
     def pread(self, buf: memoryview, offset: int) -> None:
-        self._check(offset, len(buf))
-        if len(buf):
-            self._io(lambda t: t.read(buf, offset))
+        with self._counted("read", len(buf)):
+            self._check(offset, len(buf))
+            if len(buf):
+                self._io(lambda t: t.read(buf, offset))
 
     def pwrite(self, data: memoryview, offset: int, fua: bool = False) -> None:
-        self._check_writable()
-        self._check(offset, len(data))
-        if not len(data):
-            return
-        self._io(lambda t: t.write(data, offset))
-        self._after_write(offset, len(data), fua)
+        with self._counted("write", len(data)):
+            self._check_writable()
+            self._check(offset, len(data))
+            if not len(data):
+                return
+            self._io(lambda t: t.write(data, offset))
+            self._after_write(offset, len(data), fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        self._check_writable()
-        self._check(offset, length)
-        if not length:
-            return
-        self._io(lambda t: t.write_zeroes(offset, length))
-        self._after_write(offset, length, fua)
+        with self._counted("zero", length):
+            self._check_writable()
+            self._check(offset, length)
+            if not length:
+                return
+            self._io(lambda t: t.write_zeroes(offset, length))
+            self._after_write(offset, length, fua)
 
     def _after_write(self, offset: int, length: int, fua: bool) -> None:
         # From here the write is acknowledged by the transport: if the target loses power
@@ -220,6 +246,10 @@ class Client:
 
     def flush(self) -> None:
         """Make every write completed on this connection persistent (per the flush method)."""
+        with self._counted("flush", 0):
+            self._flush()
+
+    def _flush(self) -> None:
         if self.broken is not None:
             raise RemoteError(self.broken, errno.EIO)
         if self.lost is not None:

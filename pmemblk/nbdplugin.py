@@ -21,17 +21,29 @@ Keys::
     timeout=SECONDS       deadline for every completion (default 30)
     depth=N               RDMA work requests in flight per request (default 8, 1..64)
     chunk=SIZE            bytes per work request (default 256K, 4K..16M, a power of two)
+    control=PATH          answer ``pmemblk status`` on this Unix socket (mode 600)
+    stats=true|false      count requests and their latency (default true)
+    name=NAME             this device's name in status and metrics (default: the target)
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import auth
-from .address import Address, TCPAddress, UnixAddress, parse_address
-from .client import Client
+from prometheus_client.core import Metric
+
+from . import __version__, auth, stats
+from .address import UNIX_PATH_MAX, Address, TCPAddress, UnixAddress, parse_address
+from .client import OPS, Client
+from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
 from .transport import Transport, rdma
@@ -47,9 +59,11 @@ from .units import parse_size
 log = logging.getLogger(__name__)
 
 KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
-        "reconnect-timeout", "timeout", "depth", "chunk")
+        "reconnect-timeout", "timeout", "depth", "chunk", "control", "stats", "name")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", "verbs", "tcp")
+#: Names of devices and attachments (also directory names under /run/pmemblk).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -87,6 +101,9 @@ class PluginConfig:
     secret_file: str = ""
     secret: bytes | None = field(default=None, repr=False)
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    control: str = ""
+    stats: bool = True
+    name: str = ""
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -124,6 +141,18 @@ class PluginConfig:
             if n & (n - 1) or not 4096 <= n <= 16 << 20:
                 raise ConfigError(f"chunk={value!r}: expected a power of two from 4K to 16M")
             self.chunk = n
+        elif key == "control":
+            if not value or len(value.encode()) > UNIX_PATH_MAX:
+                raise ConfigError(f"control={value!r}: expected a socket path of at most "
+                                  f"{UNIX_PATH_MAX} bytes")
+            self.control = value
+        elif key == "stats":
+            self.stats = parse_bool(key, value)
+        elif key == "name":
+            if not NAME_RE.fullmatch(value):
+                raise ConfigError(f"name={value!r}: use letters, digits, '.', '_' and '-' "
+                                  "(at most 64)")
+            self.name = value
 
     def complete(self) -> None:
         if self.target is None:
@@ -197,7 +226,7 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
                            secret=cfg.secret)
 
 
-def connect(cfg: PluginConfig, readonly: bool) -> Client:
+def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:
     """A client for one NBD connection; read-only if nbdkit asks or ``readonly=true``."""
     readonly = readonly or cfg.readonly
     transport, kind = connect_transport(cfg, readonly)
@@ -205,10 +234,114 @@ def connect(cfg: PluginConfig, readonly: bool) -> Client:
         # A reconnect uses the transport the first connection chose.
         return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only,
                       reconnect=lambda: _connect_kind(cfg, kind, readonly),
-                      reconnect_timeout=cfg.reconnect_timeout)
+                      reconnect_timeout=cfg.reconnect_timeout, stats=io_stats)
     except BaseException:
         transport.close()
         raise
+
+
+class PluginState:
+    """One plugin instance (one nbdkit process): its configuration, its open connections, the
+    statistics they share and the control socket that reports them."""
+
+    def __init__(self) -> None:
+        self.config = PluginConfig()
+        self.stats = stats.IoStats(OPS)
+        self.clients: set[Client] = set()
+        self.opened = 0
+        self.failed_opens = 0
+        self.last_error = ""
+        self.control: ControlServer | None = None
+        #: What the newest connection found: transport, flush method, the region.
+        self.link: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def start_control(self) -> None:
+        self.stats.enabled = self.config.stats
+        if self.config.control and self.control is None:
+            self.control = ControlServer(self.config.control, self.status, self.metrics,
+                                         f"control={self.config.control}")
+
+    def open(self, readonly: bool) -> Client:
+        try:
+            client = connect(self.config, readonly, self.stats)
+        except Exception as exc:
+            with self._lock:
+                self.failed_opens += 1
+                self.last_error = str(exc)
+            raise
+        info = client.transport.info
+        link = {
+            "transport": "verbs" if isinstance(client.transport, VerbsTransport) else "tcp",
+            "flush": client.flush_method, "persistent": client.persistent,
+            "readonly": client.readonly, "export_size": client.size,
+            "block_size": client.block_size, "region_uuid": str(info.region_uuid),
+            "target_is_pmem": info.is_pmem, "loss_epoch": info.loss_epoch,
+        }
+        with self._lock:
+            self.clients.add(client)
+            self.opened += 1
+            self.link = link
+        return client
+
+    def closed(self, client: Client) -> None:
+        with self._lock:
+            self.clients.discard(client)
+        client.close()
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name or str(self.config.target)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            clients = list(self.clients)
+            opened, failed, last_error = self.opened, self.failed_opens, self.last_error
+        out: dict[str, Any] = {
+            "name": self.name, "pid": os.getpid(), "version": __version__,
+            "target": str(self.config.target), "uptime_s": round(time.time()
+                                                                   - self.stats.started, 1),
+            "connections": len(clients), "connections_opened": opened,
+            "connections_failed": failed, "last_error": last_error,
+            "reconnects": self.stats.reconnects, "stats": self.stats.enabled,
+        }
+        out.update(self.link)
+        broken = [c.broken or c.lost for c in clients if c.broken or c.lost]
+        if broken:
+            out["state"] = f"failing: {broken[0]}"
+        else:
+            out["state"] = "connected" if clients else "no connection open"
+        out["ops"] = self.stats.summary()
+        return out
+
+    def metrics(self) -> bytes:
+        labels = {"device": self.name}
+
+        def collect() -> Iterator[Metric]:
+            status = self.status()
+            yield stats.info("pmemblk_client", "What this device is connected to",
+                             {"device": self.name, "target": status["target"],
+                              "transport": status.get("transport", ""),
+                              "flush": status.get("flush", ""),
+                              "version": __version__})
+            yield stats.gauge("pmemblk_client_connections", "NBD connections open",
+                              status["connections"], labels)
+            yield stats.gauge("pmemblk_client_persistent",
+                              "1 if an acknowledged FLUSH survives a power cut",
+                              int(bool(status.get("persistent"))), labels)
+            yield stats.counter("pmemblk_client_reconnects", "Reconnections to the target",
+                                status["reconnects"], labels)
+            yield stats.gauge("pmemblk_client_failing",
+                              "1 if requests now fail (target lost for good, or data loss)",
+                              int(status["state"].startswith("failing")), labels)
+            yield from self.stats.metrics("pmemblk_client", labels)
+
+        return stats.prometheus_text(collect)
 
 
 def describe(client: Client) -> str:

@@ -17,15 +17,21 @@ import logging
 import os
 import resource
 import signal
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from . import auth, durability, layout
+from prometheus_client.core import Metric
+
+from . import __version__, auth, durability, layout, stats
 from .address import Address
+from .control import ControlServer
 from .errors import ConfigError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
-from .pmem import PmemRegion, check_backed
+from .pmem import PmemRegion, check_backed, is_devdax
 from .powercut import DurableImage
 from .protocol import (
     FLUSH_APM,
@@ -77,6 +83,8 @@ class ServeConfig:
     #: TESTING ONLY: fault injection (pmemblk.faults).
     fail_persist: str | None = None
     lose_reply: str | None = None
+    #: A Unix socket answering ``pmemblk status --target`` (pmemblk.control).
+    control: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,29 @@ class Greeting:
     challenge: Challenge
 
 
+#: What is counted per session and in the export's totals.
+SESSION_COUNTS = ("reads", "read_bytes", "writes", "write_bytes", "zeros", "zero_bytes",
+                  "commits", "commit_bytes", "commit_errors")
+
+
+@dataclass
+class Session:
+    """An admitted client as ``pmemblk status --target`` shows it. Over verbs the data moves
+    without the target, so only its COMMITs are counted."""
+
+    number: int
+    transport: str
+    peer: str
+    readonly: bool
+    since: float = dataclasses.field(default_factory=time.time)
+    counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(SESSION_COUNTS, 0))
+
+    def count(self, op: str, nbytes: int) -> None:
+        self.counts[f"{op}s"] += 1
+        self.counts[f"{op}_bytes"] += nbytes
+
+
 @dataclass(frozen=True)
 class Admission:
     """An authenticated client, admitted; it counts until ``client_left``."""
@@ -95,6 +126,7 @@ class Admission:
     auth: Auth
     writer: bool
     readonly: bool
+    session: Session
 
 
 def check_exposure(config: ServeConfig) -> None:
@@ -161,6 +193,12 @@ class Export:
                                                 config.apm_durable)
         self.durable_methods = durability.durable_mask(self.guarantees)
         self.loss_epoch = layout.read_loss_epoch(region)
+        self.sessions: dict[int, Session] = {}
+        self._session_numbers = 0
+        #: Totals over every client since the target started (SESSION_COUNTS and the refusals).
+        self.totals: dict[str, int] = dict.fromkeys(
+            (*SESSION_COUNTS, "admitted", "refused"), 0)
+        self.started = time.time()
 
     def begin(self) -> None:
         """Every listener is up: record that the region is served (not clean) from now on."""
@@ -210,7 +248,8 @@ class Export:
             return Reject(errno.EPROTO, f"bad HELLO: {exc}")
         return Greeting(hello, auth.new_challenge(self.config.secret))
 
-    def admit(self, greeting: Greeting, raw_auth: bytes) -> Admission | Reject:
+    def admit(self, greeting: Greeting, raw_auth: bytes, transport: str = "tcp",
+              peer: str = "") -> Admission | Reject:
         """Check a client's AUTH, then its access mode. An admitted client counts until
         ``client_left``.
 
@@ -218,6 +257,12 @@ class Export:
         the export is ``--shared`` (then the clients must coordinate, e.g. a cluster
         filesystem).
         """
+        verdict = self._admit(greeting, raw_auth, transport, peer)
+        self.totals["refused" if isinstance(verdict, Reject) else "admitted"] += 1
+        return verdict
+
+    def _admit(self, greeting: Greeting, raw_auth: bytes, transport: str,
+               peer: str) -> Admission | Reject:
         try:
             proof = Auth.decode(raw_auth)
         except PmemblkError as exc:
@@ -235,7 +280,11 @@ class Export:
                 "read-only, or serve with --shared if the clients coordinate their writes")
         self.clients += 1
         self.writers += not readonly
-        return Admission(greeting, proof, writer=not readonly, readonly=readonly)
+        self._session_numbers += 1
+        session = Session(self._session_numbers, transport, peer, readonly)
+        self.sessions[session.number] = session
+        return Admission(greeting, proof, writer=not readonly, readonly=readonly,
+                         session=session)
 
     def welcome(self, admission: Admission, rkey: int = 0, remote_addr: int = 0) -> Welcome:
         """The WELCOME for an admitted client, with the target's proof when authenticating."""
@@ -260,14 +309,25 @@ class Export:
         """TESTING ONLY: whether this reply of ``kind`` is to be lost (pmemblk.faults)."""
         return self.lost_reply is not None and self.lost_reply.lose(kind)
 
-    def client_left(self, writer: bool) -> None:
+    def client_left(self, admission: Admission) -> None:
         self.clients = max(0, self.clients - 1)
-        self.writers = max(0, self.writers - writer)
+        self.writers = max(0, self.writers - admission.writer)
+        self.sessions.pop(admission.session.number, None)
+
+    def count(self, session: Session, op: str, nbytes: int) -> None:
+        """A stream client's READ, WRITE or ZERO (verbs data never reaches the target)."""
+        session.count(op, nbytes)
+        self.totals[f"{op}s"] += 1
+        self.totals[f"{op}_bytes"] += nbytes
 
     # -- persistence -----------------------------------------------------------------------
 
-    def commit(self, commit: Commit) -> CommitReply:
+    def commit(self, commit: Commit, session: Session | None = None) -> CommitReply:
         """Persist the ranges of a (validated) COMMIT; the reply carries 0 or an errno."""
+        nbytes = sum(length for _, length in commit.ranges)
+        for counts in [self.totals] + ([session.counts] if session is not None else []):
+            counts["commits"] += 1
+            counts["commit_bytes"] += nbytes
         status = 0
         if not self.readonly:  # a read-only export has nothing to persist
             try:
@@ -276,6 +336,9 @@ class Export:
             except PmemError as exc:
                 log.error("persisting for a COMMIT failed: %s", exc)
                 status = exc.errno
+                self.totals["commit_errors"] += 1
+                if session is not None:
+                    session.counts["commit_errors"] += 1
         return CommitReply(commit.request_id, status)
 
     # -- data (stream transports; RDMA moves data without the target's CPU) -----------------
@@ -293,6 +356,52 @@ class Export:
         for pos in range(0, length, step):
             n = min(step, length - pos)
             view[pos:pos + n] = zeros[:n]
+
+    # -- status (pmemblk status --target) ---------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What the target is doing; read from the control thread, so only copies are read."""
+        region, header = self.region, self.header
+        sessions = list(self.sessions.values())
+        return {
+            "pid": os.getpid(), "version": __version__, "region": region.path,
+            "kind": "devdax" if is_devdax(region.path) else "file",
+            "region_uuid": str(header.uuid), "export_size": self.size,
+            "block_size": header.block_size, "is_pmem": region.is_pmem,
+            "persistence": region.persist_method, "readonly": self.readonly,
+            "shared": self.config.shared, "listen": str(self.config.listen),
+            "transports": list(self.config.transports),
+            "authentication": self.config.secret is not None,
+            "loss_epoch": self.loss_epoch, "uptime_s": round(time.time() - self.started, 1),
+            "flush": {g.method: g.describe() for g in self.guarantees},
+            "clients": [{
+                "client": c.number, "transport": c.transport, "address": c.peer,
+                "mode": "read-only" if c.readonly else "read-write",
+                "connected_s": round(time.time() - c.since, 1), **dict(c.counts),
+            } for c in sessions],
+            "handshakes": self.handshakes,
+            "totals": dict(self.totals),
+        }
+
+    def metrics(self) -> bytes:
+        def collect() -> Iterator[Metric]:
+            st = self.status()
+            labels = {"region": st["region"]}
+            yield stats.info("pmemblk_target", "The region this target serves",
+                             {"region": st["region"], "uuid": st["region_uuid"],
+                              "listen": st["listen"], "version": __version__})
+            yield stats.gauge("pmemblk_target_clients", "Clients connected now",
+                              len(st["clients"]), labels)
+            yield stats.gauge("pmemblk_target_loss_epoch",
+                              "Restarts after a reboot or power cut that found it unclean",
+                              st["loss_epoch"], labels)
+            yield stats.gauge("pmemblk_target_is_pmem", "1 if the region is persistent memory",
+                              int(st["is_pmem"]), labels)
+            for key, value in st["totals"].items():
+                yield stats.counter(f"pmemblk_target_{key}", f"Total {key.replace('_', ' ')}",
+                                    value, labels)
+
+        return stats.prometheus_text(collect)
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -324,6 +433,7 @@ class Target:
         self.export: Export | None = None
         self.servers: list[Server] = []
         self.pid_file: PidFile | None = None
+        self.control: ControlServer | None = None
 
     def _make_servers(self) -> None:
         for name in self.config.transports:
@@ -352,10 +462,16 @@ class Target:
             self.export = Export(self.config)  # locked; unchanged until begin()
             for server in self.servers:
                 server.start(self.export)
+            if self.config.control:
+                self.control = ControlServer(self.config.control, self.export.status,
+                                             self.export.metrics,
+                                             f"--control {self.config.control}")
             self.export.begin()
             if self.pid_file is not None:
                 self.pid_file.publish()
+            notify_systemd("READY=1")
             self.reactor.run()
+            notify_systemd("STOPPING=1")
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -370,6 +486,8 @@ class Target:
             stack.callback(self.reactor.close)
             if self.export is not None:
                 stack.callback(self.export.close)
+            if self.control is not None:  # stopped before the export it reads is closed
+                stack.callback(self.control.close)
             for server in reversed(self.servers):
                 stack.callback(server.close)
 
@@ -410,6 +528,16 @@ class PidFile:
             with contextlib.suppress(OSError), open(self.path, "rb") as f:
                 if f.read(64) == self.content:
                     os.unlink(self.path)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify units) how the service is doing; nothing outside one."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where or where[0] not in "@/":
+        return
+    address = "\0" + where[1:] if where[0] == "@" else where
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state.encode(), address)
 
 
 def raise_fd_limit() -> None:

@@ -157,14 +157,14 @@ MUTANTS = (
            "        return self.queued > MAX_QUEUED", (HOSTILE + "::test_a_flood_of_tiny_reads"
                                                      "_does_not_grow_the_target",)),
     Mutant("a live socket at the listen path is taken over",
-           "pmemblk/transport/stream_server.py",
-           "        raise ConfigError(f\"--listen unix:{path}: another process is listening",
-           "        pass\n        if False: raise ConfigError(f\"--listen unix:{path}: another "
+           "pmemblk/unixsock.py",
+           "        raise ConfigError(f\"{what}: another process is listening",
+           "        pass\n        if False: raise ConfigError(f\"{what}: another "
            "process is listening", (HOSTILE + "::test_listen_refuses_to_delete_what_is_not_a"
                                     "_stale_socket",)),
     Mutant("a target removes a socket that is no longer its own",
-           "pmemblk/transport/stream_server.py",
-           "if (st.st_dev, st.st_ino) == self._socket_id:", "if True:",
+           "pmemblk/unixsock.py",
+           "if (st.st_dev, st.st_ino) == ident:", "if True:",
            (HOSTILE + "::test_a_stale_socket_is_replaced_and_a_target_removes_only_its_own",)),
     Mutant("accept failures are retried at once", "pmemblk/transport/stream_server.py",
            "                self._pause_accepting(exc)\n                return",

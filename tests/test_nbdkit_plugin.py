@@ -45,9 +45,12 @@ def test_plugin_help_lists_nothing_unexpected() -> None:
 
 
 BUGGY = """
-import runpy
+import sys
 
-plugin = runpy.run_path({plugin!r})
+sys.path.insert(0, {root!r})
+import pmemblk.nbdkit_plugin
+
+plugin = vars(pmemblk.nbdkit_plugin)
 API_VERSION = 2
 
 
@@ -80,11 +83,11 @@ def test_an_internal_error_is_logged_with_every_frame(tmp_path: Path) -> None:
     """The plugin keeps expected errors to one line (sys.tracebacklimit = 0); a bug must still
     be logged with the frames that show where it is."""
     wrapper = tmp_path / "buggy_plugin.py"
-    wrapper.write_text(BUGGY.format(plugin=PLUGIN))
+    wrapper.write_text(BUGGY.format(root=str(ROOT)))
     res = subprocess.run(["nbdkit", "-f", "-U", "-", "python", str(wrapper),
                           "target=unix:/nonexistent.sock", "--run", "nbdinfo --size \"$uri\""],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "internal error in planted_bug_in_a_helper" in res.stderr, res.stderr
-    assert 'line 17, in planted_bug_in_a_helper' in res.stderr, res.stderr
+    assert 'line 20, in planted_bug_in_a_helper' in res.stderr, res.stderr
     assert "ValueError: planted bug" in res.stderr

@@ -14,14 +14,12 @@ import collections
 import contextlib
 import errno
 import logging
-import os
 import socket
-import stat
 import time
 from typing import TYPE_CHECKING
 
 from ..address import Address
-from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
+from ..errors import PmemblkError, ProtocolError, TransportError
 from ..protocol import (
     IO,
     MSG_AUTH,
@@ -39,9 +37,10 @@ from ..protocol import (
     request_header_size,
 )
 from ..reactor import Reactor
+from ..unixsock import listen_unix, unlink_if_ours
 
 if TYPE_CHECKING:
-    from ..target import Export, Greeting
+    from ..target import Admission, Export, Greeting
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class _Conn:
         self.queued = 0
         self.greeting: Greeting | None = None
         self.welcomed = False
-        self.writer = False
+        self.admission: Admission | None = None
         self.readonly = True
         self.closed = False
         self.close_after_send = False
@@ -152,12 +151,16 @@ class _Conn:
             return
         self.requests += 1
         if mtype == MSG_COMMIT:
-            reply = export.commit(Commit.decode(bytes(frame), export.size))
+            assert self.admission is not None
+            reply = export.commit(Commit.decode(bytes(frame), export.size),
+                                  self.admission.session)
             if export.lose_reply("commit"):
                 self.drop("lost its COMMIT reply (testing)")
                 return
             self.send(reply.encode())
         elif req is not None:  # READ, WRITE or ZERO, decoded by _next_frame
+            assert self.admission is not None
+            session = self.admission.session
             if mtype == MSG_READ and export.lose_reply("read"):
                 self.drop("lost its READ reply (testing)")
             elif mtype == MSG_READ:
@@ -165,13 +168,16 @@ class _Conn:
                 # Sent from the mapping itself, no copy: the view stays valid because the
                 # region is unmapped only after every connection is dropped (Target.shutdown).
                 self.send(export.read(req.offset, req.length))
+                export.count(session, "read", req.length)
             elif self.readonly:  # the export, or this client's own read-only mode
                 self.send(Reply(req.tag, errno.EPERM, 0).encode())
             else:
                 if mtype == MSG_WRITE:
                     export.write(req.offset, frame[IO.size:])
+                    export.count(session, "write", req.length)
                 else:
                     export.zero(req.offset, req.length)
+                    export.count(session, "zero", req.length)
                 self.send(Reply(req.tag, 0, 0).encode())
         else:
             raise ProtocolError(f"{'HELLO' if mtype == MSG_HELLO else 'AUTH'} after the handshake")
@@ -189,13 +195,13 @@ class _Conn:
             self.server.reactor.cancel(self.timer)
             self.timer = None
         self._end_handshake()
-        admission = export.admit(greeting, raw)
+        admission = export.admit(greeting, raw, "tcp", self.peer)
         if isinstance(admission, Reject):
             self._refuse(admission)
             return
         self.send(export.welcome(admission).encode())
         self.welcomed = True
-        self.writer = admission.writer
+        self.admission = admission
         self.readonly = admission.readonly
         log.info("client %d connected from %s (%s, %d clients)", self.number, self.peer,
                  "read-only" if self.readonly else "read-write", export.clients)
@@ -282,8 +288,8 @@ class _Conn:
             self.sock.close()
         self.wq.clear()
         self.server.conns.pop(self.number, None)
-        if self.welcomed and self.server.export is not None:
-            self.server.export.client_left(self.writer)
+        if self.admission is not None and self.server.export is not None:
+            self.server.export.client_left(self.admission)
 
 
 class StreamServer:
@@ -306,34 +312,20 @@ class StreamServer:
 
     def start(self, export: Export) -> None:
         self.export = export
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            if self.family == socket.AF_UNIX:
-                assert isinstance(self.address, str)
-                remove_stale_socket(self.address)
-            else:
+        if self.family == socket.AF_UNIX:
+            assert isinstance(self.address, str)
+            sock, self._socket_id = listen_unix(self.address, f"--listen {self.listen}",
+                                                backlog=64)
+        else:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.family == socket.AF_UNIX:
-                # Mode 600 from the start: only the target's user (and root) may connect.
-                old_umask = os.umask(0o177)
-                try:
-                    sock.bind(self.address)
-                finally:
-                    os.umask(old_umask)
-            else:
                 sock.bind(self.address)
-            if self.family == socket.AF_UNIX:
-                assert isinstance(self.address, str)
-                st = os.stat(self.address)
-                self._socket_id = (st.st_dev, st.st_ino)
-            sock.listen(64)
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"cannot listen on {self.listen}: "
-                                 f"{exc.strerror or exc}") from None
-        except BaseException:
-            sock.close()
-            raise
+                sock.listen(64)
+            except OSError as exc:
+                sock.close()
+                raise TransportError(f"cannot listen on {self.listen}: "
+                                     f"{exc.strerror or exc}") from None
         sock.setblocking(False)
         self.sock = sock
         self.reactor.add(sock.fileno(), self._on_accept)
@@ -400,41 +392,7 @@ class StreamServer:
             self.sock.close()
         if self._socket_id is not None:
             assert isinstance(self.address, str)
-            with contextlib.suppress(OSError):
-                st = os.stat(self.address)
-                if (st.st_dev, st.st_ino) == self._socket_id:  # still ours, not a successor's
-                    os.unlink(self.address)
-
-
-def remove_stale_socket(path: str) -> None:
-    """Make room for a Unix socket at ``path``: only a socket nobody listens on (left by a
-    killed target) is removed; anything else there is refused."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"--listen unix:{path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"--listen unix:{path}: {path} exists and is not a socket; pmemblk "
-                          "removes nothing but a stale socket. Choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass  # stale: nothing listens on it
-    except OSError as exc:
-        raise ConfigError(f"--listen unix:{path}: cannot tell whether the socket there is in "
-                          f"use ({exc.strerror or exc}); remove it if it is stale") from None
-    else:
-        raise ConfigError(f"--listen unix:{path}: another process is listening on it (another "
-                          "target?); stop it or choose another path")
-    finally:
-        probe.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    log.info("removed the stale socket %s (nothing was listening on it)", path)
+            unlink_if_ours(self.address, self._socket_id)
 
 
 def set_keepalive(sock: socket.socket, idle: float) -> None:

@@ -31,7 +31,7 @@ from . import rdma
 from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
 
 if TYPE_CHECKING:
-    from ..target import Export, Greeting
+    from ..target import Admission, Export, Greeting
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Connection:
         self.greeting = greeting
         self.admitted = False  # AUTH checked, counted by the export
         self.handshaking = True  # counted by the export's handshake cap until AUTH or gone
-        self.writer = False
+        self.admission: Admission | None = None
         self.refused = False  # a REJECT is being sent; disconnect once it is
         self.cmid = cmid
         self.ep = ep
@@ -255,14 +255,15 @@ class VerbsServer:
             self.reactor.cancel(conn.timer)
             conn.timer = None
         self._end_handshake(conn)
-        admission = self.export.admit(conn.greeting, raw)
+        admission = self.export.admit(conn.greeting, raw, "verbs",
+                                      f"{conn.cmid.dev_name} (RDMA, client {conn.number})")
         if isinstance(admission, Reject):
             log.warning("refusing client %d: %s", conn.number, admission.reason)
             conn.refused = True
             self._send(conn, slot, admission.encode())
             return
         conn.admitted = True
-        conn.writer = admission.writer
+        conn.admission = admission
         started = time.monotonic()
         try:
             conn.mr = self._register_region(self.export, readonly=admission.readonly)
@@ -284,8 +285,8 @@ class VerbsServer:
             if conn.timer is not None:
                 self.reactor.cancel(conn.timer)
                 conn.timer = None
-            if conn.admitted and self.export is not None:
-                self.export.client_left(conn.writer)
+            if conn.admission is not None and self.export is not None:
+                self.export.client_left(conn.admission)
             self._end_handshake(conn)
         conn.close(disconnect)
 
@@ -344,7 +345,8 @@ class VerbsServer:
             return
         commit = Commit.decode(raw, self.export.size)  # ProtocolError drops the client
         conn.commits += 1
-        reply = self.export.commit(commit)
+        assert conn.admission is not None
+        reply = self.export.commit(commit, conn.admission.session)
         if self.export.lose_reply("commit"):
             log.warning("client %d: losing its COMMIT reply (testing)", conn.number)
             self._drop(conn, disconnect=True)

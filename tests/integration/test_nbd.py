@@ -196,3 +196,15 @@ def test_apm_on_a_plain_file_is_refused_by_default(target: Target) -> None:
     assert res.returncode == 0 and "flush=apm (visibility only)" in res.stdout
     res = captive(target, 'nbdinfo "$uri"')  # flush=auto picks a persistent method
     assert res.returncode == 0 and "flush=gpspm (persistent)" in res.stdout
+
+
+def test_a_read_only_export_is_multi_conn(target: Target, tmp_path: Path,
+                                          connect: Callable[[Nbdkit], Any]) -> None:
+    """Read-only, every connection reads the target's memory: safe for several (nbd-client
+    -connections N, attach --readonly --connections N). Read-write stays single."""
+    server = Nbdkit(tmp_path, *target.keys, "readonly=true").start()
+    try:
+        h = connect(server)
+        assert h.can_multi_conn() and h.is_read_only()
+    finally:
+        server.stop()

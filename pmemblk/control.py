@@ -1,0 +1,123 @@
+"""The control socket: ``pmemblk status`` asks a running target or plugin what it is doing.
+
+A Unix stream socket, mode 600 (only its owner, normally root, may ask: the same privilege the
+region or the device needs). The asker sends one line naming a request and reads the answer
+until the server closes; requests are ``status`` (JSON) and ``metrics`` (the Prometheus text
+format). Served by one thread that answers one asker at a time with deadlines on both sides, so
+a stuck asker delays the next one by at most ``TIMEOUT`` and never touches the data path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import TransportError
+from .unixsock import listen_unix, unlink_if_ours
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 5.0
+MAX_REQUEST = 64
+MAX_ANSWER = 16 << 20
+REQUESTS = ("status", "metrics")
+
+
+class ControlServer:
+    """Answers ``status`` and ``metrics`` on a Unix socket from its own thread. A context
+    manager; ``close()`` is safe twice and removes the socket if it is still ours."""
+
+    def __init__(self, path: str, status: Callable[[], dict[str, Any]],
+                 metrics: Callable[[], bytes], what: str = "") -> None:
+        self.path = path
+        self._answers: dict[str, Callable[[], bytes]] = {
+            "status": lambda: json.dumps(status(), indent=2).encode() + b"\n",
+            "metrics": metrics,
+        }
+        self.sock, self._ident = listen_unix(path, what or f"control socket {path}")
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="pmemblk-control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    self._answer(conn)
+                except OSError as exc:
+                    log.debug("control: an asker went away: %s", exc)
+                except Exception:  # a bug: keep serving, never take the data path down
+                    log.exception("control: internal error")
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        request = b""
+        while b"\n" not in request and len(request) <= MAX_REQUEST:
+            chunk = conn.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            request += chunk
+        name = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
+        answer = self._answers.get(name)
+        if answer is None:
+            conn.sendall(f"error: unknown request {name[:MAX_REQUEST]!r}: ask "
+                         f"{' or '.join(REQUESTS)}\n".encode())
+            return
+        conn.sendall(answer())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        unlink_if_ours(self.path, self._ident)
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ask(path: str, request: str, timeout: float = TIMEOUT) -> bytes:
+    """Send ``request`` to the control socket at ``path``; the answer (TransportError if no
+    one answers, RemoteError-free: an unknown request comes back as text)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(request.encode() + b"\n")
+            parts, size = [], 0
+            while chunk := sock.recv(1 << 16):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise TransportError(f"{path}: the answer is over {MAX_ANSWER} bytes")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise TransportError(f"nothing answers on {path} (not running?)") from None
+        except OSError as exc:
+            raise TransportError(f"{path}: {exc.strerror or exc}") from None
+    return b"".join(parts)
+
+
+def ask_status(path: str) -> dict[str, Any]:
+    raw = ask(path, "status")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise TransportError(f"{path} answered something that is not pmemblk status: "
+                             f"{raw[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise TransportError(f"{path} answered something that is not pmemblk status")
+    return value

@@ -1,0 +1,190 @@
+"""The nbdkit plugin's callbacks: a pmemblk target's region as an NBD export.
+
+nbdkit runs a plugin script as ``__main__``; this module is that script's body, kept in the
+package so an installed pmemblk has it. Three ways to load it, all the same callbacks:
+
+    nbdkit pmemblk target=...                  after ``pmemblk install-plugin``
+    nbdkit python plugin/pmemblk.py target=... from a checkout
+    nbdkit python $(pmemblk plugin-path) ...   what ``pmemblk attach`` runs
+
+Callbacks are in lifecycle order and only forward to pmemblk.nbdplugin; errors become
+nbdkit.set_error(errno) and then raise. See docs/nbdkit-plugin.md.
+"""
+
+import errno
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import nbdkit
+
+import pmemblk
+from pmemblk.client import Client
+from pmemblk.errors import PmemblkError
+from pmemblk.nbdplugin import KEYS, PluginState, describe
+
+__all__ = [
+    "API_VERSION", "after_fork", "block_size", "can_fast_zero", "can_flush", "can_fua",
+    "can_multi_conn", "can_trim", "can_write", "can_zero", "cleanup", "close", "config",
+    "config_complete", "dump_plugin", "export_description", "flush", "get_size",
+    "is_rotational", "open", "pread", "pwrite", "thread_model", "zero",
+]
+
+API_VERSION = 2
+
+# nbdkit prints a failed callback with traceback.format_exception, which honours this limit:
+# expected errors (PmemblkError) then read as one line. Unexpected ones are bugs: _guard logs
+# their full traceback itself.
+sys.tracebacklimit = 0
+_ALL_FRAMES = 1000
+
+_state = PluginState()
+_log = logging.getLogger("pmemblk.plugin")
+
+
+class _NbdkitLog(logging.Handler):
+    """Library logs go to nbdkit's debug stream (-v); warnings and errors also to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        nbdkit.debug(msg)
+        if record.levelno >= logging.WARNING:
+            print(f"pmemblk: {record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
+
+
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[..., T], *args: object) -> T:
+    try:
+        return fn(*args)
+    except PmemblkError as exc:
+        nbdkit.set_error(exc.errno)
+        raise
+    except Exception as exc:
+        # A bug: logged with every frame. (logging's own formatting would honour
+        # sys.tracebacklimit = 0 above and keep none.)
+        frames = "".join(traceback.format_exception(exc, limit=_ALL_FRAMES))
+        _log.error("internal error in %s (please report it):\n%s", fn.__name__, frames)
+        nbdkit.set_error(errno.EIO)
+        raise
+
+
+def thread_model() -> int:
+    # Requests on one connection run one at a time; connections run in parallel, each with
+    # its own queue pair and buffer pool. pyverbs is not thread-safe per QP and holds the GIL
+    # while it blocks, so one QP per connection is the sound unit (docs/design.md).
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
+
+
+def dump_plugin() -> None:
+    # nbdkit ... --dump-plugin: what this plugin is and which keys it takes.
+    print(f"pmemblk_version={pmemblk.__version__}")
+    print(f"pmemblk_keys={','.join(KEYS)}")
+
+
+def config(key: str, value: str) -> None:
+    _guard(_state.config.set, key, value)
+
+
+def config_complete() -> None:
+    _guard(_state.config.complete)
+    root = logging.getLogger("pmemblk")
+    if not any(isinstance(h, _NbdkitLog) for h in root.handlers):
+        root.addHandler(_NbdkitLog())
+        root.setLevel(logging.DEBUG)
+        root.propagate = False  # importing pyverbs gives the root logger a handler
+
+
+def after_fork() -> None:
+    # Threads started before nbdkit forks into the background die with the parent: the
+    # control socket (control=PATH) starts here.
+    _guard(_state.start_control)
+
+
+def cleanup() -> None:
+    _state.close()
+
+
+def open(readonly: bool) -> Client:
+    # Verbs resources are made here, after nbdkit forked: ones made before the fork are dead.
+    return _guard(_state.open, readonly)
+
+
+def close(h: Client) -> None:
+    _state.closed(h)
+
+
+def get_size(h: Client) -> int:
+    return h.size
+
+
+def block_size(h: Client) -> tuple[int, int, int]:
+    # RDMA is byte-addressable: any alignment works; the region's block size is preferred.
+    return (1, h.block_size, 32 * 1024 * 1024)
+
+
+def export_description(h: Client) -> str:
+    return describe(h)
+
+
+def is_rotational(h: Client) -> bool:
+    return False
+
+
+def can_write(h: Client) -> bool:
+    return not h.readonly
+
+
+def can_flush(h: Client) -> bool:
+    return True
+
+
+def can_fua(h: Client) -> int:
+    # Native: FUA persists just that write's range (a READ after it, or a one-range COMMIT),
+    # which is cheaper than the full flush nbdkit would emulate it with.
+    return int(nbdkit.FUA_NATIVE)
+
+
+def can_zero(h: Client) -> bool:
+    # Zeroing is RDMA WRITEs from a registered zero chunk: no zero buffer crosses Python.
+    return True
+
+
+def can_fast_zero(h: Client) -> bool:
+    # Zeroing costs as much as writing: not "fast" in the NBD sense.
+    return False
+
+
+def can_trim(h: Client) -> bool:
+    # The region is fixed memory: deallocation would free nothing, and zero covers the need.
+    return False
+
+
+def can_multi_conn(h: Client) -> bool:
+    # Read-only: no writes to flush, and every read comes from the target's memory, so any
+    # connection sees what any other would. Read-write: False, because a flush persists the
+    # writes of its own connection only (apm: its own QP's writes; gpspm: the ranges this
+    # connection recorded), not every connection's.
+    return h.readonly
+
+
+def pread(h: Client, buf: bytearray, offset: int, flags: int) -> None:
+    _guard(h.pread, memoryview(buf), offset)
+
+
+def pwrite(h: Client, buf: bytes, offset: int, flags: int) -> None:
+    _guard(h.pwrite, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h: Client, count: int, offset: int, flags: int) -> None:
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        nbdkit.set_error(errno.ENOTSUP)
+        raise OSError(errno.ENOTSUP, "fast zero is not supported")
+    _guard(h.zero, offset, count, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h: Client, flags: int) -> None:
+    _guard(h.flush)
