@@ -1,3 +1,3 @@
 """pmemblk: remote persistent memory as a Linux block device."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

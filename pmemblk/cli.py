@@ -1,4 +1,4 @@
-"""The ``pmemblk`` command: create, info, serve, secret.
+"""The ``pmemblk`` command: create, info, serve, secret, attach, detach, list, status.
 
 Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
 130 interrupted. Tracebacks only with ``--debug``.
@@ -7,11 +7,13 @@ Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from . import __version__, layout
 from .address import UnixAddress, parse_address
@@ -30,12 +32,31 @@ MAX_CONNECTIONS = 65536
 def cmd_create(args: argparse.Namespace) -> None:
     path: str = args.path
     size = parse_size(args.size) if args.size is not None else None
-    made = create_region(path, size, args.block_size, args.force)
+    with progress_bar(size, f"allocating {path}") as progress:
+        made = create_region(path, size, args.block_size, args.force, progress)
     header = made.header
     print(f"created {path}: {human(header.data_size)} of data "
           f"({header.data_size // header.block_size} blocks of {header.block_size} bytes), "
           f"uuid {header.uuid}, is_pmem={int(made.is_pmem)} "
           f"(persistence by {made.persist_method})")
+
+
+#: Work over this many bytes shows a progress bar (on a terminal).
+PROGRESS_FROM = 1 << 30
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, what: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress callback (bytes done so far) drawing on stderr if it is a terminal and the
+    work is big; None otherwise."""
+    if total is None or total < PROGRESS_FROM or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+              leave=False) as bar:
+        yield lambda done: bar.update(done - bar.n)
 
 
 def region_info(path: str) -> dict[str, object]:
@@ -111,13 +132,102 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       durable_image=args.testing_durable_image, secret=secret,
                       insecure_no_auth=args.insecure_no_auth,
                       fail_persist=args.testing_fail_persist,
-                      lose_reply=args.testing_lose_reply))
+                      lose_reply=args.testing_lose_reply, control=args.control))
 
 
 def cmd_secret(args: argparse.Namespace) -> None:
     create_secret(args.path)
     print(f"wrote a new secret to {args.path} (mode 600): give it to the target "
           f"(--secret-file {args.path}) and to its clients (secret-file={args.path})")
+
+
+def cmd_attach(args: argparse.Namespace) -> None:
+    from .attach import AttachOptions, attach
+
+    att = attach(AttachOptions(
+        target=args.target, device=args.device, no_device=args.no_device,
+        secret_file=args.secret_file, flush=args.flush, transport=args.transport,
+        readonly=args.readonly, connections=args.connections, name=args.name,
+        reconnect_timeout=args.reconnect_timeout,
+        allow_visibility_only=args.allow_visibility_only))
+    print(att.device or att.uri)
+
+
+def cmd_detach(args: argparse.Namespace) -> None:
+    from .attach import detach, find
+
+    att = find(args.what)
+    for warning in detach(att, force=args.force):
+        print(f"pmemblk: warning: {warning}", file=sys.stderr)
+    print(f"detached {att.name} ({att.device or att.uri})")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from .attach import attachments, live_status
+
+    rows = [live_status(att) for att in attachments()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("nothing attached")
+        return
+    print(f"{'NAME':<12} {'DEVICE':<11} {'TARGET':<24} {'TRANSPORT':<9} {'FLUSH':<12} STATE")
+    for r in rows:
+        flush = r.get("flush", "-") + ("" if r.get("persistent", True) else "(vis)")
+        print(f"{r['name']:<12} {r['device'] or 'socket':<11} {r['target']:<24} "
+              f"{r.get('transport', '-'):<9} {flush:<12} {r['state']}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from . import control, status
+
+    if args.target is not None:
+        if args.what is not None:
+            raise ConfigError("give a device or name, or --target SOCKET, not both")
+        socket_path = args.target
+        answer = (control.ask(socket_path, "metrics") if args.prometheus or args.textfile
+                  else None)
+        values = [control.ask_status(socket_path)] if answer is None else []
+    else:
+        from .attach import attachments, find, live_status
+
+        atts = [find(args.what)] if args.what is not None else attachments()
+        if not atts:
+            raise ConfigError("nothing is attached (pmemblk attach TARGET); for a target, "
+                              "pmemblk status --target SOCKET")
+        values = [live_status(a) for a in atts]
+        answer = None
+        if args.prometheus or args.textfile:
+            answer = b"".join(control.ask(str(a.control_socket), "metrics") for a in atts
+                              if a.nbdkit_pid() is not None)
+    if answer is not None:
+        if args.textfile:
+            status.write_textfile(args.textfile, answer)
+        else:
+            sys.stdout.write(answer.decode())
+        return
+    if args.json:
+        print(json.dumps(values[0] if len(values) == 1 else values, indent=2))
+        return
+    for i, value in enumerate(values):
+        if i:
+            print()
+        print(status.render_target(value) if args.target else status.render_client(value))
+
+
+def cmd_install_plugin(args: argparse.Namespace) -> None:
+    from .install import install_plugin
+
+    path = install_plugin(args.plugindir)
+    print(f"installed {path}: nbdkit pmemblk target=... now works")
+
+
+def cmd_install_units(args: argparse.Namespace) -> None:
+    from .install import install_units
+
+    for path in install_units(args.unit_dir):
+        print(f"installed {path}")
 
 
 def cmd_power_cut(args: argparse.Namespace) -> None:
@@ -133,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pmemblk {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("--debug", action="store_true", help="debug log and tracebacks on errors")
+    p.add_argument("--run-dir", metavar="DIR", help="where attach keeps its state (default "
+                   "/run/pmemblk, or $PMEMBLK_RUN_DIR)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("create", help="write a new region header (file or devdax)")
@@ -199,9 +311,65 @@ def build_parser() -> argparse.ArgumentParser:
                    "dropped after about twice this (default 15)")
     s.add_argument("--pid-file", help="write the PID here once listening; removed on exit")
 
+    s.add_argument("--control", metavar="PATH",
+                   help="answer pmemblk status --target PATH on this Unix socket (mode 600)")
+
     k = sub.add_parser("secret", help="write a new random shared secret to a file (mode 600)")
     k.add_argument("path")
     k.set_defaults(func=cmd_secret)
+
+    a = sub.add_parser("attach", help="connect a target as /dev/nbdN (nbdkit and nbd-client "
+                       "in the background)")
+    a.add_argument("target", metavar="HOST:PORT|unix:PATH")
+    a.add_argument("--device", metavar="/dev/nbdN", help="default: the first free one")
+    a.add_argument("--no-device", action="store_true",
+                   help="no kernel device: serve the NBD socket only and print its URI "
+                   "(for libnbd, qemu, fio's nbd engine)")
+    a.add_argument("--secret-file", metavar="PATH", help="the target's shared secret")
+    a.add_argument("--flush", default="auto", choices=("auto", "gpspm", "apm"))
+    a.add_argument("--transport", default="auto", choices=("auto", "verbs", "tcp"))
+    a.add_argument("--readonly", action="store_true")
+    a.add_argument("--connections", type=int, default=1, metavar="N",
+                   help="NBD connections (more than 1 needs --readonly for now)")
+    a.add_argument("--name", help="what detach and status call it (default: the device's "
+                   "name, e.g. nbd0)")
+    a.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long requests wait for a lost target to come back (default 60)")
+    a.add_argument("--allow-visibility-only", action="store_true",
+                   help="accept a flush method that is not persistent on this target")
+    a.set_defaults(func=cmd_attach)
+
+    d = sub.add_parser("detach", help="flush, disconnect and stop what attach started")
+    d.add_argument("what", metavar="DEVICE|NAME")
+    d.add_argument("--force", action="store_true",
+                   help="detach even if the final flush fails")
+    d.set_defaults(func=cmd_detach)
+
+    ls = sub.add_parser("list", help="attached devices")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    st = sub.add_parser("status", help="what a device (or, with --target, a target) is doing")
+    st.add_argument("what", nargs="?", metavar="DEVICE|NAME", help="default: every attachment")
+    st.add_argument("--target", metavar="SOCKET",
+                    help="ask the target serving with --control SOCKET instead")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--prometheus", action="store_true",
+                    help="print the Prometheus text format")
+    st.add_argument("--textfile", metavar="PATH",
+                    help="write the Prometheus text format to PATH atomically (for "
+                    "node_exporter's textfile collector)")
+    st.set_defaults(func=cmd_status)
+
+    ip = sub.add_parser("install-plugin", help="install the plugin where nbdkit finds it, so "
+                        "that nbdkit pmemblk target=... works")
+    ip.add_argument("--plugindir", help="default: nbdkit's own (nbdkit --dump-config)")
+    ip.set_defaults(func=cmd_install_plugin)
+
+    iu = sub.add_parser("install-units", help="install the systemd units "
+                        "pmemblk-serve@.service and pmemblk-attach@.service")
+    iu.add_argument("--unit-dir", default="/etc/systemd/system")
+    iu.set_defaults(func=cmd_install_units)
     return p
 
 
@@ -213,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="pmemblk[%(process)d]: %(levelname)s: %(message)s")
     log.setLevel(level)
+    if args.run_dir:
+        os.environ["PMEMBLK_RUN_DIR"] = args.run_dir
     try:
         args.func(args)
     except PmemblkError as exc:

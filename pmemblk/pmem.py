@@ -100,11 +100,24 @@ def check_region_path(path: str) -> os.stat_result:
     return st
 
 
-def allocate(fd: int, path: str, size: int) -> None:
+#: allocate() reports progress after each step of this many bytes.
+ALLOCATE_STEP = 256 << 20
+
+
+def allocate(fd: int, path: str, size: int,
+             progress: Callable[[int], None] | None = None) -> None:
     """Give every byte of the file open at ``fd`` its storage now (posix_fallocate), so that no
-    store into the mapping can ever fault for want of space (SIGBUS)."""
+    store into the mapping can ever fault for want of space (SIGBUS). ``progress`` is called
+    with the bytes done after each ALLOCATE_STEP (on tmpfs, or where glibc emulates
+    fallocate by writing, a multi-GiB region takes a while)."""
+    done = 0
     try:
-        os.posix_fallocate(fd, 0, size)
+        while done < size:
+            step = min(ALLOCATE_STEP, size - done) if progress is not None else size - done
+            os.posix_fallocate(fd, done, step)
+            done += step
+            if progress is not None:
+                progress(done)
     except OSError as exc:
         hints = {errno.ENOSPC: " (the filesystem has no room for it)",
                  errno.EFBIG: " (larger than the filesystem allows for one file)"}

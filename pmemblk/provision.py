@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout
@@ -38,8 +39,10 @@ def _format(path: str, block_size: int, keep_existing: bool = False,
         return Created(header, region.is_pmem, region.persist_method)
 
 
-def create_region(path: str, size: int | None, block_size: int, force: bool) -> Created:
-    """Create (or with ``force``, recreate) the region at ``path``."""
+def create_region(path: str, size: int | None, block_size: int, force: bool,
+                  progress: Callable[[int], None] | None = None) -> Created:
+    """Create (or with ``force``, recreate) the region at ``path``; ``progress`` sees the
+    bytes allocated so far (pmem.allocate)."""
     layout.check_block_size(block_size, ConfigError)
     if size is not None and size < 2 * layout.DATA_ALIGN:
         raise ConfigError(f"--size {size} is too small: the header takes {layout.DATA_ALIGN} "
@@ -47,7 +50,7 @@ def create_region(path: str, size: int | None, block_size: int, force: bool) -> 
     if not os.path.lexists(path):
         if size is None:
             raise ConfigError(f"{path} does not exist: give its size with --size, e.g. --size 1G")
-        return _create_file(path, size, block_size)
+        return _create_file(path, size, block_size, progress)
     st = check_region_path(path)
     if stat.S_ISCHR(st.st_mode):  # devdax: fixed size, rewritten in place
         with RegionLock(path, "create a region on it"):
@@ -65,18 +68,19 @@ def create_region(path: str, size: int | None, block_size: int, force: bool) -> 
                 os.ftruncate(lock.fd, size)
             except OSError as exc:
                 raise ConfigError(f"cannot resize {path} to {size} bytes: {exc.strerror}") from None
-        allocate(lock.fd, path, size)
+        allocate(lock.fd, path, size, progress)
         return _format(path, block_size)
 
 
-def _create_file(path: str, size: int, block_size: int) -> Created:
+def _create_file(path: str, size: int, block_size: int,
+                 progress: Callable[[int], None] | None) -> Created:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
     try:
         with RegionLock(path, "create a region on it", fd=fd) as lock:
-            allocate(lock.fd, path, size)
+            allocate(lock.fd, path, size, progress)
             return _format(path, block_size)
     except BaseException:
         os.unlink(path)  # ours: made above with O_EXCL

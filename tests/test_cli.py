@@ -102,3 +102,31 @@ def test_secret_command_writes_a_private_random_secret(tmp_path: Path) -> None:
     assert run("secret", str(b)).returncode == 0
     assert a.stat().st_mode & 0o777 == 0o600
     assert len(load_secret(str(a))) == 64 and load_secret(str(a)) != load_secret(str(b))
+
+
+def test_create_of_a_big_region_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, allocating a GiB or more draws a progress bar; piped, it stays quiet."""
+    import pty
+
+    path = tmp_path / "big.img"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: pmemblk on the pty
+        os.execv(sys.executable, [sys.executable, "-m", "pmemblk", "create", str(path),
+                                  "--size", "1G"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the pty
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert f"allocating {path}" in text and "1.00G" in text, text  # tqdm: done/total
+    path.unlink()
+    piped = run("create", str(path), "--size", "1G")
+    assert piped.returncode == 0 and "allocating" not in piped.stderr, piped.stderr

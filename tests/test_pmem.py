@@ -61,3 +61,19 @@ def test_open_missing_file(tmp_path: Path) -> None:
 def test_nonpositive_size(region_path: Path) -> None:
     with pytest.raises(PmemError, match="positive"):
         PmemRegion.create(str(region_path), 0)
+
+
+def test_allocate_reports_progress_in_steps(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pmemblk import pmem
+
+    monkeypatch.setattr(pmem, "ALLOCATE_STEP", 1 << 20)
+    seen: list[int] = []
+    path = tmp_path / "r.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        pmem.allocate(fd, str(path), (5 << 20) + 4096, seen.append)
+    finally:
+        os.close(fd)
+    assert seen == [1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20, (5 << 20) + 4096]
+    assert path.stat().st_blocks * 512 >= (5 << 20) + 4096

@@ -1,0 +1,519 @@
+"""``pmemblk attach``, ``detach`` and ``list``: a target as /dev/nbdN in one command.
+
+``attach`` checks the target first (reachable, the secret accepted, the flush method
+persistent), then starts nbdkit with the plugin in the background on a private Unix socket and
+connects the kernel's NBD client to it. Everything it starts lives in one directory per
+attachment, ``RUN_DIR/NAME/`` (mode 700):
+
+    attach.json    what was attached, and how (read by detach, list and status)
+    nbdkit.pid     nbdkit's PID, written by nbdkit once it listens
+    nbdkit.log     nbdkit's and the plugin's messages
+    nbd.sock       the NBD socket (the kernel client's, or a libnbd/qemu URI with --no-device)
+    control.sock   the plugin's control socket (pmemblk status)
+
+A step that fails undoes the ones before it, so a failed attach leaves nothing running and
+nothing behind. ``detach`` flushes the device, disconnects it, stops nbdkit and removes the
+directory; it refuses a device that is mounted or held by another device (md, dm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from . import nbdplugin
+from .errors import ConfigError, PmemblkError, TransportError
+from .transport.verbs import DEFAULT_TIMEOUT
+
+log = logging.getLogger(__name__)
+
+#: Where attachments live; PMEMBLK_RUN_DIR (or --run-dir) moves it, e.g. for tests.
+DEFAULT_RUN_DIR = "/run/pmemblk"
+#: How long nbdkit may take to listen, and the device to show its size.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+MAX_CONNECTIONS = 16
+_DEVICE_RE = re.compile(r"/dev/(nbd\d+)")
+_FILES = ("attach.json", "nbdkit.pid", "nbdkit.log", "nbd.sock", "control.sock")
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("PMEMBLK_RUN_DIR") or DEFAULT_RUN_DIR)
+
+
+@dataclass(frozen=True)
+class AttachOptions:
+    target: str
+    device: str | None = None  # None: the first free one
+    no_device: bool = False  # serve the NBD socket only (libnbd, qemu, fio's nbd engine)
+    secret_file: str | None = None
+    flush: str = "auto"
+    transport: str = "auto"
+    readonly: bool = False
+    connections: int = 1
+    name: str | None = None
+    reconnect_timeout: float = nbdplugin.DEFAULT_RECONNECT_TIMEOUT
+    allow_visibility_only: bool = False
+
+
+@dataclass
+class Attachment:
+    name: str
+    folder: Path
+    target: str
+    device: str | None
+    connections: int
+    readonly: bool
+    keys: list[str]
+    created: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.folder / "nbd.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.folder / "control.sock"
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.nbd_socket}"
+
+    def save(self) -> None:
+        tmp = self.folder / ".attach.json.tmp"
+        record = {k: v for k, v in dataclasses.asdict(self).items() if k != "folder"}
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.folder / "attach.json")
+
+    @classmethod
+    def load(cls, folder: Path) -> Attachment:
+        try:
+            record = json.loads((folder / "attach.json").read_text())
+            return cls(folder=folder, **record)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{folder} does not hold a pmemblk attachment ({exc})") from None
+
+    def nbdkit_pid(self) -> int | None:
+        """nbdkit's PID if it is running and is this attachment's (checked by its command
+        line naming our socket), else None."""
+        pid = _read_pid(self.folder / "nbdkit.pid")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid is not None else b""
+        except OSError:
+            return None
+        return pid if str(self.nbd_socket).encode() in cmdline.split(b"\0") else None
+
+
+# -- finding attachments and devices ---------------------------------------------------------
+
+
+def attachments() -> list[Attachment]:
+    folder = run_dir()
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(folder.iterdir()):
+            if (entry / "attach.json").is_file():
+                with contextlib.suppress(ConfigError):
+                    found.append(Attachment.load(entry))
+    return found
+
+
+def find(name_or_device: str) -> Attachment:
+    """The attachment called NAME, or the one holding DEVICE (/dev/nbdN)."""
+    for att in attachments():
+        if name_or_device in (att.name, att.device):
+            return att
+    known = ", ".join(f"{a.name} ({a.device or a.uri})" for a in attachments()) or "none"
+    raise ConfigError(f"no attachment is called {name_or_device!r} or holds that device "
+                      f"(attached: {known}; see pmemblk list)")
+
+
+def _sys_block(dev: str) -> Path:
+    m = _DEVICE_RE.fullmatch(dev)
+    if not m:
+        raise ConfigError(f"--device {dev}: expected an NBD device, e.g. /dev/nbd0")
+    return Path("/sys/block") / m.group(1)
+
+
+def device_busy(dev: str) -> str | None:
+    """Why ``dev`` cannot be attached (connected, or claimed by an attachment), or None."""
+    sysfs = _sys_block(dev)
+    if (sysfs / "pid").exists():
+        return "it is connected (nbd-client -c says by whom)"
+    with contextlib.suppress(OSError, ValueError):
+        if int((sysfs / "size").read_text()) > 0:
+            return "it is in use"
+    for att in attachments():
+        if att.device == dev:
+            return f"attachment {att.name} holds it"
+    return None
+
+
+def free_device() -> str:
+    candidates = sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:] or 0))
+    for sysfs in candidates:
+        dev = f"/dev/{sysfs.name}"
+        if os.path.exists(dev) and device_busy(dev) is None:
+            return dev
+    raise ConfigError(f"all {len(candidates)} NBD devices are in use: detach one, or load "
+                      "the module with more (modprobe nbd nbds_max=32)")
+
+
+def holders(dev: str) -> list[str]:
+    """What keeps ``dev`` busy: mount points of it or its partitions, md/dm holders."""
+    sysfs = _sys_block(dev)
+    numbers = set()
+    for node in [sysfs, *sysfs.glob(f"{sysfs.name}p*")]:
+        with contextlib.suppress(OSError):
+            numbers.add((node / "dev").read_text().strip())
+    found = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[2] in numbers:
+                found.append(f"mounted on {fields[4]}")
+    with contextlib.suppress(OSError):
+        for node in [sysfs, *sysfs.glob(f"{sysfs.name}p*")]:
+            found += [f"held by {h.name}" for h in (node / "holders").iterdir()]
+    return found
+
+
+# -- attach ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One attach or detach at a time chooses devices and names."""
+    folder = run_dir()
+    try:
+        folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {folder}: {exc.strerror} (run as root, or set "
+                          "PMEMBLK_RUN_DIR)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def plugin_keys(opts: AttachOptions) -> list[str]:
+    keys = [f"target={opts.target}", f"transport={opts.transport}", f"flush={opts.flush}",
+            f"reconnect-timeout={opts.reconnect_timeout:g}"]
+    if opts.secret_file:
+        keys.append(f"secret-file={os.path.abspath(opts.secret_file)}")
+    if opts.readonly:
+        keys.append("readonly=true")
+    if opts.allow_visibility_only:
+        keys.append("allow-visibility-only=true")
+    return keys
+
+
+def check_target(opts: AttachOptions, keys: list[str]) -> nbdplugin.PluginConfig:
+    """Parse the keys as the plugin will, and connect once: a wrong address, secret or flush
+    method fails here, in one line, before anything is started."""
+    cfg = nbdplugin.PluginConfig()
+    for key in keys:
+        k, _, v = key.partition("=")
+        cfg.set(k, v)
+    cfg.complete()
+    if opts.connections > 1 and not opts.readonly:
+        raise ConfigError(
+            f"--connections {opts.connections}: a read-write export is not yet safe for "
+            "several connections (a FLUSH on one would not persist the others' writes); "
+            "use --connections 1, or --readonly")
+    # Read-only: the probe must not hold the writer slot the device is about to take.
+    with nbdplugin.connect(cfg, readonly=True):
+        pass
+    return cfg
+
+
+def attach(opts: AttachOptions) -> Attachment:
+    """Attach ``opts.target``; on failure nothing is left running or behind."""
+    if not 1 <= opts.connections <= MAX_CONNECTIONS:
+        raise ConfigError(f"--connections must be from 1 to {MAX_CONNECTIONS}")
+    if opts.name is not None and not nbdplugin.NAME_RE.fullmatch(opts.name):
+        raise ConfigError(f"--name {opts.name!r}: use letters, digits, '.', '_' and '-' "
+                          "(at most 64)")
+    if opts.device is not None and opts.no_device:
+        raise ConfigError("--device and --no-device contradict each other")
+    if not opts.no_device:
+        if not os.path.isdir("/sys/module/nbd"):
+            raise ConfigError("the kernel's nbd module is not loaded: modprobe nbd (or attach "
+                              "with --no-device to get an NBD socket only)")
+        if shutil.which("nbd-client") is None:
+            raise ConfigError("nbd-client is not installed (apt install nbd-client)")
+        if opts.device is not None:
+            if not os.path.exists(opts.device):
+                raise ConfigError(f"--device {opts.device} does not exist")
+            _sys_block(opts.device)
+    if shutil.which("nbdkit") is None:
+        raise ConfigError("nbdkit is not installed (apt install nbdkit nbdkit-plugin-python)")
+    keys = plugin_keys(opts)
+    check_target(opts, keys)
+    with _locked(), contextlib.ExitStack() as undo:
+        device = None
+        if not opts.no_device:
+            device = opts.device or free_device()
+            why = device_busy(device)
+            if why is not None:
+                raise ConfigError(f"--device {device} is busy: {why}")
+        name = opts.name or (os.path.basename(device) if device else _free_name())
+        folder = run_dir() / name
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ConfigError(f"an attachment named {name} exists already ({folder}): "
+                              f"pmemblk detach {name}, or choose another --name") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create {folder}: {exc.strerror}") from None
+        undo.callback(_remove_folder, folder)
+        att = Attachment(name, folder, opts.target, device, opts.connections, opts.readonly,
+                         keys)
+        att.save()
+        pid = _start_nbdkit(att)
+        undo.callback(_stop_process, pid, att)
+        if device is not None:
+            _connect_device(att, device, opts)
+            undo.callback(_disconnect_device, device)
+        undo.pop_all()
+    log.info("attached %s as %s", opts.target, device or att.uri)
+    return att
+
+
+def _free_name() -> str:
+    taken = {a.name for a in attachments()}
+    return next(f"export{i}" for i in range(len(taken) + 1) if f"export{i}" not in taken)
+
+
+def plugin_path() -> str:
+    """The plugin script nbdkit runs: pmemblk.nbdkit_plugin's file."""
+    spec = find_spec("pmemblk.nbdkit_plugin")
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+def package_root() -> str:
+    """The directory holding the pmemblk package (for nbdkit's Python to import it)."""
+    return str(Path(plugin_path()).parent.parent)
+
+
+def _start_nbdkit(att: Attachment) -> int:
+    """nbdkit in the background (its own daemon mode: with --foreground it dies with its
+    parent); its PID once it listens and the plugin's control socket is up."""
+    pid_file = att.folder / "nbdkit.pid"
+    command = ["nbdkit", "--unix", str(att.nbd_socket), "--pidfile", str(pid_file),
+               "--log=stderr"]
+    if att.readonly:
+        command.append("--readonly")
+    command += ["python", plugin_path(), *att.keys, f"control={att.control_socket}",
+                f"name={att.name}"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH"))
+                                        if p)
+    log.debug("starting %s", " ".join(command))
+    with open(att.folder / "nbdkit.log", "ab") as out:
+        try:
+            status = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    timeout=START_TIMEOUT).returncode
+        except subprocess.TimeoutExpired:
+            status = None
+    if status != 0:  # the plugin refused its configuration, or nbdkit could not listen
+        pid = _read_pid(pid_file)
+        if pid is not None:
+            _stop_process(pid, att)
+        raise TransportError(f"nbdkit did not start: {_log_tail(att)}")
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        pid = att.nbdkit_pid()
+        if pid is not None and att.control_socket.exists():
+            return pid
+        gone = pid is None and pid_file.exists()
+        if gone or time.monotonic() > deadline:
+            if pid is not None:
+                _stop_process(pid, att)
+            raise TransportError(f"nbdkit {'exited' if gone else 'did not start'}: "
+                                 f"{_log_tail(att)}")
+        time.sleep(0.05)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _log_tail(att: Attachment) -> str:
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in (att.folder / "nbdkit.log").read_text(errors="replace")
+                 .splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        return (errors or lines or ["(no output)"])[-1]
+    return "(no log)"
+
+
+def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
+    # The kernel must wait at least as long as the plugin keeps retrying a request
+    # (reconnect-timeout plus one completion deadline): it then fails the request itself.
+    timeout = int(opts.reconnect_timeout + DEFAULT_TIMEOUT + 30)
+    command = ["nbd-client", "-unix", str(att.nbd_socket), device, "-name", "pmemblk",
+               "-block-size", "4096", "-timeout", str(timeout)]
+    if opts.connections > 1:
+        command += ["-connections", str(opts.connections)]
+    if opts.readonly:
+        command.append("-readonly")
+    res = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
+    if res.returncode != 0:
+        said = (res.stderr.strip() or res.stdout.strip()).splitlines()
+        raise TransportError(f"nbd-client could not connect {device}: "
+                             f"{said[-1] if said else 'exit ' + str(res.returncode)}; "
+                             f"nbdkit said: {_log_tail(att)}")
+    size = _sys_block(device) / "size"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            if int(size.read_text()) > 0:
+                return
+        if time.monotonic() > deadline:
+            _disconnect_device(device)
+            raise TransportError(f"{device} did not get its size within {START_TIMEOUT:g}s")
+        time.sleep(0.05)
+
+
+def _disconnect_device(device: str) -> None:
+    subprocess.run(["nbd-client", "-d", device], capture_output=True, timeout=STOP_TIMEOUT * 3)
+    pid_path = _sys_block(device) / "pid"
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while pid_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _stop_process(pid: int, att: Attachment) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT (nbdkit 1.32 waits for its clients)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            log.warning("nbdkit (PID %d) did not stop within %gs: killing it", pid,
+                        STOP_TIMEOUT)
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie child of ours is reaped and counts as gone)."""
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove what attach made there, and the folder if nothing else is in it."""
+    for name in (*_FILES, ".attach.json.tmp"):
+        path = folder / name
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+    try:
+        folder.rmdir()
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("left %s in place: it holds files pmemblk did not make", folder)
+
+
+# -- detach ----------------------------------------------------------------------------------
+
+
+def detach(att: Attachment, force: bool = False) -> list[str]:
+    """Flush, disconnect, stop nbdkit, clean up. Returns warnings for the caller to show."""
+    warnings = []
+    with _locked():
+        if att.device is not None and (att.folder / "attach.json").exists():
+            busy = holders(att.device)
+            if busy:
+                raise ConfigError(f"{att.device} is {', '.join(busy)}: unmount or stop it "
+                                  "first; detach would pull the device from under it")
+            connected = (_sys_block(att.device) / "pid").exists()
+            if connected:
+                problem = _final_flush(att.device)
+                if problem and not force:
+                    raise PmemblkError(
+                        f"the final flush of {att.device} failed ({problem}): what was "
+                        "written may not be persistent. Nothing was detached; check "
+                        f"pmemblk status {att.name}, or pmemblk detach --force to detach "
+                        "anyway")
+                if problem:
+                    warnings.append(f"the final flush failed ({problem}); detached anyway")
+                _disconnect_device(att.device)
+        pid = att.nbdkit_pid()
+        if pid is not None:
+            _stop_process(pid, att)
+        elif (att.folder / "nbdkit.pid").exists():
+            warnings.append("nbdkit was not running any more")
+        _remove_folder(att.folder)
+    return warnings
+
+
+def _final_flush(device: str) -> str | None:
+    """fsync the device: the kernel sends every dirty page, then an NBD FLUSH."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.strerror
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return f"{device} is not a block device"
+        os.fsync(fd)
+    except OSError as exc:
+        return exc.strerror
+    finally:
+        os.close(fd)
+    return None
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def live_status(att: Attachment) -> dict[str, Any]:
+    """The plugin's own status, with what attach recorded; ``state`` says if it is gone."""
+    from .control import ask_status
+
+    out: dict[str, Any] = {"name": att.name, "device": att.device, "uri": att.uri,
+                           "target": att.target, "nbd_connections": att.connections}
+    if att.nbdkit_pid() is None:
+        out["state"] = "nbdkit is not running (pmemblk detach cleans up)"
+        return out
+    try:
+        out.update(ask_status(str(att.control_socket)))
+    except TransportError as exc:
+        out["state"] = f"not answering: {exc}"
+    out["name"] = att.name
+    return out

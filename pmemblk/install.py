@@ -1,0 +1,117 @@
+"""Installing pmemblk's pieces where other programs look for them: the nbdkit plugin in
+nbdkit's plugin directory (``nbdkit pmemblk ...``), the systemd units in /etc/systemd/system.
+
+Both are written from what is running now, so they name this pmemblk's files and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+from .attach import package_root
+from .errors import ConfigError
+
+UNITS = ("pmemblk-serve@.service", "pmemblk-attach@.service")
+PLUGIN_NAME = "nbdkit-pmemblk-plugin"
+
+
+def nbdkit_config() -> dict[str, str]:
+    try:
+        res = subprocess.run(["nbdkit", "--dump-config"], capture_output=True, text=True,
+                             timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"cannot ask nbdkit where its plugins go ({exc}): is nbdkit "
+                          "installed? (apt install nbdkit nbdkit-plugin-python)") from None
+    return dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+
+
+def _system_python_finds_us() -> bool:
+    """Whether nbdkit's Python (Debian's /usr/bin/python3) imports this very pmemblk."""
+    probe = "import importlib.util as u; s = u.find_spec('pmemblk'); print(s and s.origin)"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        res = subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True, text=True,
+                             timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        found = res.stdout.strip()
+        return found != "None" and os.path.exists(found) and os.path.samefile(
+            os.path.dirname(found), os.path.join(package_root(), "pmemblk"))
+    return False
+
+
+def plugin_script(nbdkit: str) -> str:
+    lines = [f"#!{nbdkit} python",
+             f"# pmemblk {__version__}'s nbdkit plugin, installed by `pmemblk install-plugin`.",
+             "# Usage: nbdkit pmemblk target=HOST:PORT|unix:PATH [key=value ...]; "
+             "nbdkit pmemblk --dump-plugin"]
+    if not _system_python_finds_us():
+        # pmemblk lives where nbdkit's Python does not look (a venv): say where.
+        lines += ["import sys", f"sys.path.insert(0, {package_root()!r})"]
+    lines.append("from pmemblk.nbdkit_plugin import *  # noqa: F403")
+    return "\n".join(lines) + "\n"
+
+
+def install_plugin(plugindir: str | None) -> str:
+    config = nbdkit_config()
+    folder = plugindir or config.get("plugindir")
+    if not folder:
+        raise ConfigError("nbdkit --dump-config names no plugindir: pass --plugindir")
+    nbdkit = config.get("binary") or shutil.which("nbdkit") or "/usr/sbin/nbdkit"
+    path = os.path.join(folder, PLUGIN_NAME)
+    _write(path, plugin_script(nbdkit), 0o755)
+    # Run it as nbdkit will: a plugin that cannot load is removed, not left to fail later.
+    res = subprocess.run([path, "--dump-plugin"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0 or f"pmemblk_version={__version__}" not in res.stdout:
+        os.unlink(path)
+        said = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"the installed plugin did not load under nbdkit ({said}); "
+                          f"removed {path}")
+    return path
+
+
+def _executable() -> str:
+    """The absolute path of the running ``pmemblk`` command."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "pmemblk" and os.access(argv0, os.X_OK):
+        return os.path.abspath(argv0)
+    beside = os.path.join(os.path.dirname(sys.executable), "pmemblk")  # python -m pmemblk
+    found = beside if os.access(beside, os.X_OK) else shutil.which("pmemblk")
+    if found is None:
+        raise ConfigError("cannot tell where the pmemblk command is: run install-units "
+                          "through it (e.g. /usr/local/bin/pmemblk install-units)")
+    return os.path.abspath(found)
+
+
+def unit_text(name: str, executable: str) -> str:
+    template = resources.files("pmemblk").joinpath("systemd", name).read_text()
+    return template.replace("@PMEMBLK@", executable)
+
+
+def install_units(unit_dir: str) -> list[str]:
+    executable = _executable()
+    written = []
+    for name in UNITS:
+        path = os.path.join(unit_dir, name)
+        _write(path, unit_text(name, executable), 0o644)
+        written.append(path)
+    return written
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{folder} is not a directory")
+    tmp = Path(folder) / f".{os.path.basename(path)}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None

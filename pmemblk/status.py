@@ -1,0 +1,87 @@
+"""``pmemblk status``: a device's or a target's status as people read it, and the Prometheus
+text file for node_exporter."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from .errors import ConfigError
+from .units import human
+
+
+def write_textfile(path: str, text: bytes) -> None:
+    """Replace ``path`` by ``text`` atomically: node_exporter never reads half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pmemblk-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"--textfile {path}: cannot write in {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise ConfigError(f"--textfile {path}: {exc.strerror}") from None
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_client(st: dict[str, Any]) -> str:
+    lines = [f"{st['name']}: {st.get('device') or st.get('uri', '')}",
+             f"  target:       {st.get('target', '?')}"
+             + (f" over {st['transport']}" if st.get("transport") else "")]
+    if "flush" in st:
+        mode = "persistent" if st.get("persistent") else "visibility only"
+        lines.append(f"  flush:        {st['flush']} ({mode}); target is_pmem="
+                     f"{int(bool(st.get('target_is_pmem')))}")
+    if "export_size" in st:
+        lines.append(f"  export:       {human(st['export_size'])}, region "
+                     f"{st.get('region_uuid')}, loss epoch {st.get('loss_epoch')}"
+                     + (", read-only" if st.get("readonly") else ""))
+    lines.append(f"  state:        {st.get('state', '?')}")
+    if "connections" in st:
+        lines.append(f"  connections:  {st['connections']} open, {st['reconnects']} "
+                     f"reconnects, {st['connections_failed']} failed to open"
+                     + (f" (last: {st['last_error']})" if st.get("last_error") else ""))
+        lines.append(f"  uptime:       {st['uptime_s']:g} s, nbdkit PID {st['pid']}")
+    ops = st.get("ops")
+    if ops:
+        lines.append(f"  {'op':<6} {'requests':>10} {'bytes':>12} {'errors':>7} "
+                     f"{'p50 µs':>9} {'p99 µs':>9} {'p99.9 µs':>9}")
+        for op, s in ops.items():
+            lines.append(f"  {op:<6} {s['requests']:>10} {human(s['bytes']):>12} "
+                         f"{s['errors']:>7} {_us(s['p50_us']):>9} {_us(s['p99_us']):>9} "
+                         f"{_us(s['p99.9_us']):>9}")
+        if not st.get("stats", True):
+            lines.append("  (statistics are off: stats=false)")
+    return "\n".join(lines)
+
+
+def render_target(st: dict[str, Any]) -> str:
+    t = st["totals"]
+    lines = [
+        f"target {st['region']} ({st['kind']}, {human(st['export_size'])}, is_pmem="
+        f"{int(st['is_pmem'])}, persistence by {st['persistence']})",
+        f"  region:       {st['region_uuid']}, loss epoch {st['loss_epoch']}"
+        + (", read-only" if st["readonly"] else "") + (", shared" if st["shared"] else ""),
+        f"  listening:    {st['listen']} over {', '.join(st['transports'])}, "
+        f"authentication {'on' if st['authentication'] else 'off'}",
+        f"  uptime:       {st['uptime_s']:g} s, PID {st['pid']}",
+        f"  clients:      {len(st['clients'])} now, {t['admitted']} admitted and "
+        f"{t['refused']} refused since start, {st['handshakes']} in their handshake",
+        f"  commits:      {t['commits']} ({human(t['commit_bytes'])} persisted), "
+        f"{t['commit_errors']} failed",
+        f"  tcp data:     {t['reads']} reads ({human(t['read_bytes'])}), {t['writes']} writes "
+        f"({human(t['write_bytes'])}), {t['zeros']} zeroes (verbs data bypasses the target)",
+    ]
+    for c in st["clients"]:
+        lines.append(f"  client {c['client']}: {c['mode']} over {c['transport']} from "
+                     f"{c['address'] or '?'}, {c['connected_s']:g} s; {c['reads']} reads, "
+                     f"{c['writes']} writes, {c['commits']} commits")
+    return "\n".join(lines)
