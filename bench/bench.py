@@ -3,6 +3,7 @@
     python3 bench/bench.py run  [--quick] [--out FILE]    # host part, then the VM part
     python3 bench/bench.py part {host,vm} [--quick] --out FILE
     python3 bench/bench.py render FILE                     # table + plots into docs/
+    python3 bench/bench.py stats-cost [--quick] [--out FILE]  # pmemblk with and without stats
 
 Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
 ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
@@ -27,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from pmemblk.auth import create_secret
 
@@ -68,7 +71,7 @@ class Server:
         self.sock = work / f"{name}.sock"
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, flush: str = "auto") -> Server:
+    def start(self, flush: str = "auto", extra: tuple[str, ...] = ()) -> Server:
         nbdkit = ["nbdkit", "-f", "-U", str(self.sock)]
         if self.name == "nbdkit-memory":
             cmd = [*nbdkit, "memory", str(SIZE)]
@@ -101,6 +104,7 @@ class Server:
             keys = [f"target={listen}", f"transport={transport}", f"flush={flush}", *auth]
             if flush == "apm":
                 keys.append("allow-visibility-only=true")
+            keys += extra
             cmd = [*nbdkit, "python", PLUGIN, *keys]
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
@@ -125,8 +129,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(name: str, work: Path, flush: str = "auto") -> Iterator[Server]:
-    server = Server(name, work).start(flush)
+def served(name: str, work: Path, flush: str = "auto",
+           extra: tuple[str, ...] = ()) -> Iterator[Server]:
+    server = Server(name, work).start(flush, extra)
     try:
         yield server
     finally:
@@ -230,12 +235,16 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"repeats": repeats, "runtime_s": runtime, "fio": {},
                               "flush": {}}
     work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    progress = tqdm(total=len(backends) * repeats * len(JOBS), unit="run", desc=f"bench {part}",
+                    disable=not sys.stderr.isatty(), leave=False)
     try:
         for backend in backends:
             result["fio"][backend] = {name: [] for name in JOBS}
             for r in range(repeats):
                 with served(backend, work) as server:
                     for name, job in JOBS.items():
+                        progress.set_postfix_str(f"{backend} {name} #{r + 1}")
+                        progress.update()
                         try:
                             if part == "host":
                                 m = fio(["--ioengine=nbd", f"--uri={server.uri}"], job, runtime)
@@ -264,6 +273,37 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
             result["perftest"] = [perftest(quick) for _ in range(repeats)]
             log(f"vm perftest: {result['perftest'][-1]}")
     finally:
+        progress.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+STATS_JOBS = ("randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd16", "read-1m")
+
+
+def stats_cost(quick: bool) -> dict[str, Any]:
+    """pmemblk over TCP with statistics on (the default) and off (stats=false), the two
+    alternating in each repeat so that machine noise falls on both alike."""
+    repeats, runtime = (3, 3) if quick else (7, 8)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "repeats": repeats, "runtime_s": runtime,
+                              "on": {j: [] for j in STATS_JOBS},
+                              "off": {j: [] for j in STATS_JOBS}}
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    progress = tqdm(total=repeats * 2 * len(STATS_JOBS), unit="run", desc="stats cost",
+                    disable=not sys.stderr.isatty())
+    try:
+        for r in range(repeats):
+            order = ("on", "off") if r % 2 == 0 else ("off", "on")
+            for mode in order:
+                with served("pmemblk-tcp", work, "auto", (f"stats={mode == 'on'}",)) as server:
+                    for name in STATS_JOBS:
+                        m = fio(["--ioengine=nbd", f"--uri={server.uri}"], JOBS[name], runtime)
+                        result[mode][name].append(m)
+                        progress.update()
+                        log(f"stats {mode} {name} #{r + 1}: {m['iops']:.0f} IOPS")
+    finally:
+        progress.close()
         shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -283,7 +323,22 @@ def main() -> int:
     p.add_argument("--out", required=True)
     d = sub.add_parser("render")
     d.add_argument("file")
+    c = sub.add_parser("stats-cost")
+    c.add_argument("--quick", action="store_true")
+    c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = ap.parse_args()
+
+    if args.cmd == "stats-cost":
+        saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
+        if saved is None:
+            log(f"{args.out} does not exist: run the whole bench first")
+            return 1
+        saved["stats_cost"] = stats_cost(args.quick)
+        Path(args.out).write_text(json.dumps(saved, indent=1))
+        from render import render
+
+        render(saved)
+        return 0
 
     if args.cmd == "part":
         Path(args.out).write_text(json.dumps(run_part(args.part, args.quick), indent=1))
@@ -300,8 +355,12 @@ def main() -> int:
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "parts": {},
     }
-    if args.only and Path(args.out).exists():
-        results["parts"] = json.loads(Path(args.out).read_text())["parts"]
+    if Path(args.out).exists():
+        saved = json.loads(Path(args.out).read_text())
+        if "stats_cost" in saved:  # measured on its own (bench.py stats-cost): kept
+            results["stats_cost"] = saved["stats_cost"]
+        if args.only:
+            results["parts"] = saved["parts"]
     if args.only != "vm":
         results["parts"]["host"] = run_part("host", args.quick)
     if not args.no_vm and args.only != "host":

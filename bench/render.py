@@ -151,6 +151,21 @@ def plots(parts: dict[str, Any]) -> list[str]:
     return out
 
 
+def stats_table(cost: dict[str, Any]) -> list[str]:
+    """What the statistics cost: pmemblk over TCP with stats on vs stats=false."""
+    lines = [f"### What the statistics cost ({cost['date']}, host, pmemblk over TCP, "
+             f"{cost['repeats']} repeats × {cost['runtime_s']} s, on and off alternating)", "",
+             "| job | stats on | stats=false | on / off (median, range) |", "|---|---|---|---|"]
+    for job, runs in cost["on"].items():
+        metric = JOB_METRIC[job]
+        unit = "MB/s" if metric == "mbps" else "IOPS"
+        on = [float(r[metric]) for r in runs]
+        off = [float(r[metric]) for r in cost["off"][job]]
+        lines.append(f"| {job} | {med(on):.0f} {unit} | {med(off):.0f} {unit} | "
+                     f"{fmt_ratio(ratio(on, off))} |")
+    return lines
+
+
 def render(results: dict[str, Any]) -> None:
     parts = results["parts"]
     lines = [BEGIN, "", f"Latest run: {results['date']}, {'quick' if results['quick'] else 'full'}"
@@ -165,6 +180,8 @@ def render(results: dict[str, Any]) -> None:
                        else "VM, Soft-RoCE under TCG (fio libaio on /dev/nbd0)")
         lines.append("")
     lines += plots(parts)
+    if "stats_cost" in results:
+        lines += ["", *stats_table(results["stats_cost"])]
     lines += ["", END]
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
