@@ -4,6 +4,7 @@
     python3 bench/bench.py part {host,vm} [--quick] --out FILE
     python3 bench/bench.py render FILE                     # table + plots into docs/
     python3 bench/bench.py stats-cost [--quick] [--out FILE]  # pmemblk with and without stats
+    python3 bench/bench.py scale-out [--quick] [--out FILE]   # VM: one target, RAID0, RAID1
 
 Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
 ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
@@ -305,6 +306,107 @@ def stats_cost(quick: bool) -> dict[str, Any]:
     finally:
         progress.close()
         shutil.rmtree(work, ignore_errors=True)
+    result["counted_us"] = counted_cost()
+    log(f"stats: counting one request costs {result['counted_us']:.2f} us of CPU")
+    return result
+
+
+def counted_cost(n: int = 200_000) -> float:
+    """CPU time of Client._counted around an empty request (µs), with statistics on, less
+    the same with them off: what each request pays."""
+    from pmemblk.client import OPS, Client
+    from pmemblk.stats import IoStats
+
+    def per_call(enabled: bool) -> float:
+        client = object.__new__(Client)  # no transport needed: only the counting is timed
+        client.stats = IoStats(OPS, enabled=enabled)
+        start = time.process_time()
+        for _ in range(n):
+            with client._counted("read", 4096):
+                pass
+        return (time.process_time() - start) / n * 1e6
+
+    return min(per_call(True) for _ in range(3)) - min(per_call(False) for _ in range(3))
+
+
+SCALE_JOBS = ("randread-4k-qd16", "randwrite-4k-qd16", "read-1m", "write-1m")
+SCALE_LAYOUTS = ("single", "raid0", "raid1")
+
+
+def scale_out(quick: bool) -> dict[str, Any]:
+    """In the VM: fio on one attached target, on md RAID0 over two, and on md RAID1 over two
+    (created --assume-clean: a benchmark's data needs no initial resync), taking turns within
+    each repeat. Attachments are made with pmemblk attach (docs/scale-out.md)."""
+    repeats, runtime = (2, 3) if quick else (3, 8)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "repeats": repeats, "runtime_s": runtime,
+                              **{layout: {j: [] for j in SCALE_JOBS} for layout in SCALE_LAYOUTS}}
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    os.environ["PMEMBLK_RUN_DIR"] = str(work / "run")
+    secret = work / "secret"
+    create_secret(str(secret))
+    targets = []
+    progress = tqdm(total=repeats * len(SCALE_LAYOUTS) * len(SCALE_JOBS), unit="run",
+                    desc="scale-out", disable=not sys.stderr.isatty())
+    try:
+        for i in range(2):
+            region = Path(f"/dev/shm/pmemblk-bench-md{i}.img")
+            region.unlink(missing_ok=True)
+            subprocess.run([PY, "-m", "pmemblk", "create", str(region), "--size", str(SIZE)],
+                           check=True, capture_output=True)
+            pid = work / f"md{i}.pid"
+            targets.append(subprocess.Popen(
+                [PY, "-m", "pmemblk", "serve", str(region), "--listen", f"{ADDR}:{7600 + i}",
+                 "--secret-file", str(secret), "--pid-file", str(pid)],
+                stderr=subprocess.DEVNULL))
+            wait_for(pid, targets[-1], "a target")
+        for r in range(repeats):
+            for layout in SCALE_LAYOUTS:
+                members = 1 if layout == "single" else 2
+                for i in range(members):
+                    subprocess.run([PY, "-m", "pmemblk", "attach", f"{ADDR}:{7600 + i}",
+                                    "--secret-file", str(secret), "--name", f"m{i}",
+                                    "--device", f"/dev/nbd{i}"], check=True, capture_output=True)
+                dev = "/dev/nbd0"
+                if layout != "single":
+                    dev = "/dev/md0"
+                    subprocess.run(["mdadm", "--create", dev, "--run", f"--level={layout[-1]}",
+                                    "--raid-devices=2", "--assume-clean", "/dev/nbd0",
+                                    "/dev/nbd1"], check=True, capture_output=True)
+                try:
+                    for name in SCALE_JOBS:
+                        m = fio(["--ioengine=libaio", "--direct=1", f"--filename={dev}"],
+                                JOBS[name], runtime)
+                        result[layout][name].append(m)
+                        progress.update()
+                        log(f"scale-out {layout} {name} #{r + 1}: {m['iops']:.0f} IOPS "
+                            f"{m['mbps']:.1f} MB/s")
+                finally:
+                    if layout != "single":
+                        subprocess.run(["mdadm", "--stop", dev], capture_output=True)
+                    for i in range(members):
+                        subprocess.run([PY, "-m", "pmemblk", "detach", "--force", f"m{i}"],
+                                       capture_output=True)
+    finally:
+        progress.close()
+        for t in targets:
+            t.terminate()
+            t.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def in_vm(command: str, quick: bool) -> dict[str, Any] | None:
+    """Run ``bench.py COMMAND`` in one VM boot; its JSON result, or None if it did not run."""
+    share = Path(tempfile.mkdtemp(prefix="pmemblk-bench-vm-"))
+    out = share / "vm.json"
+    cmd = [str(ROOT / "scripts" / "vm"), "--out", str(share), "--", PY, __file__, "part",
+           command, "--out", str(out)] + (["--quick"] if quick else [])
+    rc = subprocess.run(cmd).returncode
+    result = json.loads(out.read_text()) if rc == 0 and out.exists() else None
+    if result is None:
+        log(f"the VM part did not run (exit {rc})")
+    shutil.rmtree(share, ignore_errors=True)
     return result
 
 
@@ -318,15 +420,31 @@ def main() -> int:
     r.add_argument("--only", choices=["host", "vm"],
                    help="run one part and merge it into the existing --out file")
     p = sub.add_parser("part")
-    p.add_argument("part", choices=["host", "vm"])
+    p.add_argument("part", choices=["host", "vm", "scale-out"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
     d = sub.add_parser("render")
     d.add_argument("file")
-    c = sub.add_parser("stats-cost")
-    c.add_argument("--quick", action="store_true")
-    c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    for extra in ("stats-cost", "scale-out"):
+        c = sub.add_parser(extra)
+        c.add_argument("--quick", action="store_true")
+        c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = ap.parse_args()
+
+    if args.cmd == "scale-out":
+        if not Path(args.out).exists():
+            log(f"{args.out} does not exist: run the whole bench first")
+            return 1
+        measured = in_vm("scale-out", args.quick)
+        if measured is None:
+            return 1
+        saved = json.loads(Path(args.out).read_text())
+        saved["scale_out"] = measured
+        Path(args.out).write_text(json.dumps(saved, indent=1))
+        from render import render
+
+        render(saved)
+        return 0
 
     if args.cmd == "stats-cost":
         saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
@@ -341,7 +459,9 @@ def main() -> int:
         return 0
 
     if args.cmd == "part":
-        Path(args.out).write_text(json.dumps(run_part(args.part, args.quick), indent=1))
+        part = scale_out(args.quick) if args.part == "scale-out" else run_part(args.part,
+                                                                               args.quick)
+        Path(args.out).write_text(json.dumps(part, indent=1))
         return 0
     if args.cmd == "render":
         from render import render
@@ -357,23 +477,17 @@ def main() -> int:
     }
     if Path(args.out).exists():
         saved = json.loads(Path(args.out).read_text())
-        if "stats_cost" in saved:  # measured on its own (bench.py stats-cost): kept
-            results["stats_cost"] = saved["stats_cost"]
+        for kept in ("stats_cost", "scale_out"):  # measured on their own: kept
+            if kept in saved:
+                results[kept] = saved[kept]
         if args.only:
             results["parts"] = saved["parts"]
     if args.only != "vm":
         results["parts"]["host"] = run_part("host", args.quick)
     if not args.no_vm and args.only != "host":
-        share = Path(tempfile.mkdtemp(prefix="pmemblk-bench-vm-"))
-        out = share / "vm.json"
-        cmd = [str(ROOT / "scripts" / "vm"), "--out", str(share), "--", PY, __file__, "part",
-               "vm", "--out", str(out)] + (["--quick"] if args.quick else [])
-        rc = subprocess.run(cmd).returncode
-        if rc == 0 and out.exists():
-            results["parts"]["vm"] = json.loads(out.read_text())
-        else:
-            log(f"the VM part did not run (exit {rc}): host results only")
-        shutil.rmtree(share, ignore_errors=True)
+        vm = in_vm("vm", args.quick)
+        if vm is not None:
+            results["parts"]["vm"] = vm
     results["duration_s"] = round(time.time() - started)
     Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"wrote {args.out}")

@@ -163,6 +163,30 @@ def stats_table(cost: dict[str, Any]) -> list[str]:
         off = [float(r[metric]) for r in cost["off"][job]]
         lines.append(f"| {job} | {med(on):.0f} {unit} | {med(off):.0f} {unit} | "
                      f"{fmt_ratio(ratio(on, off))} |")
+    if "counted_us" in cost:
+        qd1 = med([float(r["iops"]) for r in cost["on"]["randread-4k-qd1"]])
+        lines += ["", f"Counting one request (the clock pair, the bucket, the lock) costs "
+                  f"{cost['counted_us']:.2f} µs of CPU, measured in the same run: "
+                  f"{cost['counted_us'] * qd1 / 1e6:.1%} of a 4k QD1 read at {qd1:.0f} IOPS. "
+                  "The end-to-end ratios above are within this machine's run-to-run noise."]
+    return lines
+
+
+def scale_table(scale: dict[str, Any]) -> list[str]:
+    """One target against md RAID0 and RAID1 over two (docs/scale-out.md)."""
+    lines = [f"### Scale-out: md over two targets ({scale['date']}, VM, Soft-RoCE under TCG, "
+             f"fio libaio on /dev/nbd0 or /dev/md0, {scale['repeats']} repeats × "
+             f"{scale['runtime_s']} s, layouts taking turns)", "",
+             "| job | one target | RAID0 over two | RAID1 over two |", "|---|---|---|---|"]
+    for job, runs in scale["single"].items():
+        metric = JOB_METRIC[job]
+        unit = "MB/s" if metric == "mbps" else "IOPS"
+        one = [float(r[metric]) for r in runs]
+        cells = [f"{med(one):.0f} {unit}"]
+        for layout in ("raid0", "raid1"):
+            xs = [float(r[metric]) for r in scale[layout][job]]
+            cells.append(f"{med(xs):.0f} {unit}, {fmt_ratio(ratio(xs, one))} of one")
+        lines.append(f"| {job} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -182,6 +206,8 @@ def render(results: dict[str, Any]) -> None:
     lines += plots(parts)
     if "stats_cost" in results:
         lines += ["", *stats_table(results["stats_cost"])]
+    if "scale_out" in results:
+        lines += ["", *scale_table(results["scale_out"])]
     lines += ["", END]
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

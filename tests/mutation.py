@@ -28,6 +28,7 @@ WIRE = "tests/integration/test_wire.py"
 HOSTILE = "tests/integration/test_hostile.py"
 RECONNECT = "tests/integration/test_reconnect.py"
 AUTH = "tests/integration/test_auth.py"
+DAYTWO = "tests/integration/test_daytwo.py"
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,23 @@ MUTANTS = (
            (HOSTILE + "::test_a_vanished_client_host_gives_back_the_writer_slot",)),
     # -- power-cut emulation, provisioning
     Mutant("create leaves the file sparse", "pmemblk/provision.py",
-           "            allocate(lock.fd, path, size)\n            return _format(path, "
+           "            allocate(lock.fd, path, size, progress)\n            return _format(path, "
            "block_size)\n    except", "            return _format(path, block_size)\n    except",
            (HOSTILE + "::test_create_on_a_full_filesystem_fails_in_one_line_and_leaves_nothing",)),
+    # -- day two: attach, status (issue 13)
+    Mutant("a failed attach leaves its directory behind", "pmemblk/attach.py",
+           "        undo.callback(_remove_folder, folder)\n", "",
+           (DAYTWO + "::test_an_attach_whose_nbdkit_cannot_start_leaves_nothing",)),
+    Mutant("control sockets are made with the caller's umask", "pmemblk/unixsock.py",
+           "    old = os.umask(0o177)", "    old = os.umask(0o022)",
+           (DAYTWO + "::test_prometheus_text_from_device_and_target",)),
+    Mutant("the bytes of failed requests are counted", "pmemblk/stats.py",
+           "            s.bytes += nbytes if ok else 0", "            s.bytes += nbytes",
+           ("tests/test_stats.py",)),
+    Mutant("detach takes any PID in the pid file for nbdkit", "pmemblk/attach.py",
+           "        return pid if str(self.nbd_socket).encode() in cmdline.split(b\"\\0\") "
+           "else None", "        return pid",
+           (DAYTWO + "::test_detach_after_nbdkit_died",)),
 )
 
 

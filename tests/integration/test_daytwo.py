@@ -251,3 +251,17 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     problems = [ln for ln in res.stderr.splitlines()
                 if "pmemblk" in ln and "EnvironmentFile" not in ln]
     assert res.returncode == 0 and not problems, res.stderr
+
+
+def test_an_attach_whose_nbdkit_cannot_start_leaves_nothing(
+        target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target answers, so nbdkit is started; it cannot listen (the run directory is too
+    deep for a socket path): one line, and the directory attach made is gone again."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(deep))
+    line = one_line(pmemblk("attach", target.listen, "--no-device", "--name", "deep",
+                            check=False))
+    print(line)
+    assert "nbdkit did not start" in line
+    assert not (deep / "deep").exists()
+    assert our_nbdkits(deep) == []
