@@ -4,7 +4,8 @@ A Unix stream socket, mode 600 (only its owner, normally root, may ask: the same
 region or the device needs). The asker sends one line naming a request and reads the answer
 until the server closes; requests are ``status`` (JSON) and ``metrics`` (the Prometheus text
 format). Served by one thread that answers one asker at a time with deadlines on both sides, so
-a stuck asker delays the next one by at most ``TIMEOUT`` and never touches the data path.
+a silent asker delays the next one by at most ``REQUEST_TIMEOUT`` (less than an asker waits,
+``TIMEOUT``), and none of them touches the data path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .unixsock import listen_unix, unlink_if_ours
 log = logging.getLogger(__name__)
 
 TIMEOUT = 5.0
+#: How long the server waits for an asker's request line (then serves the next asker).
+REQUEST_TIMEOUT = 1.0
 MAX_REQUEST = 64
 MAX_ANSWER = 16 << 20
 REQUESTS = ("status", "metrics")
@@ -59,13 +62,14 @@ class ControlServer:
                     log.exception("control: internal error")
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(TIMEOUT)
+        conn.settimeout(REQUEST_TIMEOUT)
         request = b""
         while b"\n" not in request and len(request) <= MAX_REQUEST:
             chunk = conn.recv(MAX_REQUEST)
             if not chunk:
                 break
             request += chunk
+        conn.settimeout(TIMEOUT)
         name = request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
         answer = self._answers.get(name)
         if answer is None:

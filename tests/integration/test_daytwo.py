@@ -265,3 +265,34 @@ def test_an_attach_whose_nbdkit_cannot_start_leaves_nothing(
     assert "nbdkit did not start" in line
     assert not (deep / "deep").exists()
     assert our_nbdkits(deep) == []
+
+
+def test_control_socket_outlasts_silent_and_garbage_askers(region: str, tmp_path: Path) -> None:
+    """Askers that say nothing, or send garbage, delay status by a second each at most; a
+    bogus request gets a one-line answer; the target goes on."""
+    import socket
+
+    control = tmp_path / "ctl.sock"
+    target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, "--control", str(control),
+                    transport="tcp").start()
+    held = []
+    try:
+        for _ in range(3):  # silent: connect, never send
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(control))
+            held.append(s)
+        garbage = socket.socket(socket.AF_UNIX)
+        garbage.connect(str(control))
+        garbage.sendall(b"\x00" * 4096)  # no newline, more than a request may be
+        held.append(garbage)
+        st = json.loads(pmemblk("status", "--target", str(control), "--json").stdout)
+        assert st["region"] == region
+        bogus = socket.socket(socket.AF_UNIX)
+        bogus.connect(str(control))
+        bogus.sendall(b"shutdown\n")
+        assert bogus.makefile("rb").read().startswith(b"error: unknown request 'shutdown'")
+        bogus.close()
+    finally:
+        for s in held:
+            s.close()
+        target.stop()
