@@ -29,12 +29,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import TracebackType
 
 from . import durability
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .flush import make_policy
 from .protocol import FLUSH_METHODS
+from .resource import Closeable
 from .stats import IoStats
 from .transport import Transport
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 OPS = ("read", "write", "zero", "flush")
 
 
-class Client:
+class Client(Closeable):
     """Block I/O against one target through one transport connection. A context manager."""
 
     def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
@@ -261,14 +261,3 @@ class Client:
 
     def close(self) -> None:
         self.transport.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

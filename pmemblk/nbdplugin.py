@@ -40,13 +40,13 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from . import __version__, auth, stats
+from . import __version__, auth, rdma, stats
 from .address import UNIX_PATH_MAX, Address, TCPAddress, UnixAddress, parse_address
 from .client import OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
-from .transport import Transport, rdma
+from .transport import Transport
 from .transport.stream import StreamTransport
 from .transport.verbs import (
     DEFAULT_CHUNK_SIZE,

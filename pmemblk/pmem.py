@@ -14,10 +14,10 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from .errors import PmemError
+from .resource import Closeable
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def check_backed(path: str) -> None:
             f"Allocate it, keeping its data: fallocate -l {st.st_size} {path}")
 
 
-class PmemRegion:
+class PmemRegion(Closeable):
     """A mapped pmem region. A context manager; ``close()`` is safe to call twice.
 
     Use :meth:`open` for an existing file or device and :meth:`create` for a new file.
@@ -248,14 +248,3 @@ class PmemRegion:
         self._closed = True
         if _libpmem().pmem_unmap(self.addr, self.size) != 0:
             log.warning("pmem_unmap of %s failed: %s", self.path, _errormsg(_libpmem()))
-
-    def __enter__(self) -> PmemRegion:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

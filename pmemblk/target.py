@@ -3,7 +3,7 @@
 ``Export`` is the core every transport shares: the region and its state, the handshake decisions
 (HELLO → CHALLENGE, AUTH → WELCOME or REJECT; docs/security.md), COMMIT handling (persist
 ranges → status) and, for stream transports, the data operations. Transport servers
-(``transport/verbs_server.py``, ``transport/stream_server.py``) only move messages; they run on
+(``servers/verbs.py``, ``servers/stream.py``) only move messages; they run on
 one ``Reactor`` (one thread, one ``select``), so a slow or hostile peer never blocks the
 others (docs/design.md).
 """
@@ -438,12 +438,12 @@ class Target:
     def _make_servers(self) -> None:
         for name in self.config.transports:
             if name == "verbs":
-                from .transport.verbs_server import VerbsServer
+                from .servers.verbs import VerbsServer
 
                 self.servers.append(VerbsServer(self.reactor, self.config.listen,
                                                 self.config.handshake_timeout))
             else:
-                from .transport.stream_server import StreamServer
+                from .servers.stream import StreamServer
 
                 self.servers.append(StreamServer(self.reactor, self.config.listen,
                                                  self.config.handshake_timeout))

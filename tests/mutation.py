@@ -140,20 +140,20 @@ MUTANTS = (
     Mutant("the target's proof is not checked", "pmemblk/auth.py",
            "            if not hmac.compare_digest(welcome.proof, expected):",
            "            if False:", (AUTH,)),
-    # -- the stream server's limits (pmemblk/transport/stream_server.py)
-    Mutant("the target applies a read-only client's write", "pmemblk/transport/stream_server.py",
+    # -- the stream server's limits (pmemblk/servers/stream.py)
+    Mutant("the target applies a read-only client's write", "pmemblk/servers/stream.py",
            "            elif self.readonly:  # the export, or this client's own read-only mode",
            "            elif False:", (WIRE + "::test_one_writer_unless_shared",)),
-    Mutant("the handshake deadline is cancelled at HELLO", "pmemblk/transport/stream_server.py",
+    Mutant("the handshake deadline is cancelled at HELLO", "pmemblk/servers/stream.py",
            "        self.greeting = greeting\n",
            "        self.greeting = greeting\n        if self.timer is not None:\n"
            "            self.server.reactor.cancel(self.timer)\n            self.timer = None\n",
            (FAULTS,)),
-    Mutant("the reply bound is ineffective", "pmemblk/transport/stream_server.py",
+    Mutant("the reply bound is ineffective", "pmemblk/servers/stream.py",
            "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
            "        return False", (HOSTILE + "::test_a_flood_of_tiny_reads_does_not_grow_the"
                                    "_target",)),
-    Mutant("the reply count bound is missing", "pmemblk/transport/stream_server.py",
+    Mutant("the reply count bound is missing", "pmemblk/servers/stream.py",
            "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
            "        return self.queued > MAX_QUEUED", (HOSTILE + "::test_a_flood_of_tiny_reads"
                                                      "_does_not_grow_the_target",)),
@@ -167,11 +167,11 @@ MUTANTS = (
            "pmemblk/unixsock.py",
            "if (st.st_dev, st.st_ino) == ident:", "if True:",
            (HOSTILE + "::test_a_stale_socket_is_replaced_and_a_target_removes_only_its_own",)),
-    Mutant("accept failures are retried at once", "pmemblk/transport/stream_server.py",
+    Mutant("accept failures are retried at once", "pmemblk/servers/stream.py",
            "                self._pause_accepting(exc)\n                return",
            "                log.warning(\"accept failed: %s\", exc)\n                return",
            (HOSTILE + "::test_out_of_descriptors_the_target_backs_off_and_recovers",)),
-    Mutant("no TCP keepalive", "pmemblk/transport/stream_server.py",
+    Mutant("no TCP keepalive", "pmemblk/servers/stream.py",
            "                set_keepalive(sock, self.export.config.keepalive)", "",
            (HOSTILE + "::test_a_vanished_client_host_gives_back_the_writer_slot",)),
     # -- power-cut emulation, provisioning

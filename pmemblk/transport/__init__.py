@@ -10,8 +10,9 @@ import errno
 import os
 from typing import Protocol
 
-from ..errors import RemoteError, TransportError
-from ..protocol import CommitReply, Reject, Welcome
+from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
+from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
+from ..resource import Closeable
 
 
 class Transport(Protocol):
@@ -37,6 +38,43 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Disconnect and free every resource; safe to call twice."""
+
+
+class Channel(Closeable):
+    """What both client transports share: a connection that fails once and then stays failed,
+    and the COMMIT loop (batches, request ids, the reply check). A transport supplies
+    ``_request_id`` and ``_commit_exchange``."""
+
+    peer: str
+    _broken: str | None = None
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise ConnectionLost(f"the connection to {self.peer} is unusable: {self._broken}")
+
+    def _fail(self, exc: TransportError | ProtocolError) -> TransportError:
+        """Mark the connection broken by ``exc``; the error to raise."""
+        err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
+        self._broken = str(err)
+        return err
+
+    def _request_id(self) -> int:
+        raise NotImplementedError
+
+    def _commit_exchange(self, message: bytes) -> bytes:
+        """Send a COMMIT message; the message the target answers with."""
+        raise NotImplementedError
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        """GPSPM: ask the target to persist these ranges and wait for its replies."""
+        self._check_usable()
+        for batch in commit_batches(ranges):
+            request_id = self._request_id()
+            try:
+                raw = self._commit_exchange(Commit(request_id, batch).encode())
+                check_commit_reply(raw, request_id, len(batch))  # a bad status: RemoteError
+            except (TransportError, ProtocolError) as exc:
+                raise self._fail(exc) from None
 
 
 # Shared by every transport, so that the handshake and flush answers mean the same everywhere.

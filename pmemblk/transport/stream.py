@@ -32,16 +32,13 @@ from ..protocol import (
     REPLY,
     WELCOME,
     Challenge,
-    Commit,
     IORequest,
     Reject,
     Reply,
     Welcome,
-    commit_batches,
     message_type,
 )
-from . import check_commit_reply, refused
-from .rdma import _Closing
+from . import Channel, refused
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,7 @@ DEFAULT_DEPTH = 8
 DEFAULT_CHUNK_SIZE = 1 << 20
 
 
-class StreamTransport(_Closing):
+class StreamTransport(Channel):
     """A connection to a pmemblk target over TCP or a Unix socket."""
 
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
@@ -132,13 +129,7 @@ class StreamTransport(_Closing):
         return hs.check(Welcome.decode(self._answer(MSG_WELCOME, WELCOME.size)))
 
     def _usable(self) -> None:
-        if self._broken is not None:
-            raise ConnectionLost(f"the connection to {self.peer} is unusable: {self._broken}")
-
-    def _fail(self, exc: TransportError | ProtocolError) -> TransportError:
-        err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
-        self._broken = str(err)
-        return err
+        self._check_usable()
 
     def _tag(self) -> int:
         self._next_tag += 1
@@ -212,15 +203,12 @@ class StreamTransport(_Closing):
         n = min(8, self.info.export_size - offset)
         self._pipeline(MSG_READ, offset, n, dst=memoryview(bytearray(n)))
 
-    def commit(self, ranges: list[tuple[int, int]]) -> None:
-        self._usable()
-        for batch in commit_batches(ranges):
-            req_id = self._tag()
-            try:
-                self._send(Commit(req_id, batch).encode())
-                check_commit_reply(self._recv(COMMIT_REPLY.size), req_id, len(batch))
-            except (TransportError, ProtocolError) as exc:
-                raise self._fail(exc) from None
+    def _request_id(self) -> int:
+        return self._tag()
+
+    def _commit_exchange(self, message: bytes) -> bytes:
+        self._send(message)
+        return self._recv(COMMIT_REPLY.size)
 
     def close(self) -> None:
         if self._closed:

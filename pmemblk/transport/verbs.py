@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from .. import rdma
 from ..address import resolve_ip
 from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, TransportError
@@ -25,14 +26,12 @@ from ..protocol import (
     MAX_MESSAGE_SIZE,
     MSG_REJECT,
     Challenge,
-    Commit,
     Reject,
     Welcome,
-    commit_batches,
     message_type,
 )
-from . import check_commit_reply, rdma, refused
-from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
+from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
+from . import Channel, refused
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 
-class VerbsTransport(rdma._Closing):
+class VerbsTransport(Channel):
     """A connection to a pmemblk target over RDMA (RC QP, RDMA CM)."""
 
     def __init__(self, host: str, port: int, *, readonly: bool = False,
@@ -149,8 +148,7 @@ class VerbsTransport(rdma._Closing):
         return self._next_id
 
     def _usable(self) -> tuple[Endpoint, RegisteredBuffer]:
-        if self._broken is not None:
-            raise ConnectionLost(f"the connection to {self.peer} is unusable: {self._broken}")
+        self._check_usable()
         assert self.ep is not None and self.buffers is not None
         return self.ep, self.buffers
 
@@ -166,11 +164,6 @@ class VerbsTransport(rdma._Closing):
 
     def _wait(self, ep: Endpoint) -> list[Any]:
         return ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event)
-
-    def _fail(self, exc: TransportError | ProtocolError) -> TransportError:
-        err = exc if isinstance(exc, TransportError) else TransportError(str(exc))
-        self._broken = str(err)
-        return err
 
     def _pipeline(self, opcode: int, offset: int, length: int, *, src: memoryview | None = None,
                   dst: memoryview | None = None) -> None:
@@ -236,10 +229,6 @@ class VerbsTransport(rdma._Closing):
         except TransportError as exc:
             raise self._fail(exc) from None
 
-    def commit(self, ranges: list[tuple[int, int]]) -> None:
-        for batch in commit_batches(ranges):
-            self._commit_one(batch)
-
     def _exchange(self, msg: bytes, what: str) -> bytes:
         """SEND ``msg`` and return the message the target answers with."""
         ep, bufs = self._usable()
@@ -261,13 +250,11 @@ class VerbsTransport(rdma._Closing):
                     raise TransportError(f"completion for unknown work request {wc.wr_id}")
         return answer
 
-    def _commit_one(self, batch: tuple[tuple[int, int], ...]) -> None:
-        req_id = self._wr_id()
-        try:
-            raw = self._exchange(Commit(req_id, batch).encode(), "COMMIT message")
-            check_commit_reply(raw, req_id, len(batch))  # a bad status is a RemoteError
-        except (TransportError, ProtocolError) as exc:
-            raise self._fail(exc) from None
+    def _request_id(self) -> int:
+        return self._wr_id()
+
+    def _commit_exchange(self, message: bytes) -> bytes:
+        return self._exchange(message, "COMMIT message")
 
     def close(self) -> None:
         if self._closed:

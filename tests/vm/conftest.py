@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pmemblk.transport.rdma import rdma_devices
+from pmemblk.rdma import rdma_devices
 
 
 def _why_not() -> str | None:

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from pmemblk import rdma
 from pmemblk.auth import create_secret, load_secret
-from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
 from ..procs import Target

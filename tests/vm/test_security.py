@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from pmemblk import rdma
 from pmemblk.auth import create_secret, load_secret
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, RemoteError
 from pmemblk.protocol import AUTH_HMAC_SHA256, CHALLENGE, Challenge, Hello
-from pmemblk.transport import rdma
 from pmemblk.transport.verbs import VerbsTransport
 
 from ..conftest import report

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pmemblk import rdma
 from pmemblk.client import Client
 from pmemblk.errors import ConnectionLost, RemoteError, TransportError
 from pmemblk.protocol import Reject
-from pmemblk.transport import rdma
 
 from ..conftest import ROOT, report
 from ..conftest import roundtrip as shared_roundtrip

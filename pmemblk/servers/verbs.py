@@ -22,13 +22,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import rdma
 from ..address import Address, TCPAddress
 from ..errors import ConfigError, PmemblkError, PmemError, TransportError
 from ..pmem import is_devdax
 from ..protocol import MAX_MESSAGE_SIZE, Commit, Reject
+from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
 from ..reactor import Reactor
-from . import rdma
-from .rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
 
 if TYPE_CHECKING:
     from ..target import Admission, Export, Greeting

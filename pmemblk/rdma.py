@@ -31,10 +31,10 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import Any, TypeVar
 
-from ..errors import ConnectionLost, TransportError
+from .errors import ConnectionLost, TransportError
+from .resource import Closeable
 
 log = logging.getLogger(__name__)
 
@@ -150,25 +150,7 @@ def rdma_error(what: str, exc: Exception) -> TransportError:
     return err
 
 
-class _Closing:
-    """Context-manager plumbing: ``close()`` must be idempotent in subclasses."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self: T) -> T:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class EventChannel(_Closing):
+class EventChannel(Closeable):
     """An RDMA CM event channel whose events are read without blocking."""
 
     def __init__(self) -> None:
@@ -250,7 +232,7 @@ def event_name(etype: int) -> str:
     return str(etype)
 
 
-class RegisteredBuffer(_Closing):
+class RegisteredBuffer(Closeable):
     """Anonymous memory registered once for local access; sliced by offset, never re-registered."""
 
     def __init__(self, pd: Any, size: int, access: int | None = None) -> None:
@@ -293,7 +275,7 @@ if HAVE_PYVERBS:
                     e.IBV_WR_SEND: "SEND"}
 
 
-class Endpoint(_Closing):
+class Endpoint(Closeable):
     """One RC queue pair with its own CQ and completion channel (so its own descriptor)."""
 
     def __init__(self, ctx: Any, pd: Any, send_depth: int, recv_depth: int) -> None:
@@ -452,7 +434,7 @@ def new_cmid(events: EventChannel) -> Any:
         raise rdma_error("creating an RDMA CM id failed", exc) from None
 
 
-class Device(_Closing):
+class Device(Closeable):
     """Our own Context and PD on a named RDMA device (never the CMID's shared ones)."""
 
     def __init__(self, name: str) -> None:
