@@ -323,8 +323,9 @@ def _start_nbdkit(att: Attachment) -> int:
                "--log=stderr"]
     if att.readonly:
         command.append("--readonly")
+    # In the background nbdkit's stderr is gone: the plugin writes its messages itself.
     command += ["python", plugin_path(), *att.keys, f"control={att.control_socket}",
-                f"name={att.name}"]
+                f"name={att.name}", f"log={att.folder / 'nbdkit.log'}"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root(), env.get("PYTHONPATH"))
                                         if p)

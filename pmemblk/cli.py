@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--testing-fail-persist", metavar="SPEC",
                    help="TESTING ONLY: make persistence fail (errno=EIO|ENOSPC, after=N, "
                    "times=N, range=OFF:LEN; see docs/testing.md)")
-    s.add_argument("--testing-lose-reply", metavar="commit:N|read:N",
-                   help="TESTING ONLY: never send the N-th COMMIT (or READ) reply and drop "
-                   "that client")
+    s.add_argument("--testing-lose-reply", metavar="commit:N|read:N|write:N",
+                   help="TESTING ONLY: never send the N-th COMMIT (or READ, or WRITE) reply "
+                   "and drop that client")
     s.set_defaults(func=cmd_serve)
 
     pc = sub.add_parser("testing-power-cut",

@@ -9,8 +9,9 @@ Flush methods (what an acknowledged FLUSH or FUA means is in docs/persistence.md
   written since the last flush; the target persists them (``pmem_persist`` on real pmem,
   ``pmem_msync`` otherwise) and replies.
 
-FUA is a write followed by the same persistence step for just that range. Each is a policy
-object (``pmemblk/flush.py``), chosen when the client connects.
+FUA is the write with the same persistence step for just that range, posted together so that
+both take one wait. Each is a policy object (``pmemblk/flush.py``), chosen when the client
+connects.
 
 Reconnect: when the connection is lost (disconnect event, QP in error, TCP reset, no answer
 before the deadline), the request in progress is held, the client reconnects with backoff,
@@ -36,7 +37,7 @@ from .flush import make_policy
 from .protocol import FLUSH_METHODS
 from .resource import Closeable
 from .stats import IoStats
-from .transport import Transport
+from .transport import Persist, Transport
 
 log = logging.getLogger(__name__)
 
@@ -218,30 +219,36 @@ class Client(Closeable):
         with self._counted("write", len(data)):
             self._check_writable()
             self._check(offset, len(data))
-            if not len(data):
-                return
-            self._io(lambda t: t.write(data, offset))
-            self._after_write(offset, len(data), fua)
+            if len(data):
+                self._write(lambda t, step: t.write(data, offset, step), offset, len(data),
+                            fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         with self._counted("zero", length):
             self._check_writable()
             self._check(offset, length)
-            if not length:
-                return
-            self._io(lambda t: t.write_zeroes(offset, length))
-            self._after_write(offset, length, fua)
+            if length:
+                self._write(lambda t, step: t.write_zeroes(offset, length, step), offset,
+                            length, fua)
 
-    def _after_write(self, offset: int, length: int, fua: bool) -> None:
-        # From here the write is acknowledged by the transport: if the target loses power
-        # before a flush, it may be lost. (A write whose connection broke while it was being
-        # sent was sent again in full, so it is only at risk from now on too.)
+    def _write(self, op: Callable[[Transport, Persist | None], None], offset: int, length: int,
+               fua: bool) -> None:
+        """A write, and with FUA its persistence step posted with it (one wait, not two).
+        Once acknowledged the write is at risk until a flush: if the target loses power first,
+        it may be lost. (A write whose connection broke is sent again in full, with its step,
+        so it is only at risk from then on.)"""
+        step = self.policy.fua_step if fua else None
+        try:
+            self._io(lambda t: op(t, step))
+        except BaseException:
+            if fua:  # maybe written, not persisted: the next flush covers it
+                self._unflushed = True
+                self.policy.wrote(offset, length)
+            raise
         self._unflushed = True
-        if fua:
-            self.policy.persist_range(self._io, offset, length)
-        else:
+        if not fua:
             self.policy.wrote(offset, length)
-        if fua and self.lost is not None:  # persisted on a target that may have lost it
+        elif self.lost is not None:  # persisted on a target that may have lost earlier writes
             raise RemoteError(self.lost, errno.EIO)
 
     def flush(self) -> None:

@@ -12,8 +12,9 @@ would, before anything is persisted. SPEC is comma-separated ``key=value``:
                        (default: every call, the header's included)
 
 ``--testing-lose-reply KIND:N`` (stream transport; COMMIT also over RDMA): the N-th reply of
-KIND (``commit``, or ``read``: the apm barrier is a READ) is never sent, as if lost with its
-connection, which the target then drops. The request itself was carried out. ``KIND:N+``
+KIND (``commit``, ``read``: over RDMA the apm barrier is a READ, or ``write``: over TCP a
+WRITE's reply is apm's proof) is never sent, as if lost with its connection, which the target
+then drops. The request itself was carried out. ``KIND:N+``
 loses the N-th and every later one.
 """
 
@@ -28,7 +29,7 @@ from .errors import ConfigError, PmemError
 log = logging.getLogger(__name__)
 
 _ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
-REPLY_KINDS = ("commit", "read")
+REPLY_KINDS = ("commit", "read", "write")
 
 
 @dataclass
@@ -104,8 +105,8 @@ class LostReply:
         later = n.endswith("+")
         n = n.removesuffix("+")
         if kind not in REPLY_KINDS or not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"--testing-lose-reply {spec!r}: expected commit:N, read:N, "
-                              "commit:N+ or read:N+ (N from 1)")
+            raise ConfigError(f"--testing-lose-reply {spec!r}: expected commit:N, read:N or "
+                              "write:N, or KIND:N+ for the N-th and every later one (N from 1)")
         return cls(kind, int(n), later)
 
     def lose(self, kind: str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .ranges import RangeSet
-from .transport import Transport
+from .transport import Persist, Transport
 
 #: Runs one transport operation (with the client's reconnect rules).
 Io = Callable[[Callable[[Transport], None]], None]
@@ -22,12 +22,12 @@ Io = Callable[[Callable[[Transport], None]], None]
 
 class FlushPolicy(Protocol):
     name: str
+    #: FUA: the step the transport posts with the write itself (one wait for both).
+    fua_step: Persist
 
     def wrote(self, offset: int, length: int) -> None:
-        """A write of ``[offset, offset+length)`` completed; the next flush must cover it."""
-
-    def persist_range(self, io: Io, offset: int, length: int) -> None:
-        """FUA: make this range persistent now. If that fails, the next flush covers it."""
+        """A write of ``[offset, offset+length)`` completed; the next flush must cover it.
+        Also called for a FUA write whose persistence step failed."""
 
     def flush(self, io: Io) -> None:
         """Make every completed write persistent. If that fails, nothing is forgotten."""
@@ -35,19 +35,13 @@ class FlushPolicy(Protocol):
 
 class Apm:
     name = "apm"
+    fua_step: Persist = "barrier"
 
     def __init__(self) -> None:
         self._unflushed_at: int | None = None  # where a write since the last barrier was
 
     def wrote(self, offset: int, length: int) -> None:
         self._unflushed_at = offset
-
-    def persist_range(self, io: Io, offset: int, length: int) -> None:
-        try:
-            io(lambda t: t.read_barrier(offset))
-        except BaseException:
-            self._unflushed_at = offset
-            raise
 
     def flush(self, io: Io) -> None:
         if self._unflushed_at is not None:
@@ -58,19 +52,13 @@ class Apm:
 
 class Gpspm:
     name = "gpspm"
+    fua_step: Persist = "commit"
 
     def __init__(self) -> None:
         self._dirty = RangeSet()
 
     def wrote(self, offset: int, length: int) -> None:
         self._dirty.add(offset, length)
-
-    def persist_range(self, io: Io, offset: int, length: int) -> None:
-        try:
-            io(lambda t: t.commit([(offset, length)]))
-        except BaseException:
-            self._dirty.add(offset, length)  # not persisted: a later flush tries again
-            raise
 
     def flush(self, io: Io) -> None:
         if not self._dirty:

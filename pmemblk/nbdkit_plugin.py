@@ -45,12 +45,13 @@ _log = logging.getLogger("pmemblk.plugin")
 
 
 class _NbdkitLog(logging.Handler):
-    """Library logs go to nbdkit's debug stream (-v); warnings and errors also to stderr."""
+    """Library logs go to nbdkit's debug stream (-v); warnings and errors also to stderr,
+    except a failed callback's error, which nbdkit prints itself."""
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = self.format(record)
         nbdkit.debug(msg)
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING and not getattr(record, "nbdkit_says_it", False):
             print(f"pmemblk: {record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
 
 
@@ -61,6 +62,9 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
     try:
         return fn(*args)
     except PmemblkError as exc:
+        # For log=FILE: nbdkit prints this error too, to a stderr that is gone once it runs
+        # in the background.
+        _log.error("%s: %s", fn.__name__, exc, extra={"nbdkit_says_it": True})
         nbdkit.set_error(exc.errno)
         raise
     except Exception as exc:
@@ -96,6 +100,12 @@ def config_complete() -> None:
         root.addHandler(_NbdkitLog())
         root.setLevel(logging.DEBUG)
         root.propagate = False  # importing pyverbs gives the root logger a handler
+        if _state.config.log:
+            to_file = logging.FileHandler(_state.config.log)
+            to_file.setLevel(logging.INFO)
+            to_file.setFormatter(logging.Formatter(
+                "%(asctime)s pmemblk[%(process)d]: %(levelname)s: %(message)s"))
+            root.addHandler(to_file)
 
 
 def after_fork() -> None:

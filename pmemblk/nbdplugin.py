@@ -24,6 +24,7 @@ Keys::
     control=PATH          answer ``pmemblk status`` on this Unix socket (mode 600)
     stats=true|false      count requests and their latency (default true)
     name=NAME             this device's name in status and metrics (default: the target)
+    log=FILE              also append the plugin's messages (info and up) to FILE
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from .units import parse_size
 log = logging.getLogger(__name__)
 
 KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
-        "reconnect-timeout", "timeout", "depth", "chunk", "control", "stats", "name")
+        "reconnect-timeout", "timeout", "depth", "chunk", "control", "stats", "name", "log")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", "verbs", "tcp")
 #: Names of devices and attachments (also directory names under /run/pmemblk).
@@ -104,6 +105,7 @@ class PluginConfig:
     control: str = ""
     stats: bool = True
     name: str = ""
+    log: str = ""
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -153,6 +155,10 @@ class PluginConfig:
                 raise ConfigError(f"name={value!r}: use letters, digits, '.', '_' and '-' "
                                   "(at most 64)")
             self.name = value
+        elif key == "log":
+            if not value:
+                raise ConfigError("log=: expected a file to append the plugin's messages to")
+            self.log = value
 
     def complete(self) -> None:
         if self.target is None:

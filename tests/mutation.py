@@ -86,14 +86,14 @@ MUTANTS = (
            "            for off, n in ranges:  # not persisted: a later flush must try them "
            "again\n                self._dirty.add(off, n)",
            "            pass", (FAULTS,)),
-    Mutant("a failed FUA write is not retried by the next flush", "pmemblk/flush.py",
-           "            self._dirty.add(offset, length)  # not persisted: a later flush "
-           "tries again", "            pass", (FAULTS,)),
+    Mutant("a failed FUA write is not retried by the next flush", "pmemblk/client.py",
+           "                self.policy.wrote(offset, length)\n            raise",
+           "                pass\n            raise", (FAULTS,)),
     Mutant("FUA ignored on zero", "pmemblk/client.py",
-           "self._io(lambda t: t.write_zeroes(offset, length))\n"
-           "        self._after_write(offset, length, fua)",
-           "self._io(lambda t: t.write_zeroes(offset, length))\n"
-           "        self._after_write(offset, length, False)", (FAULTS,)),
+           "t.write_zeroes(offset, length, step), offset,\n"
+           "                            length, fua)",
+           "t.write_zeroes(offset, length, step), offset,\n                            length, "
+           "False)", (FAULTS,)),
     Mutant("the loss epoch is checked against the dirty ranges", "pmemblk/client.py",
            "if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:",
            "if new.loss_epoch != old.loss_epoch and self.policy.__dict__.get('_dirty') "

@@ -18,6 +18,7 @@ from pmemblk.errors import (
     RequestError,
     TransportError,
 )
+from pmemblk.transport import Persist
 
 SIZE = 1 << 20
 
@@ -38,13 +39,21 @@ class MemoryTransport:
     def read(self, buf: memoryview, offset: int) -> None:
         buf[:] = self.mem[offset:offset + len(buf)]
 
-    def write(self, data: memoryview, offset: int) -> None:
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
         self.mem[offset:offset + len(data)] = data
         self.calls.append(("write", (offset, len(data))))
+        self._persist(persist, offset, len(data))
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         self.mem[offset:offset + length] = bytes(length)
         self.calls.append(("zero", (offset, length)))
+        self._persist(persist, offset, length)
+
+    def _persist(self, persist: Persist | None, offset: int, length: int) -> None:
+        if persist == "barrier":
+            self.read_barrier(offset)
+        elif persist == "commit":
+            self.commit([(offset, length)])
 
     def read_barrier(self, offset: int) -> None:
         self.durable[:] = self.mem  # apm: everything written on this QP is placed
@@ -174,11 +183,11 @@ class Dropping(MemoryTransport):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.drops = drops
 
-    def write(self, data: memoryview, offset: int) -> None:
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
         if self.drops:
             self.drops -= 1
             raise ConnectionLost("gone")
-        super().write(data, offset)
+        super().write(data, offset, persist)
 
 
 def reconnecting(first: MemoryTransport, answers: list[object]) -> Client:

@@ -175,6 +175,9 @@ class _Conn:
                 if mtype == MSG_WRITE:
                     export.write(req.offset, frame[IO.size:])
                     export.count(session, "write", req.length)
+                    if export.lose_reply("write"):
+                        self.drop("lost its WRITE reply (testing)")
+                        return
                 else:
                     export.zero(req.offset, req.length)
                     export.count(session, "zero", req.length)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
 from ..resource import Closeable
+
+#: A FUA write's persistence step, posted with the write itself so that both take one wait:
+#: "barrier" (apm: a small READ behind the writes), "commit" (gpspm: a COMMIT of the range).
+Persist = Literal["barrier", "commit"]
 
 
 class Transport(Protocol):
@@ -22,16 +26,18 @@ class Transport(Protocol):
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from export offset ``offset``."""
 
-    def write(self, data: memoryview, offset: int) -> None:
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
         """Write ``data`` at export offset ``offset``; returns when the transport completed it
-        (for RDMA: the remote NIC acknowledged it, not that it is persistent)."""
+        (for RDMA: the remote NIC acknowledged it, not that it is persistent), or with
+        ``persist``, once that step has made it persistent too (one wait, not two)."""
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Write ``length`` zero bytes at ``offset``."""
+    def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
+        """Write ``length`` zero bytes at ``offset`` (``persist``: as for ``write``)."""
 
     def read_barrier(self, offset: int) -> None:
         """APM: a small read on the same channel after writes, which cannot complete before
-        every earlier write has been placed in the target's memory."""
+        every earlier write has been placed in the target's memory. (Where a write's reply
+        already proves placement, as over TCP, there is nothing left to prove.)"""
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its reply."""

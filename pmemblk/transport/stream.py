@@ -32,13 +32,14 @@ from ..protocol import (
     REPLY,
     WELCOME,
     Challenge,
+    Commit,
     IORequest,
     Reject,
     Reply,
     Welcome,
     message_type,
 )
-from . import Channel, refused
+from . import Channel, Persist, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,14 @@ class StreamTransport(Channel):
     # -- pipelined requests ----------------------------------------------------------------
 
     def _pipeline(self, kind: int, offset: int, length: int, *, src: memoryview | None = None,
-                  dst: memoryview | None = None, chunk: int | None = None) -> None:
+                  dst: memoryview | None = None, chunk: int | None = None,
+                  commit: bool = False) -> None:
         self._usable()
         step = chunk or self.chunk_size
         inflight: dict[int, tuple[int, int]] = {}
         pending = ((pos, min(step, length - pos)) for pos in range(0, length, step))
         failed = 0  # first errno the target answered; the rest in flight are still drained
+        commit_id, commit_sent = 0, False
         try:
             more = True
             while more or inflight:
@@ -151,6 +154,10 @@ class StreamTransport(Channel):
                     nxt = next(pending, None)
                     if nxt is None:
                         more = False
+                        if commit:  # behind the writes: the target handles frames in order
+                            commit_id = self._tag()
+                            self._send(Commit(commit_id, ((offset, length),)).encode())
+                            commit_sent = True
                         break
                     pos, n = nxt
                     tag = self._tag()
@@ -165,6 +172,10 @@ class StreamTransport(Channel):
                     failed = failed or status
                 if failed:
                     more = False
+            if commit_sent:  # its reply comes after every write's (frames are handled in order)
+                raw = self._recv(COMMIT_REPLY.size)
+                if not failed:  # a failed write's range was not persisted, whatever this says
+                    check_commit_reply(raw, commit_id, 1)
         except (TransportError, ProtocolError) as exc:
             raise self._fail(exc) from None
         if failed:
@@ -193,15 +204,17 @@ class StreamTransport(Channel):
     def read(self, buf: memoryview, offset: int) -> None:
         self._pipeline(MSG_READ, offset, len(buf), dst=buf)
 
-    def write(self, data: memoryview, offset: int) -> None:
-        self._pipeline(MSG_WRITE, offset, len(data), src=data)
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
+        self._pipeline(MSG_WRITE, offset, len(data), src=data, commit=persist == "commit")
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO)
+    def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
+        self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO, commit=persist == "commit")
 
     def read_barrier(self, offset: int) -> None:
-        n = min(8, self.info.export_size - offset)
-        self._pipeline(MSG_READ, offset, n, dst=memoryview(bytearray(n)))
+        # Nothing to do: the target replies to a WRITE or ZERO only once the data is in the
+        # region's memory (it copies it there first), so the write's reply was the proof a
+        # READ would give. Placement, not persistence: that is gpspm's COMMIT.
+        self._usable()
 
     def _request_id(self) -> int:
         return self._tag()

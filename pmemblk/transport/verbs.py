@@ -26,12 +26,13 @@ from ..protocol import (
     MAX_MESSAGE_SIZE,
     MSG_REJECT,
     Challenge,
+    Commit,
     Reject,
     Welcome,
     message_type,
 )
 from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
-from . import Channel, refused
+from . import Channel, Persist, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,10 @@ class VerbsTransport(Channel):
         return ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event)
 
     def _pipeline(self, opcode: int, offset: int, length: int, *, src: memoryview | None = None,
-                  dst: memoryview | None = None) -> None:
-        """Move ``length`` bytes at export ``offset`` in chunks, ``depth`` in flight."""
+                  dst: memoryview | None = None, persist: Persist | None = None) -> None:
+        """Move ``length`` bytes at export ``offset`` in chunks, ``depth`` in flight. With
+        ``persist``, its step is posted right behind the last chunk, on the same queue pair
+        (which orders it after the writes), and the whole is one wait: librpma's way."""
         ep, bufs = self._usable()
         chunk = self.chunk_size
         remote = self.info.remote_addr + offset
@@ -176,8 +179,11 @@ class VerbsTransport(Channel):
         inflight: dict[int, tuple[int, int, int]] = {}
         pos = 0
         name = rdma.OPCODE_NAMES.get(opcode, str(opcode))
+        steps: dict[int, str] = {}  # the persistence step's work requests, until complete
+        commit_id = 0
+        answer: bytes | None = None
         try:
-            while pos < length or inflight:
+            while pos < length or inflight or steps:
                 while pos < length and free:
                     n = min(chunk, length - pos)
                     slot = free.pop()
@@ -191,7 +197,18 @@ class VerbsTransport(Channel):
                     ep.post(wr_id, opcode, laddr, n, bufs.lkey, remote + pos, rkey)
                     inflight[wr_id] = (slot, pos, n)
                     pos += n
+                if persist is not None and pos >= length and commit_id == 0:
+                    # Behind the last chunk, before waiting: one wait for the whole.
+                    commit_id = self._post_persist(ep, bufs, persist, offset, length, steps)
                 for wc in self._wait(ep):
+                    step = steps.pop(wc.wr_id, None)
+                    if step is not None:
+                        if wc.status != rdma.e.IBV_WC_SUCCESS:
+                            raise rdma.wc_failure(wc, step, remote, rkey)
+                        if step == "COMMIT reply":
+                            answer = bytes(bufs.view[self._recv_off:
+                                                     self._recv_off + wc.byte_len])
+                        continue
                     item = inflight.pop(wc.wr_id, None)
                     if item is None:
                         raise TransportError(f"completion for unknown work request {wc.wr_id}")
@@ -201,19 +218,41 @@ class VerbsTransport(Channel):
                     if dst is not None:
                         dst[p:p + n] = bufs.view[slot * chunk:slot * chunk + n]
                     free.append(slot)
-        except TransportError as exc:
+            if persist == "commit":
+                assert answer is not None
+                check_commit_reply(answer, commit_id, 1)  # a bad status: RemoteError
+        except (TransportError, ProtocolError) as exc:
             raise self._fail(exc) from None
+
+    def _post_persist(self, ep: Endpoint, bufs: RegisteredBuffer, persist: Persist,
+                      offset: int, length: int, steps: dict[int, str]) -> int:
+        """Post a FUA write's persistence step behind it; its COMMIT's request id (or -1)."""
+        if persist == "barrier":  # a small READ: cannot complete before the writes are placed
+            n = min(8, self.info.export_size - offset)
+            wr_id = self._wr_id()
+            ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
+                    self.info.remote_addr + offset, self.info.rkey)
+            steps[wr_id] = "RDMA READ (FUA)"
+            return -1
+        request_id = self._wr_id()
+        msg = Commit(request_id, ((offset, length),)).encode()
+        recv_id, send_id = self._wr_id(), self._wr_id()
+        ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
+        bufs.view[self._send_off:self._send_off + len(msg)] = msg
+        ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg), bufs.lkey)
+        steps[recv_id], steps[send_id] = "COMMIT reply", "COMMIT message"
+        return request_id
 
     # -- Transport API ---------------------------------------------------------------------
 
     def read(self, buf: memoryview, offset: int) -> None:
         self._pipeline(rdma.e.IBV_WR_RDMA_READ, offset, len(buf), dst=buf)
 
-    def write(self, data: memoryview, offset: int) -> None:
-        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, len(data), src=data)
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
+        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, len(data), src=data, persist=persist)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, length)
+    def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
+        self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, length, persist=persist)
 
     def read_barrier(self, offset: int) -> None:
         ep, bufs = self._usable()

@@ -106,8 +106,9 @@ def test_every_range_of_a_flush_and_a_fua_zero_survive_a_power_cut(region: str,
 @pytest.mark.parametrize("flush", ["gpspm", "apm"])
 def test_a_failed_fua_write_is_retried_by_the_next_flush(region: str, tmp_path: Path,
                                                          flush: str) -> None:
+    # apm over TCP: the WRITE's reply is the placement proof, so losing it is losing the barrier.
     extra = ("--testing-fail-persist", f"times=1,range=0:{DATA}") if flush == "gpspm" else (
-        "--testing-lose-reply", "read:1")
+        "--testing-lose-reply", "write:1")
     t = start(region, tmp_path, *extra)
     data = os.urandom(8192)
     c = client(t, flush=flush, reconnect_timeout=0)

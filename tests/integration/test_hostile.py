@@ -175,6 +175,15 @@ def test_the_socket_is_private_and_sighup_stops_the_target_cleanly(region: str,
 # -- 3. memory per client ---------------------------------------------------------------------
 
 
+def stuck(pid: int, t: Target) -> str:
+    """What a target that stopped answering is doing: state, wait channel, log tail."""
+    proc = Path(f"/proc/{pid}")
+    state = next((ln for ln in (proc / "status").read_text().splitlines()
+                  if ln.startswith("State:")), "State: ?")
+    wchan = (proc / "wchan").read_text() if (proc / "wchan").exists() else "?"
+    return f"{state}, wchan {wchan}, log: {t.log()[-1500:]}"
+
+
 def rss_anon_kib(pid: int) -> int:
     """Anonymous resident memory: heap and copies, not the mapped region's pages."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -210,7 +219,11 @@ def test_a_read_flood_does_not_grow_the_target(
     got = 0
     buf = bytearray(1 << 20)
     while got < count * (p.MAX_IO + p.REPLY.size):  # drain, sampling as we go
-        n = flood.recv_into(buf)
+        try:
+            n = flood.recv_into(buf)
+        except TimeoutError:  # seen twice in full runs, never alone: say what the target did
+            raise AssertionError(f"no reply byte for 20 s after {got} of "
+                                 f"{count * (p.MAX_IO + p.REPLY.size)}: {stuck(pid, t)}") from None
         assert n, "the target closed the flooding connection"
         got += n
         if got % (64 << 20) < n:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from ..conftest import ROOT, report
-from ..procs import PLUGIN, Nbdkit, Target
+from ..procs import PLUGIN, Nbdkit, Target, pmemblk
 from .conftest import SIZE, needs_nbdkit
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
@@ -208,3 +209,36 @@ def test_a_read_only_export_is_multi_conn(target: Target, tmp_path: Path,
         assert h.can_multi_conn() and h.is_read_only()
     finally:
         server.stop()
+
+
+def test_over_tcp_a_write_reply_is_the_placement_proof(region: str, tmp_path: Path,
+                                                       connect: Callable[[Nbdkit], Any]) -> None:
+    """flush=apm over TCP: the target replies to a WRITE once the data is in its memory, so
+    neither FUA nor FLUSH sends a READ after it (the target counts none); gpspm's FUA COMMIT
+    goes out behind the write and is one COMMIT per FUA write."""
+    control = tmp_path / "ctl.sock"
+    target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, "--control", str(control),
+                    "--shared", transport="tcp").start()
+    apm = Nbdkit(tmp_path, *target.keys, "flush=apm", "allow-visibility-only=true").start()
+    gpspm = Nbdkit(tmp_path, *target.keys, "flush=gpspm").start()
+    try:
+        h = connect(apm)
+        for i in range(3):
+            h.pwrite(b"a" * 4096, i * 4096, nbd.CMD_FLAG_FUA)
+        h.pwrite(b"b" * 4096, 3 * 4096)
+        h.flush()
+        g = connect(gpspm)
+        g.pwrite(b"c" * 8192, 8 * 4096, nbd.CMD_FLAG_FUA)
+        g.zero(4096, 16 * 4096, nbd.CMD_FLAG_FUA)
+        assert g.pread(4096, 8 * 4096) == b"c" * 4096
+        totals = json.loads(pmemblk("status", "--target", str(control), "--json").stdout)
+        totals = totals["totals"]
+        assert totals["writes"] == 5 and totals["zeros"] == 1
+        assert totals["reads"] == 1  # the pread above; no barrier READs
+        assert totals["commits"] == 2 and totals["commit_bytes"] == 8192 + 4096
+        h.shutdown()
+        g.shutdown()
+    finally:
+        apm.stop()
+        gpspm.stop()
+        target.stop()

@@ -116,7 +116,7 @@ def test_raid1_survives_a_lost_target_and_resyncs_from_the_bitmap(
     run("mkfs.ext4", "-q", "-F", MD)
     run("mount", MD, str(mnt))
     job = ["fio", "--name=md", f"--directory={mnt}", "--rw=randwrite", "--bs=4k",
-           "--size=24M", "--ioengine=libaio", "--iodepth=16", "--direct=1", "--verify=crc32c",
+           "--size=16M", "--ioengine=libaio", "--iodepth=16", "--direct=1", "--verify=crc32c",
            "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
            "--fsync_on_close=1", "--output-format=json"]
     run(*job, "--create_only=1")
@@ -124,7 +124,7 @@ def test_raid1_survives_a_lost_target_and_resyncs_from_the_bitmap(
     fio = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     written = Path("/sys/block/md0/stat")
     start = int(written.read_text().split()[6])
-    wait_until(lambda: int(written.read_text().split()[6]) - start >= (6 << 20) // 512
+    wait_until(lambda: int(written.read_text().split()[6]) - start >= (4 << 20) // 512
                or fio.poll() is not None, "fio to get going", timeout=600)
     assert fio.poll() is None, "fio finished before the target was lost: make --size larger"
     lost_at = time.monotonic()
@@ -218,7 +218,7 @@ def test_raid0_across_two_targets_fio_verify(members: list[Member], workdir: Pat
         m.attach(workdir)
     mdadm_create(0, [m.device for m in members])
     res = run("fio", "--name=raid0", f"--filename={MD}", "--rw=randwrite", "--bs=4k",
-              "--size=48M", "--ioengine=libaio", "--iodepth=16", "--direct=1",
+              "--size=24M", "--ioengine=libaio", "--iodepth=16", "--direct=1",
               "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
               "--output-format=json")
     result = json.loads(res.stdout)["jobs"][0]
@@ -226,5 +226,5 @@ def test_raid0_across_two_targets_fio_verify(members: list[Member], workdir: Pat
     stats = [json.loads(pmemblk("status", m.name, "--json").stdout) for m in members]
     writes = [s["ops"]["write"]["requests"] for s in stats]
     assert all(w > 0 for w in writes), writes  # both targets took writes
-    report(f"md RAID0 over two targets: fio randwrite 48 MiB verified, errors=0; writes per "
+    report(f"md RAID0 over two targets: fio randwrite 24 MiB verified, errors=0; writes per "
            f"target {writes[0]} and {writes[1]}")
