@@ -370,6 +370,7 @@ def scale_out(quick: bool) -> dict[str, Any]:
                 dev = "/dev/nbd0"
                 if layout != "single":
                     dev = "/dev/md0"
+                    free_members(["/dev/nbd0", "/dev/nbd1"])
                     subprocess.run(["mdadm", "--create", dev, "--run", f"--level={layout[-1]}",
                                     "--raid-devices=2", "--assume-clean", "/dev/nbd0",
                                     "/dev/nbd1"], check=True, capture_output=True)
@@ -384,6 +385,7 @@ def scale_out(quick: bool) -> dict[str, Any]:
                 finally:
                     if layout != "single":
                         subprocess.run(["mdadm", "--stop", dev], capture_output=True)
+                        free_members(["/dev/nbd0", "/dev/nbd1"])  # no stale array next time
                     for i in range(members):
                         subprocess.run([PY, "-m", "pmemblk", "detach", "--force", f"m{i}"],
                                        capture_output=True)
@@ -394,6 +396,15 @@ def scale_out(quick: bool) -> dict[str, Any]:
             t.wait()
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def free_members(devices: list[str]) -> None:
+    """Undo udev's incremental assembly of an earlier layout's members, and its superblocks."""
+    subprocess.run(["udevadm", "settle"], capture_output=True)
+    for dev in devices:
+        for holder in Path(f"/sys/block/{os.path.basename(dev)}/holders").iterdir():
+            subprocess.run(["mdadm", "--stop", f"/dev/{holder.name}"], capture_output=True)
+        subprocess.run(["mdadm", "--zero-superblock", dev], capture_output=True)
 
 
 def in_vm(command: str, quick: bool) -> dict[str, Any] | None:

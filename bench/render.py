@@ -166,7 +166,7 @@ def stats_table(cost: dict[str, Any]) -> list[str]:
     if "counted_us" in cost:
         qd1 = med([float(r["iops"]) for r in cost["on"]["randread-4k-qd1"]])
         lines += ["", f"Counting one request (the clock pair, the bucket, the lock) costs "
-                  f"{cost['counted_us']:.2f} µs of CPU, measured in the same run: "
+                  f"{cost['counted_us']:.2f} µs of CPU (timed by bench.py stats-cost): "
                   f"{cost['counted_us'] * qd1 / 1e6:.1%} of a 4k QD1 read at {qd1:.0f} IOPS. "
                   "The end-to-end ratios above are within this machine's run-to-run noise."]
     return lines
