@@ -226,7 +226,7 @@ def plugin_keys(opts: AttachOptions) -> list[str]:
     return keys
 
 
-def check_target(opts: AttachOptions, keys: list[str]) -> nbdplugin.PluginConfig:
+def check_target(opts: AttachOptions, keys: list[str]) -> None:
     """Parse the keys as the plugin will, and connect once: a wrong address, secret or flush
     method fails here, in one line, before anything is started."""
     cfg = nbdplugin.PluginConfig()
@@ -242,7 +242,6 @@ def check_target(opts: AttachOptions, keys: list[str]) -> nbdplugin.PluginConfig
     # Read-only: the probe must not hold the writer slot the device is about to take.
     with nbdplugin.connect(cfg, readonly=True):
         pass
-    return cfg
 
 
 def attach(opts: AttachOptions) -> Attachment:
@@ -289,7 +288,7 @@ def attach(opts: AttachOptions) -> Attachment:
                          keys)
         att.save()
         pid = _start_nbdkit(att)
-        undo.callback(_stop_process, pid, att)
+        undo.callback(_stop_process, pid)
         if device is not None:
             _connect_device(att, device, opts)
             undo.callback(_disconnect_device, device)
@@ -340,7 +339,7 @@ def _start_nbdkit(att: Attachment) -> int:
     if status != 0:  # the plugin refused its configuration, or nbdkit could not listen
         pid = _read_pid(pid_file)
         if pid is not None:
-            _stop_process(pid, att)
+            _stop_process(pid)
         raise TransportError(f"nbdkit did not start: {_log_tail(att)}")
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -350,7 +349,7 @@ def _start_nbdkit(att: Attachment) -> int:
         gone = pid is None and pid_file.exists()
         if gone or time.monotonic() > deadline:
             if pid is not None:
-                _stop_process(pid, att)
+                _stop_process(pid)
             raise TransportError(f"nbdkit {'exited' if gone else 'did not start'}: "
                                  f"{_log_tail(att)}")
         time.sleep(0.05)
@@ -408,7 +407,7 @@ def _disconnect_device(device: str) -> None:
         time.sleep(0.05)
 
 
-def _stop_process(pid: int, att: Attachment) -> None:
+def _stop_process(pid: int) -> None:
     """SIGTERM, then SIGKILL after STOP_TIMEOUT (nbdkit 1.32 waits for its clients)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -476,7 +475,7 @@ def detach(att: Attachment, force: bool = False) -> list[str]:
                 _disconnect_device(att.device)
         pid = att.nbdkit_pid()
         if pid is not None:
-            _stop_process(pid, att)
+            _stop_process(pid)
         elif (att.folder / "nbdkit.pid").exists():
             warnings.append("nbdkit was not running any more")
         _remove_folder(att.folder)

@@ -57,6 +57,23 @@ def region_info(path: str) -> dict[str, object]:
     return info
 
 
+def our_nbdkits(folder: Path) -> list[int]:
+    """Live (not zombie) nbdkit processes whose command line names a socket under ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and cmdline.startswith(b"nbdkit\0") and str(folder).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+
 class Target:
     """``pmemblk serve`` in the background; its log is kept for assertions.
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..procs import PY, Target, pmemblk, run
+from ..procs import PY, Target, our_nbdkits, pmemblk, run
 from .conftest import needs_nbdkit
 
 pytestmark = needs_nbdkit
@@ -34,22 +34,6 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for pid_file in folder.glob("*/nbdkit.pid"):
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-
-def our_nbdkits(folder: Path) -> list[int]:
-    """Live (not zombie) nbdkit processes whose command line names a socket under ``folder``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and cmdline.startswith(b"nbdkit\0") and str(folder).encode() in cmdline:
-            pids.append(int(proc.name))
-    return pids
 
 
 def families(text: str) -> dict[str, Metric]:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ..conftest import report
-from ..procs import pmemblk, run, wait_until
+from ..procs import our_nbdkits, pmemblk, run, wait_until
 from .harness import ADDR, secret_file, vm_target
 
 SIZE = 128 << 20
@@ -38,16 +38,7 @@ def nothing_left(run_dir: Path, device: str) -> None:
     name = os.path.basename(device)
     assert not Path(f"/sys/block/{name}/pid").exists(), f"{device} is still connected"
     assert not [p for p in run_dir.glob("*") if p.name != ".lock"], list(run_dir.iterdir())
-    live = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"nbdkit\0") and str(run_dir).encode() in cmd:
-                live.append(proc.name)
-    assert live == [], f"nbdkit still running: {live}"
+    assert our_nbdkits(run_dir) == [], "nbdkit still running"
 
 
 def test_attach_mkfs_status_restart_detach(shm_region: Path, workdir: Path,
