@@ -26,6 +26,7 @@ from .errors import ConfigError, RemoteError
 from .protocol import (
     AUTH_HMAC_SHA256,
     AUTH_NONE,
+    CLIENT_ID_SIZE,
     CLIENT_NONCE_SIZE,
     MAC_SIZE,
     TARGET_NONCE_SIZE,
@@ -98,6 +99,11 @@ def target_proof(secret: bytes, hello: Hello, challenge: Challenge, auth: Auth,
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
+def new_client_id() -> bytes:
+    """A fresh client identity: every channel of one client carries it in its HELLO."""
+    return os.urandom(CLIENT_ID_SIZE)
+
+
 def new_challenge(secret: bytes | None) -> Challenge:
     return Challenge(AUTH_HMAC_SHA256 if secret is not None else AUTH_NONE,
                      os.urandom(TARGET_NONCE_SIZE))
@@ -112,10 +118,13 @@ def verify_auth(secret: bytes | None, hello: Hello, challenge: Challenge, auth: 
 class ClientHandshake:
     """The client's side of the handshake, shared by every transport."""
 
-    def __init__(self, peer: str, secret: bytes | None, readonly: bool) -> None:
+    def __init__(self, peer: str, secret: bytes | None, readonly: bool,
+                 client_id: bytes | None = None) -> None:
         self.peer = peer
         self.secret = secret
-        self.hello = Hello(readonly=readonly, nonce=os.urandom(CLIENT_NONCE_SIZE))
+        # Without an id of its own (one channel alone) a random one: a client of its own.
+        self.hello = Hello(readonly=readonly, nonce=os.urandom(CLIENT_NONCE_SIZE),
+                           client_id=client_id or new_client_id())
         self.challenge: Challenge | None = None
         self.auth: Auth | None = None
 

@@ -13,20 +13,33 @@ FUA is the write with the same persistence step for just that range, posted toge
 both take one wait. Each is a policy object (``pmemblk/flush.py``), chosen when the client
 connects.
 
-Reconnect: when the connection is lost (disconnect event, QP in error, TCP reset, no answer
-before the deadline), the request in progress is held, the client reconnects with backoff,
+Channels: a client is one plugin instance's link to one target, shared by its NBD connections
+and their nbdkit worker threads. Each thread that makes a request gets a channel of its own (a
+transport connection: a queue pair, or a socket), opened on first use, so that requests run
+concurrently with no hand-off between threads. Every channel carries the client's id in its
+HELLO, so the target counts them as one client with one writer slot. A FLUSH on any thread
+covers every write completed on any channel: over RDMA a barrier READ is posted on each channel
+that wrote since its last barrier (together, then waited for), because a queue pair orders
+only its own operations; over a stream a write's reply already proves placement.
+
+Reconnect: when a channel's connection is lost (disconnect event, QP in error, TCP reset, no
+answer before the deadline), the request in progress is held; one thread reconnects with
+backoff (the others that lost theirs meanwhile wait for it, then reconnect once each),
 checks that the target serves the same region (UUID and size), and issues the request again
 (READ, WRITE and ZERO of the same range are idempotent, and so is a COMMIT). After
 ``reconnect_timeout`` seconds without success the request fails with EIO. If the target's loss
-epoch changed while writes were unflushed (it restarted after a reboot or power cut, so those
-writes may be gone), every later FLUSH fails with EIO: acknowledging it would be a lie
-(docs/security.md).
+epoch changed while writes were unflushed on any channel (it restarted after a reboot or power
+cut, so those writes may be gone), every later FLUSH fails with EIO: acknowledging it would be
+a lie (docs/security.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +47,7 @@ from contextlib import contextmanager
 from . import durability
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .flush import make_policy
-from .protocol import FLUSH_METHODS
+from .protocol import FLUSH_METHODS, Welcome
 from .resource import Closeable
 from .stats import IoStats
 from .transport import Persist, Transport
@@ -43,10 +56,34 @@ log = logging.getLogger(__name__)
 
 #: The operations counted in statistics (a FUA write counts as a write).
 OPS = ("read", "write", "zero", "flush")
+#: Channels of exited threads are closed when a new one is opened beyond this many.
+PRUNE_ABOVE = 8
+
+
+class _Channel:
+    """One thread's connection to the target, the lock that keeps its requests from
+    overlapping (a flush on another thread may use it too), and what a flush must order."""
+
+    def __init__(self, number: int, transport: Transport | None, generation: int) -> None:
+        self.number = number
+        self.transport = transport
+        #: The client's reconnect generation this connection was made in.
+        self.generation = generation
+        self.lock = threading.Lock()
+        #: Where it wrote since its last barrier, where completion does not prove placement.
+        self.wrote_at: int | None = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Client(Closeable):
-    """Block I/O against one target through one transport connection. A context manager."""
+    """Block I/O against one target through channels opened per thread. A context manager.
+
+    ``transport`` is the first channel's connection; ``reconnect`` opens another (for a new
+    thread, or after a connection is lost). Without it, every thread shares the first.
+    """
 
     def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
                  allow_visibility_only: bool = False,
@@ -60,7 +97,8 @@ class Client(Closeable):
                                                    flush, allow_visibility_only)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.transport = transport
+        #: What the first connection's WELCOME said: every later connection must agree.
+        self.info: Welcome = info
         self.flush_method = method
         #: Chosen once: what the writes since the last flush are, and how to persist them.
         self.policy = make_policy(method)
@@ -69,16 +107,27 @@ class Client(Closeable):
         self.size = info.export_size
         self.block_size = info.block_size
         self.readonly = info.readonly or readonly
-        self._unflushed = False  # any write since the last successful FLUSH
         self._reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0
-        #: Shared with the plugin instance's other connections (None: not counted).
+        #: Shared with the plugin instance's other clients (None: not counted).
         self.stats = stats
         #: Why every FLUSH now fails (unflushed writes may have been lost), or None.
         self.lost: str | None = None
         #: Why every request now fails (the target serves something else), or None.
         self.broken: str | None = None
+        self._first = _Channel(1, transport, 0)
+        self._channels: dict[int, _Channel] = {threading.get_native_id(): self._first}
+        self._opened = 1
+        self._shared_first = False  # the target refused more channels: threads share one
+        self._lock = threading.Lock()  # the channel table, write counts, the loss epoch
+        self._recover_lock = threading.Lock()  # one thread finds the target again
+        self._flush_lock = threading.Lock()  # one flush at a time
+        self._generation = 0  # reconnects that found the target again
+        self._epoch = info.loss_epoch
+        self._instance = info.instance  # the start of the target last seen
+        self._writes = 0  # writes completed
+        self._flushed = 0  # ... of which the last successful FLUSH covered this many
         if not persistent:
             log.warning(
                 "flush=%s gives visibility only on this target (accepted with "
@@ -86,6 +135,17 @@ class Client(Closeable):
                 "target's memory; it survives the target process, not a power cut", method)
         else:
             log.info("flush=%s: persistent", method)
+
+    @property
+    def transport(self) -> Transport:
+        """The first channel's connection (what the client was made with, or its successor)."""
+        assert self._first.transport is not None
+        return self._first.transport
+
+    @property
+    def channels(self) -> int:
+        with self._lock:
+            return len({id(c) for c in self._channels.values()})
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -97,17 +157,71 @@ class Client(Closeable):
         if self.readonly:
             raise RequestError("the export is read-only", errno.EPERM)
 
+    # -- channels --------------------------------------------------------------------------
+
+    def _channel(self) -> _Channel:
+        """This thread's channel, opened on its first request."""
+        tid = threading.get_native_id()
+        ch = self._channels.get(tid)
+        if ch is not None:
+            return ch
+        if self._reconnect is None or self._shared_first:
+            return self._first
+        return self._open_channel(tid)
+
+    def _open_channel(self, tid: int) -> _Channel:
+        self._prune()
+        with self._lock:
+            self._opened += 1
+            ch = _Channel(self._opened, None, self._generation)
+        assert self._reconnect is not None
+        try:
+            self._adopt(ch, self._reconnect())
+        except RemoteError as exc:
+            if exc.errno != errno.EBUSY or self.broken is not None:
+                raise
+            # The target's limit on one client's connections (serve --max-channels): the
+            # threads beyond it share the first channel, one request at a time.
+            log.warning("the target refused another channel (%s): threads without one share "
+                        "the first", exc)
+            self._shared_first = True
+            return self._first
+        except TransportError as exc:
+            if self._reconnect is None or self.reconnect_timeout <= 0:
+                raise
+            self._recover(ch, exc, time.monotonic() + self.reconnect_timeout)
+        with self._lock:
+            self._channels[tid] = ch
+        log.debug("channel %d opened for thread %d", ch.number, tid)
+        return ch
+
+    def _prune(self) -> None:
+        """Close the channels of threads that have exited (nbdkit's threads end with their NBD
+        connection; the client lives on while another connection is open)."""
+        with self._lock:
+            if len(self._channels) <= PRUNE_ABOVE:
+                return
+            gone = {tid: ch for tid, ch in self._channels.items()
+                    if ch is not self._first and not os.path.exists(f"/proc/self/task/{tid}")}
+            for tid in gone:
+                del self._channels[tid]
+        for ch in gone.values():
+            with ch.lock:  # a flush may be using it
+                ch.close()
+
     # -- reconnect -------------------------------------------------------------------------
 
-    def _io(self, op: Callable[[Transport], None]) -> None:
-        """Run ``op`` on the transport; on a lost connection, reconnect and run it again."""
+    def _run(self, ch: _Channel, op: Callable[[Transport], None]) -> None:
+        """Run ``op`` on the channel (whose lock the caller holds); on a lost connection,
+        reconnect and run it again."""
         if self.broken is not None:
             raise RemoteError(self.broken, errno.EIO)
         deadline: float | None = None
         delay = 0.0
         while True:
             try:
-                op(self.transport)
+                assert ch.transport is not None
+                op(ch.transport)
                 return
             except TransportError as exc:
                 if self._reconnect is None or self.reconnect_timeout <= 0:
@@ -115,55 +229,79 @@ class Client(Closeable):
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.reconnect_timeout
-                    log.warning("lost the connection to the target (%s): reconnecting for up to "
-                                "%gs", exc, self.reconnect_timeout)
                 elif now >= deadline:
                     # The target is there, but this request keeps losing the connection: give
                     # up like a target that never came back, never loop for ever.
                     self.broken = (f"the request kept failing for {self.reconnect_timeout:g}s "
                                    f"(reconnect-timeout), on {self.reconnects} new connections: "
                                    f"{exc}")
-                    log.error("%s: failing every request on this connection", self.broken)
+                    log.error("%s: failing every request", self.broken)
                     raise TransportError(self.broken) from None
                 else:  # failed again on a fresh connection: back off before the next try
                     delay = min(max(delay * 2, 0.05), 2.0)
                     time.sleep(min(delay, deadline - now))
-                self._recover(exc, deadline)
+                self._recover(ch, exc, deadline)
 
-    def _recover(self, cause: TransportError, deadline: float) -> None:
+    def _recover(self, ch: _Channel, cause: TransportError, deadline: float) -> None:
+        """Give the channel a new connection. The first thread to lose the target looks for
+        it; threads that lost theirs meanwhile wait, then reconnect once each."""
+        seen = ch.generation
+        if ch.transport is not None:
+            ch.transport.close()
+            ch.transport = None
+        with self._recover_lock:
+            if self.broken is not None:
+                raise RemoteError(self.broken, errno.EIO)
+            if self._generation != seen:  # found again since this connection was made
+                try:
+                    self._adopt(ch, self._connect_again())
+                    return
+                except TransportError as exc:  # lost again: look for it as the first would
+                    cause = exc
+            self._find_target(ch, cause, deadline)
+
+    def _connect_again(self) -> Transport:
         assert self._reconnect is not None
-        self.transport.close()
+        try:
+            return self._reconnect()
+        except PmemblkError as exc:
+            # EBUSY: the target has not yet noticed an old connection. Anything else (a
+            # refusal, a new secret, another protocol version) will not change by waiting.
+            if isinstance(exc, TransportError) or (isinstance(exc, RemoteError)
+                                                   and exc.errno == errno.EBUSY):
+                raise TransportError(str(exc)) from None
+            self.broken = f"reconnecting failed: {exc}"
+            raise RemoteError(self.broken, errno.EIO) from None
+
+    def _find_target(self, ch: _Channel, cause: TransportError, deadline: float) -> None:
+        log.warning("lost the connection to the target (%s): reconnecting for up to %gs",
+                    cause, self.reconnect_timeout)
         delay = 0.05
         last: Exception = cause
         while True:
             try:
-                transport = self._reconnect()
+                transport = self._connect_again()
             except TransportError as exc:  # not reachable (yet)
                 last = exc
-            except PmemblkError as exc:
-                # EBUSY: the target has not yet noticed our old connection. Anything else (a
-                # refusal, a new secret, another protocol version) will not change by waiting.
-                if not (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY):
-                    self.broken = f"reconnecting failed: {exc}"
-                    raise RemoteError(self.broken, errno.EIO) from None
-                last = exc
             else:
-                self._adopt(transport)
+                self._adopt(ch, transport, found_again=True)
                 return
             if time.monotonic() + delay > deadline:
                 # Like NVMe-oF's ctrl_loss_tmo: the device is dead from now on, and every
                 # request fails at once instead of waiting out the timeout again.
                 self.broken = (f"the target did not come back within "
                                f"{self.reconnect_timeout:g}s (reconnect-timeout): {last}")
-                log.error("%s: failing every request on this connection", self.broken)
+                log.error("%s: failing every request", self.broken)
                 raise TransportError(self.broken)
             log.debug("reconnect failed (%s): next try in %.2fs", last, delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _adopt(self, transport: Transport) -> None:
-        """Check that a new connection reaches the same region, then use it."""
-        old, new = self.transport.info, transport.info
+    def _adopt(self, ch: _Channel, transport: Transport, found_again: bool = False) -> None:
+        """Check that a new connection reaches the same region, then give it to ``ch``.
+        ``found_again``: it replaces one that was lost. Either way, a connection to another
+        start of the target than the last one seen counts as finding it again, once."""
+        old, new = self.info, transport.info
         why = None
         if new.region_uuid != old.region_uuid:
             why = f"it now serves region {new.region_uuid}, not {old.region_uuid}"
@@ -180,18 +318,25 @@ class Client(Closeable):
             self.broken = f"reconnected to the target, but {why}: failing every request"
             log.error("%s", self.broken)
             raise RemoteError(self.broken, errno.EIO)
-        if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:
-            self.lost = (
-                f"the target restarted after a reboot or power cut (loss epoch "
-                f"{old.loss_epoch} → {new.loss_epoch}) while writes were not yet flushed: "
-                "they may be lost, so no later FLUSH on this connection can succeed")
-            log.error("%s", self.lost)
-        self.transport = transport
-        self.reconnects += 1
-        if self.stats is not None:
-            self.stats.reconnected()
-        log.warning("reconnected to the target (region %s, loss epoch %d)", new.region_uuid,
-                    new.loss_epoch)
+        with self._lock:
+            if found_again or new.instance != self._instance:
+                self._instance = new.instance
+                self._generation += 1
+                self.reconnects += 1
+                if self.stats is not None:
+                    self.stats.reconnected()
+                log.warning("reconnected to the target (region %s, loss epoch %d)",
+                            new.region_uuid, new.loss_epoch)
+            if new.loss_epoch != self._epoch:
+                if self._writes > self._flushed and self.lost is None:
+                    self.lost = (
+                        f"the target restarted after a reboot or power cut (loss epoch "
+                        f"{self._epoch} → {new.loss_epoch}) while writes were not yet "
+                        "flushed: they may be lost, so no later FLUSH can succeed")
+                    log.error("%s", self.lost)
+                self._epoch = new.loss_epoch
+            ch.transport = transport
+            ch.generation = self._generation
 
     # -- requests --------------------------------------------------------------------------
 
@@ -208,6 +353,11 @@ class Client(Closeable):
             ok = True
         finally:
             self.stats.record(op, nbytes, started, ok)
+
+    def _io(self, op: Callable[[Transport], None]) -> None:
+        ch = self._channel()
+        with ch.lock:
+            self._run(ch, op)
 
     def pread(self, buf: memoryview, offset: int) -> None:
         with self._counted("read", len(buf)):
@@ -238,21 +388,32 @@ class Client(Closeable):
         it may be lost. (A write whose connection broke is sent again in full, with its step,
         so it is only at risk from then on.)"""
         step = self.policy.fua_step if fua else None
-        try:
-            self._io(lambda t: op(t, step))
-        except BaseException:
-            if fua:  # maybe written, not persisted: the next flush covers it
-                self._unflushed = True
-                self.policy.wrote(offset, length)
-            raise
-        self._unflushed = True
-        if not fua:
-            self.policy.wrote(offset, length)
-        elif self.lost is not None:  # persisted on a target that may have lost earlier writes
+        ch = self._channel()
+        with ch.lock:
+            try:
+                self._run(ch, lambda t: op(t, step))
+            except BaseException:
+                if fua:  # maybe written, not persisted: the next flush covers it
+                    self._wrote(ch, offset, length, True, proven=False)
+                raise
+            self._wrote(ch, offset, length, not fua)
+        if fua and self.lost is not None:  # persisted on a target that may have lost others
             raise RemoteError(self.lost, errno.EIO)
 
+    def _wrote(self, ch: _Channel, offset: int, length: int, unpersisted: bool,
+               proven: bool = True) -> None:
+        """A write completed on ``ch`` (whose lock is held); ``unpersisted``: no FUA step made
+        it persistent, so the next flush must. ``proven=False``: its reply never came, so
+        even where a reply proves placement the next flush needs the channel's barrier."""
+        with self._lock:
+            self._writes += 1
+        if unpersisted:
+            self.policy.wrote(offset, length)
+            if not proven or (ch.transport is not None and not ch.transport.placed_on_reply):
+                ch.wrote_at = offset
+
     def flush(self) -> None:
-        """Make every write completed on this connection persistent (per the flush method)."""
+        """Make every write completed on any channel persistent (per the flush method)."""
         with self._counted("flush", 0):
             self._flush()
 
@@ -261,10 +422,54 @@ class Client(Closeable):
             raise RemoteError(self.broken, errno.EIO)
         if self.lost is not None:
             raise RemoteError(self.lost, errno.EIO)
-        self.policy.flush(self._io)
+        own = self._channel()
+        with self._flush_lock:
+            with self._lock:
+                covered = self._writes
+                # A channel that wrote marked it under its own lock, before that write was
+                # acknowledged; it is checked again under that lock below.
+                chans = {id(c): c for c in self._channels.values()
+                         if c.wrote_at is not None or c is own}
+            with contextlib.ExitStack() as held:  # in one order: no two lockers wait in a ring
+                for ch in sorted(chans.values(), key=lambda c: c.number):
+                    held.enter_context(ch.lock)
+                self.policy.flush(lambda with_own: self._barriers(list(chans.values()), own,
+                                                                  with_own),
+                                  lambda ranges: self._commit(own, ranges))
         if self.lost is not None:  # found out while reconnecting during this flush
             raise RemoteError(self.lost, errno.EIO)
-        self._unflushed = False
+        with self._lock:
+            self._flushed = max(self._flushed, covered)
+
+    def _commit(self, own: _Channel, ranges: list[tuple[int, int]]) -> None:
+        self._run(own, lambda t: t.commit(ranges))
+        own.wrote_at = None  # the COMMIT came after its writes on the same channel
+
+    def _barriers(self, chans: list[_Channel], own: _Channel, with_own: bool) -> None:
+        """A barrier on every channel that wrote since its last one: all posted, then each
+        waited for (so the whole takes about one round trip). A channel whose connection
+        fails gets a new one, and its barrier runs there."""
+        todo = [c for c in chans if c.wrote_at is not None and (with_own or c is not own)]
+        posted = []
+        for ch in todo:
+            with contextlib.suppress(TransportError):
+                assert ch.transport is not None and ch.wrote_at is not None
+                ch.transport.start_barrier(ch.wrote_at)
+                posted.append(ch)
+        for ch in posted:
+            with contextlib.suppress(TransportError):
+                assert ch.transport is not None
+                ch.transport.finish_barrier()
+                ch.wrote_at = None
+        for ch in todo:
+            at = ch.wrote_at
+            if at is not None:  # its connection failed: order it on a new one
+                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at once)
+                ch.wrote_at = None
 
     def close(self) -> None:
-        self.transport.close()
+        with self._lock:
+            channels = {id(c): c for c in self._channels.values()}
+            self._channels.clear()
+        for ch in channels.values():
+            ch.close()

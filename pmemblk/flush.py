@@ -1,23 +1,31 @@
-"""The flush policy: how a client makes its writes persistent, chosen once per connection.
+"""The flush policy: how a client makes its writes persistent, chosen once per client.
 
-``Apm`` (appliance persistency method) proves placement with a small READ on the same channel
-after the writes; ``Gpspm`` (general-purpose server persistency method) asks the target to
-persist the ranges written since the last flush (COMMIT). Each owns what it must remember
-between a write and the flush that covers it, and keeps it when persisting fails, so that the
-next flush tries again (docs/persistence.md). The client core calls one object through this
+``Apm`` (appliance persistency method) proves placement with a small READ after the writes, on
+every channel that wrote; ``Gpspm`` (general-purpose server persistency method) orders the
+other channels' writes the same way and then asks the target to persist every range written
+since the last flush (COMMIT), on the flushing channel. Each owns what it must remember between
+a write and the flush that covers it, and keeps it when persisting fails, so that the next
+flush tries again (docs/persistence.md). The client core calls one object through this
 interface instead of branching on the method's name on every request.
+
+Which channels need a barrier is the client's business (``pmemblk.client``): it knows them,
+and over a stream, where a write's reply already proves placement, none does.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
 from .ranges import RangeSet
-from .transport import Persist, Transport
+from .transport import Persist
 
-#: Runs one transport operation (with the client's reconnect rules).
-Io = Callable[[Callable[[Transport], None]], None]
+#: Orders every write completed on any channel (``True``: the flushing channel's own too)
+#: before what follows on the flushing channel.
+Barriers = Callable[[bool], None]
+#: Persists these ranges: a COMMIT on the flushing channel.
+Commit = Callable[[list[tuple[int, int]]], None]
 
 
 class FlushPolicy(Protocol):
@@ -27,9 +35,9 @@ class FlushPolicy(Protocol):
 
     def wrote(self, offset: int, length: int) -> None:
         """A write of ``[offset, offset+length)`` completed; the next flush must cover it.
-        Also called for a FUA write whose persistence step failed."""
+        Also called for a FUA write whose persistence step failed. Thread-safe."""
 
-    def flush(self, io: Io) -> None:
+    def flush(self, barriers: Barriers, commit: Commit) -> None:
         """Make every completed write persistent. If that fails, nothing is forgotten."""
 
 
@@ -37,17 +45,11 @@ class Apm:
     name = "apm"
     fua_step: Persist = "barrier"
 
-    def __init__(self) -> None:
-        self._unflushed_at: int | None = None  # where a write since the last barrier was
-
     def wrote(self, offset: int, length: int) -> None:
-        self._unflushed_at = offset
+        pass  # the barriers are all: the client knows which channels wrote
 
-    def flush(self, io: Io) -> None:
-        if self._unflushed_at is not None:
-            at = self._unflushed_at
-            io(lambda t: t.read_barrier(at))
-            self._unflushed_at = None
+    def flush(self, barriers: Barriers, commit: Commit) -> None:
+        barriers(True)
 
 
 class Gpspm:
@@ -56,19 +58,24 @@ class Gpspm:
 
     def __init__(self) -> None:
         self._dirty = RangeSet()
+        self._lock = threading.Lock()
 
     def wrote(self, offset: int, length: int) -> None:
-        self._dirty.add(offset, length)
+        with self._lock:
+            self._dirty.add(offset, length)
 
-    def flush(self, io: Io) -> None:
-        if not self._dirty:
+    def flush(self, barriers: Barriers, commit: Commit) -> None:
+        with self._lock:
+            ranges = self._dirty.take()
+        if not ranges:
             return
-        ranges = self._dirty.take()
         try:
-            io(lambda t: t.commit(ranges))
+            barriers(False)  # the COMMIT itself orders the flushing channel's writes
+            commit(ranges)
         except BaseException:
-            for off, n in ranges:  # not persisted: a later flush must try them again
-                self._dirty.add(off, n)
+            with self._lock:
+                for off, n in ranges:  # not persisted: a later flush must try them again
+                    self._dirty.add(off, n)
             raise
 
 

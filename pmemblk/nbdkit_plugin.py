@@ -77,10 +77,11 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
 
 
 def thread_model() -> int:
-    # Requests on one connection run one at a time; connections run in parallel, each with
-    # its own queue pair and buffer pool. pyverbs is not thread-safe per QP and holds the GIL
-    # while it blocks, so one QP per connection is the sound unit (docs/design.md).
-    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
+    # Requests run concurrently: each nbdkit worker thread has a channel of its own (a queue
+    # pair, or a socket) opened on its first request, so no thread waits for another's
+    # completion and nothing on the data path is shared but the flush state
+    # (docs/design.md, "Thread model").
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
 def dump_plugin() -> None:
@@ -174,11 +175,11 @@ def can_trim(h: Client) -> bool:
 
 
 def can_multi_conn(h: Client) -> bool:
-    # Read-only: no writes to flush, and every read comes from the target's memory, so any
-    # connection sees what any other would. Read-write: False, because a flush persists the
-    # writes of its own connection only (apm: its own QP's writes; gpspm: the ranges this
-    # connection recorded), not every connection's.
-    return h.readonly
+    # Every NBD connection of this nbdkit shares one client: a FLUSH on any of them makes
+    # every write completed on any of them persistent (a barrier on each channel that wrote,
+    # then the COMMIT), and every read comes from the target's memory, so all connections see
+    # the same data. Read-only connections have nothing to flush.
+    return True
 
 
 def pread(h: Client, buf: bytearray, offset: int, flags: int) -> None:

@@ -1,4 +1,9 @@
-"""What the nbdkit plugin does, without nbdkit: configuration and per-connection handles.
+"""What the nbdkit plugin does, without nbdkit: configuration and the plugin instance's state.
+
+One plugin instance (one nbdkit process) is one client of the target: its NBD connections
+share a ``Client`` (one per access mode), whose nbdkit worker threads each get a channel of
+their own, and every channel carries the instance's client id (docs/design.md, "Thread
+model"). A FLUSH on any connection therefore covers the writes of all of them (multi-conn).
 
 ``plugin/pmemblk.py`` is a thin shim that nbdkit loads; it forwards each callback here and maps
 errors to ``nbdkit.set_error``. Keeping the logic here lets it be tested on any host.
@@ -107,6 +112,8 @@ class PluginConfig:
     name: str = ""
     log: str = ""
     seen: set[str] = field(default_factory=set)
+    #: Every channel of this plugin instance says it is this one client.
+    client_id: bytes = field(default_factory=auth.new_client_id, repr=False)
 
     def set(self, key: str, value: str) -> None:
         if key not in KEYS:
@@ -226,18 +233,19 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
         assert isinstance(cfg.target, TCPAddress)  # rdma_ip checked it
         return VerbsTransport(cfg.rdma_ip, cfg.target.port, readonly=readonly,
                               timeout=cfg.timeout, depth=cfg.depth, chunk_size=cfg.chunk,
-                              secret=cfg.secret)
+                              secret=cfg.secret, client_id=cfg.client_id)
     return StreamTransport(cfg.address, readonly=readonly, timeout=cfg.timeout,
                            depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20),
-                           secret=cfg.secret)
+                           secret=cfg.secret, client_id=cfg.client_id)
 
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:
-    """A client for one NBD connection; read-only if nbdkit asks or ``readonly=true``."""
+    """A client of the target, read-only if nbdkit asks or ``readonly=true``; it opens a
+    channel per thread that uses it."""
     readonly = readonly or cfg.readonly
     transport, kind = connect_transport(cfg, readonly)
     try:
-        # A reconnect uses the transport the first connection chose.
+        # New channels and reconnects use the transport the first connection chose.
         return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only,
                       reconnect=lambda: _connect_kind(cfg, kind, readonly),
                       reconnect_timeout=cfg.reconnect_timeout, stats=io_stats)
@@ -247,13 +255,16 @@ def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = 
 
 
 class PluginState:
-    """One plugin instance (one nbdkit process): its configuration, its open connections, the
-    statistics they share and the control socket that reports them."""
+    """One plugin instance (one nbdkit process): its configuration, the clients its NBD
+    connections share, the statistics they share and the control socket that reports them."""
 
     def __init__(self) -> None:
         self.config = PluginConfig()
         self.stats = stats.IoStats(OPS)
-        self.clients: set[Client] = set()
+        #: Each client and how many NBD connections use it; a new connection joins the one
+        #: for its access mode (``shared``) unless that one has failed for good.
+        self.clients: dict[Client, int] = {}
+        self.shared: dict[bool, Client] = {}
         self.opened = 0
         self.failed_opens = 0
         self.last_error = ""
@@ -269,13 +280,24 @@ class PluginState:
                                          f"control={self.config.control}")
 
     def open(self, readonly: bool) -> Client:
-        try:
-            client = connect(self.config, readonly, self.stats)
-        except Exception as exc:
-            with self._lock:
+        """The client for a new NBD connection: the shared one for its access mode, or a new
+        one (the first, or when the shared one fails every request or every flush)."""
+        readonly = readonly or self.config.readonly
+        with self._lock:  # connecting under the lock: connections open one at a time
+            client = self.shared.get(readonly)
+            if client is not None and client.broken is None and client.lost is None:
+                self.clients[client] += 1
+                self.opened += 1
+                return client
+            try:
+                client = connect(self.config, readonly, self.stats)
+            except Exception as exc:
                 self.failed_opens += 1
                 self.last_error = str(exc)
-            raise
+                raise
+            self.shared[readonly] = client
+            self.clients[client] = 1
+            self.opened += 1
         info = client.transport.info
         link = {
             "transport": "verbs" if isinstance(client.transport, VerbsTransport) else "tcp",
@@ -285,14 +307,20 @@ class PluginState:
             "target_is_pmem": info.is_pmem, "loss_epoch": info.loss_epoch,
         }
         with self._lock:
-            self.clients.add(client)
-            self.opened += 1
             self.link = link
         return client
 
     def closed(self, client: Client) -> None:
+        """An NBD connection closed; its client closes with the last connection using it."""
         with self._lock:
-            self.clients.discard(client)
+            refs = self.clients.get(client, 0) - 1
+            if refs > 0:
+                self.clients[client] = refs
+                return
+            self.clients.pop(client, None)
+            for mode, shared in list(self.shared.items()):
+                if shared is client:
+                    del self.shared[mode]
         client.close()
 
     def close(self) -> None:
@@ -307,12 +335,14 @@ class PluginState:
     def status(self) -> dict[str, Any]:
         with self._lock:
             clients = list(self.clients)
+            connections = sum(self.clients.values())
             opened, failed, last_error = self.opened, self.failed_opens, self.last_error
         out: dict[str, Any] = {
             "name": self.name, "pid": os.getpid(), "version": __version__,
             "target": str(self.config.target), "uptime_s": round(time.time()
                                                                    - self.stats.started, 1),
-            "connections": len(clients), "connections_opened": opened,
+            "connections": connections, "channels": sum(c.channels for c in clients),
+            "connections_opened": opened,
             "connections_failed": failed, "last_error": last_error,
             "reconnects": self.stats.reconnects, "stats": self.stats.enabled,
         }

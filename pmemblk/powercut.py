@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 from dataclasses import dataclass
 
 from . import layout
@@ -47,6 +48,9 @@ class DurableImage:
         except OSError as exc:
             raise PmemError(f"durable image {path}: {exc.strerror}") from None
         self._closed = False
+        # Persists run on several channels' threads at once: an older copy of a range must
+        # never land in the image after a newer one.
+        self._lock = threading.Lock()
         if not exists:  # what is in the region now is the durable starting point
             for off in range(0, region.size, CHUNK):
                 os.pwrite(self.fd, region.read(off, min(CHUNK, region.size - off)), off)
@@ -59,7 +63,8 @@ class DurableImage:
     def on_persist(self, offset: int, length: int) -> None:
         start = offset // LINE * LINE
         end = min(self.region.size, -(-(offset + length) // LINE) * LINE)
-        os.pwrite(self.fd, self.region.read(start, end - start), start)
+        with self._lock:
+            os.pwrite(self.fd, self.region.read(start, end - start), start)
 
     def close(self) -> None:
         if self._closed:

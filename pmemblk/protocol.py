@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PMBK"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MSG_HELLO = 1
 MSG_WELCOME = 2
@@ -71,14 +71,15 @@ AUTH_NONE = 0
 AUTH_HMAC_SHA256 = 1
 AUTH_METHODS = {AUTH_NONE: "none", AUTH_HMAC_SHA256: "hmac-sha256"}
 CLIENT_NONCE_SIZE = 16
+CLIENT_ID_SIZE = 16
 TARGET_NONCE_SIZE = 32
 MAC_SIZE = 32
 
 PREAMBLE = struct.Struct("<4sHH")
-HELLO = struct.Struct("<4sHHII16s")  # preamble, flags, reserved, client nonce
+HELLO = struct.Struct("<4sHHII16s16s")  # preamble, flags, reserved, client nonce, client id
 CHALLENGE = struct.Struct("<4sHHHHI32s")  # preamble, auth method, reserved x2, target nonce
 AUTH = struct.Struct("<4sHHII32s")  # preamble, reserved x2, client MAC
-WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQ32s")
+WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQQ32s")
 REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason follows
 COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
 RANGE = struct.Struct("<QQ")  # offset, length
@@ -148,21 +149,24 @@ class Hello:
     readonly: bool = False
     #: Fresh per connection: binds the target's proof in WELCOME to this handshake.
     nonce: bytes = bytes(CLIENT_NONCE_SIZE)
+    #: The same on every channel of one client (one plugin instance): the target counts those
+    #: channels as one client, with one writer slot. All zeros: a client of its own.
+    client_id: bytes = bytes(CLIENT_ID_SIZE)
 
     def encode(self) -> bytes:
         return HELLO.pack(MAGIC, PROTOCOL_VERSION, MSG_HELLO,
-                          HELLO_READONLY if self.readonly else 0, 0, self.nonce)
+                          HELLO_READONLY if self.readonly else 0, 0, self.nonce, self.client_id)
 
     @classmethod
     def decode(cls, raw: bytes) -> Hello:
         _preamble(raw, MSG_HELLO)
         _need(raw, HELLO.size, "HELLO")
-        _, _, _, flags, reserved, nonce = HELLO.unpack_from(raw)
+        _, _, _, flags, reserved, nonce, client_id = HELLO.unpack_from(raw)
         if flags & ~HELLO_READONLY:
             raise ProtocolError(f"HELLO has unknown flags 0x{flags:x}")
         if reserved:
             raise ProtocolError("HELLO reserved field is not zero")
-        return cls(readonly=bool(flags & HELLO_READONLY), nonce=nonce)
+        return cls(readonly=bool(flags & HELLO_READONLY), nonce=nonce, client_id=client_id)
 
 
 # --- CHALLENGE and AUTH ----------------------------------------------------------------------
@@ -229,6 +233,9 @@ class Welcome:
     #: Counts the times the region may have lost unflushed writes (an unclean restart after
     #: a reboot or power cut): a reconnecting client compares it (docs/security.md).
     loss_epoch: int = 0
+    #: Random for each start of the target: a client that meets another one knows the
+    #: target restarted since it last saw it.
+    instance: int = 0
     #: HMAC proving the target holds the shared secret (zeros without authentication).
     proof: bytes = bytes(MAC_SIZE)
 
@@ -245,7 +252,7 @@ class Welcome:
             MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
             self.region_flags, self.flush_methods, self.rkey, self.remote_addr,
             self.region_uuid.bytes, self.max_message_size, self.commit_depth,
-            self.durable_methods, self.loss_epoch, self.proof,
+            self.durable_methods, self.loss_epoch, self.instance, self.proof,
         )
 
     def unproven(self) -> bytes:
@@ -257,7 +264,7 @@ class Welcome:
         _preamble(raw, MSG_WELCOME)
         _exact(raw, WELCOME, "WELCOME")
         (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
-         durable, epoch, proof) = WELCOME.unpack_from(raw)
+         durable, epoch, instance, proof) = WELCOME.unpack_from(raw)
         if size <= 0:
             raise ProtocolError(f"WELCOME export size {size} is not positive")
         if bsize < 512 or bsize > 65536 or bsize & (bsize - 1):
@@ -278,7 +285,7 @@ class Welcome:
             raise ProtocolError(
                 f"WELCOME says methods 0x{durable:x} are durable but offers 0x{methods:x}")
         return cls(size, bsize, rflags, methods, rkey, addr, uuid.UUID(bytes=uuid_b),
-                   max_msg, depth, durable, epoch, proof)
+                   max_msg, depth, durable, epoch, instance, proof)
 
 
 # --- REJECT --------------------------------------------------------------------------------

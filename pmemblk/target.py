@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class ServeConfig:
     transports: tuple[str, ...] = ("verbs",)
     readonly: bool = False
     max_clients: int = 64
+    #: Connections (channels) one client may have open at once: a plugin instance opens one
+    #: per nbdkit worker thread and NBD connection.
+    max_channels: int = 64
     #: Connections that may be in their handshake (not yet authenticated) at once.
     max_handshakes: int = 64
     #: TCP: probe a silent client after this many seconds; one that does not answer three
@@ -102,16 +106,24 @@ SESSION_COUNTS = ("reads", "read_bytes", "writes", "write_bytes", "zeros", "zero
 
 @dataclass
 class Session:
-    """An admitted client as ``pmemblk status --target`` shows it. Over verbs the data moves
-    without the target, so only its COMMITs are counted."""
+    """An admitted client, with all its channels (the connections whose HELLO carries its
+    client id), as ``pmemblk status --target`` shows it. Over verbs the data moves without the
+    target, so only its COMMITs are counted."""
 
     number: int
     transport: str
     peer: str
-    readonly: bool
+    client_id: bytes
     since: float = dataclasses.field(default_factory=time.time)
     counts: dict[str, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(SESSION_COUNTS, 0))
+    #: Its connections open now, and how many of them are read-write.
+    channels: int = 0
+    writers: int = 0
+
+    @property
+    def readonly(self) -> bool:
+        return not self.writers
 
     def count(self, op: str, nbytes: int) -> None:
         self.counts[f"{op}s"] += 1
@@ -183,8 +195,12 @@ class Export:
             self._stack = stack.pop_all()
         self.region = region
         self.size = self.header.data_size
+        #: Admitted clients (sessions), and how many of them have a read-write channel.
         self.clients = 0
         self.writers = 0
+        #: Guards the admission counts, sessions and totals: stream channels are served by
+        #: threads of their own (servers/stream.py), the rest by the reactor.
+        self.lock = threading.Lock()
         #: Connections accepted and not yet admitted or gone, on every transport.
         self.handshakes = 0
         self.began = False
@@ -193,7 +209,10 @@ class Export:
                                                 config.apm_durable)
         self.durable_methods = durability.durable_mask(self.guarantees)
         self.loss_epoch = layout.read_loss_epoch(region)
+        #: Tells clients that this is a new start of the target (Welcome.instance).
+        self.instance = int.from_bytes(os.urandom(8), "little")
         self.sessions: dict[int, Session] = {}
+        self._by_client_id: dict[bytes, Session] = {}
         self._session_numbers = 0
         #: Totals over every client since the target started (SESSION_COUNTS and the refusals).
         self.totals: dict[str, int] = dict.fromkeys(
@@ -230,15 +249,17 @@ class Export:
     def start_handshake(self) -> Reject | None:
         """A new connection: counted until ``end_handshake``, or refused when too many
         unauthenticated ones are open (each holds a descriptor and memory)."""
-        if self.handshakes >= self.config.max_handshakes:
-            return Reject(errno.EBUSY, f"{self.handshakes} connections are already in their "
-                                       "handshake: try again shortly")
-        self.handshakes += 1
-        return None
+        with self.lock:
+            if self.handshakes >= self.config.max_handshakes:
+                return Reject(errno.EBUSY, f"{self.handshakes} connections are already in "
+                                           "their handshake: try again shortly")
+            self.handshakes += 1
+            return None
 
     def end_handshake(self) -> None:
         """A connection counted by ``start_handshake`` was admitted, refused or went away."""
-        self.handshakes = max(0, self.handshakes - 1)
+        with self.lock:
+            self.handshakes = max(0, self.handshakes - 1)
 
     def greet(self, raw: bytes) -> Greeting | Reject:
         """Answer a client's HELLO with a CHALLENGE. Nothing about the region is revealed."""
@@ -253,13 +274,16 @@ class Export:
         """Check a client's AUTH, then its access mode. An admitted client counts until
         ``client_left``.
 
-        Access modes: any number of read-only clients; one read-write client at a time unless
-        the export is ``--shared`` (then the clients must coordinate, e.g. a cluster
-        filesystem).
+        A client is every connection whose HELLO carries the same client id (a plugin
+        instance's channels and NBD connections). Access modes: any number of read-only
+        clients; one read-write client at a time unless the export is ``--shared`` (then the
+        clients must coordinate, e.g. a cluster filesystem); the read-write client may open
+        any number of read-write channels, up to ``max_channels``.
         """
-        verdict = self._admit(greeting, raw_auth, transport, peer)
-        self.totals["refused" if isinstance(verdict, Reject) else "admitted"] += 1
-        return verdict
+        with self.lock:
+            verdict = self._admit(greeting, raw_auth, transport, peer)
+            self.totals["refused" if isinstance(verdict, Reject) else "admitted"] += 1
+            return verdict
 
     def _admit(self, greeting: Greeting, raw_auth: bytes, transport: str,
                peer: str) -> Admission | Reject:
@@ -270,19 +294,32 @@ class Export:
         if not auth.verify_auth(self.config.secret, greeting.hello, greeting.challenge, proof):
             return Reject(errno.EACCES, "authentication failed: the client's secret is not "
                                         "the target's (check secret-file=)")
-        if self.clients >= self.config.max_clients:
+        client_id = greeting.hello.client_id
+        # All zeros: a client of its own (never joined to another connection's session).
+        session = self._by_client_id.get(client_id) if any(client_id) else None
+        if session is None and self.clients >= self.config.max_clients:
             return Reject(errno.EBUSY,
                           f"the target already serves {self.config.max_clients} clients")
+        if session is not None and session.channels >= self.config.max_channels:
+            return Reject(errno.EBUSY, f"this client already has {session.channels} "
+                                       "connections open (serve --max-channels)")
         readonly = greeting.hello.readonly or self.readonly
-        if not readonly and self.writers and not self.config.shared:
+        if (not readonly and self.writers and not self.config.shared
+                and (session is None or not session.writers)):
             return Reject(
                 errno.EBUSY, "another client has this export open read-write: connect "
                 "read-only, or serve with --shared if the clients coordinate their writes")
-        self.clients += 1
-        self.writers += not readonly
-        self._session_numbers += 1
-        session = Session(self._session_numbers, transport, peer, readonly)
-        self.sessions[session.number] = session
+        if session is None:
+            self._session_numbers += 1
+            session = Session(self._session_numbers, transport, peer, client_id)
+            self.sessions[session.number] = session
+            if any(client_id):
+                self._by_client_id[client_id] = session
+            self.clients += 1
+        session.channels += 1
+        if not readonly:
+            self.writers += not session.writers
+            session.writers += 1
         return Admission(greeting, proof, writer=not readonly, readonly=readonly,
                          session=session)
 
@@ -295,7 +332,7 @@ class Export:
             flush_methods=FLUSH_APM | FLUSH_GPSPM, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
             commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,
-            loss_epoch=self.loss_epoch,
+            loss_epoch=self.loss_epoch, instance=self.instance,
         )
         secret = self.config.secret
         if secret is None:
@@ -307,27 +344,42 @@ class Export:
 
     def lose_reply(self, kind: str) -> bool:
         """TESTING ONLY: whether this reply of ``kind`` is to be lost (pmemblk.faults)."""
-        return self.lost_reply is not None and self.lost_reply.lose(kind)
+        if self.lost_reply is None:
+            return False
+        with self.lock:
+            return self.lost_reply.lose(kind)
 
     def client_left(self, admission: Admission) -> None:
-        self.clients = max(0, self.clients - 1)
-        self.writers = max(0, self.writers - admission.writer)
-        self.sessions.pop(admission.session.number, None)
+        """One admitted connection is gone; its client goes with its last one."""
+        session = admission.session
+        with self.lock:
+            if admission.writer:
+                session.writers -= 1
+                self.writers -= not session.writers
+            session.channels -= 1
+            if session.channels == 0:
+                self.clients -= 1
+                self.sessions.pop(session.number, None)
+                if self._by_client_id.get(session.client_id) is session:
+                    del self._by_client_id[session.client_id]
 
     def count(self, session: Session, op: str, nbytes: int) -> None:
         """A stream client's READ, WRITE or ZERO (verbs data never reaches the target)."""
-        session.count(op, nbytes)
-        self.totals[f"{op}s"] += 1
-        self.totals[f"{op}_bytes"] += nbytes
+        with self.lock:
+            session.count(op, nbytes)
+            self.totals[f"{op}s"] += 1
+            self.totals[f"{op}_bytes"] += nbytes
 
     # -- persistence -----------------------------------------------------------------------
 
     def commit(self, commit: Commit, session: Session | None = None) -> CommitReply:
-        """Persist the ranges of a (validated) COMMIT; the reply carries 0 or an errno."""
+        """Persist the ranges of a (validated) COMMIT; the reply carries 0 or an errno. Several
+        channels may commit at once: persisting holds no lock."""
         nbytes = sum(length for _, length in commit.ranges)
-        for counts in [self.totals] + ([session.counts] if session is not None else []):
-            counts["commits"] += 1
-            counts["commit_bytes"] += nbytes
+        with self.lock:
+            for counts in [self.totals] + ([session.counts] if session is not None else []):
+                counts["commits"] += 1
+                counts["commit_bytes"] += nbytes
         status = 0
         if not self.readonly:  # a read-only export has nothing to persist
             try:
@@ -336,18 +388,17 @@ class Export:
             except PmemError as exc:
                 log.error("persisting for a COMMIT failed: %s", exc)
                 status = exc.errno
-                self.totals["commit_errors"] += 1
-                if session is not None:
-                    session.counts["commit_errors"] += 1
+                with self.lock:
+                    self.totals["commit_errors"] += 1
+                    if session is not None:
+                        session.counts["commit_errors"] += 1
         return CommitReply(commit.request_id, status)
 
     # -- data (stream transports; RDMA moves data without the target's CPU) -----------------
 
-    def read(self, offset: int, length: int) -> memoryview:
+    def view(self, offset: int, length: int) -> memoryview:
+        """The export's bytes themselves: a READ is sent from here, a WRITE received here."""
         return self.region.view(self.header.data_offset + offset, length)
-
-    def write(self, offset: int, data: memoryview) -> None:
-        self.region.view(self.header.data_offset + offset, len(data))[:] = data
 
     def zero(self, offset: int, length: int) -> None:
         view = self.region.view(self.header.data_offset + offset, length)
@@ -362,7 +413,10 @@ class Export:
     def status(self) -> dict[str, Any]:
         """What the target is doing; read from the control thread, so only copies are read."""
         region, header = self.region, self.header
-        sessions = list(self.sessions.values())
+        with self.lock:
+            sessions = [dataclasses.replace(c, counts=dict(c.counts))
+                        for c in self.sessions.values()]
+            totals, handshakes = dict(self.totals), self.handshakes
         return {
             "pid": os.getpid(), "version": __version__, "region": region.path,
             "kind": "devdax" if is_devdax(region.path) else "file",
@@ -376,11 +430,11 @@ class Export:
             "flush": {g.method: g.describe() for g in self.guarantees},
             "clients": [{
                 "client": c.number, "transport": c.transport, "address": c.peer,
-                "mode": "read-only" if c.readonly else "read-write",
-                "connected_s": round(time.time() - c.since, 1), **dict(c.counts),
+                "mode": "read-only" if c.readonly else "read-write", "channels": c.channels,
+                "connected_s": round(time.time() - c.since, 1), **c.counts,
             } for c in sessions],
-            "handshakes": self.handshakes,
-            "totals": dict(self.totals),
+            "handshakes": handshakes,
+            "totals": totals,
         }
 
     def metrics(self) -> bytes:

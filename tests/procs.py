@@ -204,9 +204,10 @@ class NbdDevice:
     def connected(self) -> bool:
         return Path(f"/sys/block/{self.name}/pid").exists()
 
-    def attach(self, server: Nbdkit) -> NbdDevice:
+    def attach(self, server: Nbdkit, connections: int = 1) -> NbdDevice:
         wait_until(lambda: not self.connected(), f"{self.dev} to be free")
-        run("nbd-client", "-N", "pmemblk", "-u", str(server.sock), self.dev, "-b", "4096")
+        run("nbd-client", "-N", "pmemblk", "-u", str(server.sock), self.dev, "-b", "4096",
+            *(["-C", str(connections)] if connections > 1 else []))
         wait_until(self.connected, f"{self.dev} to connect")
         return self
 

@@ -55,9 +55,18 @@ class MemoryTransport:
         elif persist == "commit":
             self.commit([(offset, length)])
 
+    #: Like RDMA: a write's completion does not prove placement; a barrier does.
+    placed_on_reply = False
+
     def read_barrier(self, offset: int) -> None:
         self.durable[:] = self.mem  # apm: everything written on this QP is placed
         self.calls.append(("barrier", offset))
+
+    def start_barrier(self, offset: int) -> None:
+        self._barrier_at = offset
+
+    def finish_barrier(self) -> None:
+        self.read_barrier(self._barrier_at)
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         self.calls.append(("commit", list(ranges)))

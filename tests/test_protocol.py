@@ -42,7 +42,7 @@ def samples() -> list[tuple[bytes, object]]:
 
 
 def test_round_trips() -> None:
-    hello = p.Hello(readonly=True, nonce=bytes(range(16)))
+    hello = p.Hello(readonly=True, nonce=bytes(range(16)), client_id=bytes(range(16, 32)))
     assert p.Hello.decode(hello.encode()) == hello
     w = welcome(loss_epoch=3, proof=bytes(range(32)))
     assert p.Welcome.decode(w.encode()) == w
@@ -113,11 +113,11 @@ def test_random_garbage_never_escapes_as_another_error() -> None:
 
 
 def test_hello_unknown_flags() -> None:
-    raw = p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0x80, 0, bytes(16))
+    raw = p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0x80, 0, bytes(16), bytes(16))
     with pytest.raises(ProtocolError, match="unknown flags"):
         p.Hello.decode(raw)
     with pytest.raises(ProtocolError, match="reserved"):
-        p.Hello.decode(p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0, 1, bytes(16)))
+        p.Hello.decode(p.HELLO.pack(p.MAGIC, V, p.MSG_HELLO, 0, 1, bytes(16), bytes(16)))
 
 
 def test_challenge_and_auth_checks() -> None:
@@ -222,8 +222,8 @@ def test_io_request_round_trip_and_frame_sizes() -> None:
         extra = 1000 if kind == p.MSG_WRITE else 0
         assert p.parse_request_header(raw, EXPORT) == (p.IO.size + extra, req)
     hello = p.Hello().encode()
-    assert p.request_header_size(hello[:8]) == 32
-    assert p.parse_request_header(hello, EXPORT) == (32, None)
+    assert p.request_header_size(hello[:8]) == 48
+    assert p.parse_request_header(hello, EXPORT) == (48, None)
     auth = p.Auth(bytes(32)).encode()
     assert p.request_header_size(auth[:8]) == 48
     assert p.parse_request_header(auth, EXPORT) == (48, None)
@@ -255,7 +255,7 @@ def test_io_request_hostile(raw: bytes, message: str) -> None:
         p.PREAMBLE.pack(p.MAGIC, V, p.MSG_WELCOME),  # a target's message from a client
         p.PREAMBLE.pack(p.MAGIC, V, 99),
         p.PREAMBLE.pack(b"JUNK", 1, p.MSG_HELLO),
-        p.PREAMBLE.pack(p.MAGIC, 3, p.MSG_HELLO),
+        p.PREAMBLE.pack(p.MAGIC, 9, p.MSG_HELLO),
         b"PMBK",
     ],
 )

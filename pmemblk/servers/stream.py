@@ -1,10 +1,15 @@
 """The target's stream side: TCP or a Unix socket, the same messages as frames.
 
-Each client is a non-blocking socket on the target's reactor. Frames are parsed incrementally:
-the 8-byte preamble gives the fixed header size, the validated header gives the frame size, and
-only then is the body awaited, so no length is trusted before it is checked. Any invalid frame,
-a client silent past the handshake deadline, or one that leaves mid-frame is logged and
-disconnected; the others are not affected. Requests are answered in order; several may be in
+Until it is admitted, each connection is a non-blocking socket on the target's reactor, where
+the limits against unauthenticated peers live (handshake cap and deadline, accept back-off).
+Frames are parsed incrementally: the 8-byte preamble gives the fixed header size, the validated
+header gives the frame size, and only then is the body awaited, so no length is trusted before
+it is checked. Any invalid frame, a client silent past the handshake deadline, or one that
+leaves mid-frame is logged and disconnected; the others are not affected.
+
+Once admitted (WELCOME), the connection is handed to a ``DataChannel`` (``servers/channel.py``),
+a thread that serves its requests straight between the socket and the region, concurrently
+with every other channel. Requests on a channel are answered in order; several may be in
 flight (they are tagged).
 """
 
@@ -12,39 +17,35 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from ..address import Address
 from ..errors import PmemblkError, ProtocolError, TransportError
 from ..protocol import (
-    IO,
     MSG_AUTH,
-    MSG_COMMIT,
     MSG_HELLO,
-    MSG_READ,
-    MSG_WRITE,
     PREAMBLE,
-    Commit,
-    IORequest,
     Reject,
-    Reply,
     message_type,
     parse_request_header,
     request_header_size,
 )
 from ..reactor import Reactor
 from ..unixsock import listen_unix, unlink_if_ours
+from .channel import DataChannel
 
 if TYPE_CHECKING:
     from ..target import Admission, Export, Greeting
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 1 << 20
+#: The handshake's frames are small: a client that sends more before it is admitted is read
+#: this much at a time (what is left is passed on to its channel).
+RECV_SIZE = 64 << 10
 #: Connections accepted per readiness event of the listener.
 ACCEPT_BATCH = 64
 #: After accept() fails (out of descriptors), the listener is ignored this long.
@@ -52,10 +53,6 @@ ACCEPT_PAUSE = 0.25
 #: Refusals and accept failures are logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 10.0
 KEEPALIVE_PROBES = 3
-#: Stop reading a client's requests while this much of its replies is still unsent.
-MAX_QUEUED = 64 << 20
-#: ... or while this many replies (each a few hundred bytes of Python objects) are unsent.
-MAX_QUEUED_MESSAGES = 4096
 
 
 class _Conn:
@@ -67,11 +64,8 @@ class _Conn:
         self.peer = peer
         self.rbuf = bytearray()
         self.wq: collections.deque[memoryview] = collections.deque()
-        self.queued = 0
         self.greeting: Greeting | None = None
-        self.welcomed = False
-        self.admission: Admission | None = None
-        self.readonly = True
+        self.admission: Admission | None = None  # admitted: handed to a DataChannel
         self.closed = False
         self.close_after_send = False
         self.timer: int | None = None
@@ -99,11 +93,10 @@ class _Conn:
         self._process()
 
     def _process(self) -> None:
-        """Handle the complete frames received until this client's unsent replies reach a bound
-        (``backlogged``): then nothing more is read or handled until they drain."""
+        """Handle the handshake's complete frames; once admitted, hand the connection over."""
         try:
-            while (not self.closed and not self.close_after_send
-                   and not self.backlogged and self._next_frame()):
+            while (not self.closed and not self.close_after_send and self.admission is None
+                   and self._next_frame()):
                 pass
         except PmemblkError as exc:
             self.drop(f"sent an invalid frame: {exc}")
@@ -111,6 +104,9 @@ class _Conn:
         except Exception:  # a bug: drop this client, keep serving the others
             log.exception("client %d: internal error", self.number)
             self.drop("hit an internal error")
+            return
+        if self.admission is not None and not self.closed:
+            self._hand_over(self.admission)
             return
         self._update_interest()
 
@@ -120,70 +116,26 @@ class _Conn:
             return False
         preamble = bytes(buf[:PREAMBLE.size])
         mtype = message_type(preamble)
-        if not self.welcomed:  # checked before any length, which would depend on the export
-            expected = MSG_HELLO if self.greeting is None else MSG_AUTH
-            if mtype != expected:
-                raise ProtocolError(f"expected {'HELLO' if expected == MSG_HELLO else 'AUTH'} "
-                                    "first: the handshake is HELLO, then AUTH")
+        # Checked before any length, which would depend on the export.
+        expected = MSG_HELLO if self.greeting is None else MSG_AUTH
+        if mtype != expected:
+            raise ProtocolError(f"expected {'HELLO' if expected == MSG_HELLO else 'AUTH'} "
+                                "first: the handshake is HELLO, then AUTH")
         hsize = request_header_size(preamble)
         if len(buf) < hsize:
             return False
         export = self.server.export
         assert export is not None
-        total, req = parse_request_header(bytes(buf[:hsize]), export.size)
+        total, _ = parse_request_header(bytes(buf[:hsize]), export.size)
         if len(buf) < total:
             return False
-        frame = memoryview(buf)[:total]
-        try:
-            self._handle(frame, export, mtype, req)
-        finally:
-            frame.release()
+        frame = bytes(buf[:total])
         del buf[:total]
-        return True
-
-    def _handle(self, frame: memoryview, export: Export, mtype: int,
-                req: IORequest | None) -> None:
-        if not self.welcomed:  # _next_frame checked the type
-            if self.greeting is None:
-                self._hello(bytes(frame), export)
-            else:
-                self._auth(bytes(frame), export, self.greeting)
-            return
-        self.requests += 1
-        if mtype == MSG_COMMIT:
-            assert self.admission is not None
-            reply = export.commit(Commit.decode(bytes(frame), export.size),
-                                  self.admission.session)
-            if export.lose_reply("commit"):
-                self.drop("lost its COMMIT reply (testing)")
-                return
-            self.send(reply.encode())
-        elif req is not None:  # READ, WRITE or ZERO, decoded by _next_frame
-            assert self.admission is not None
-            session = self.admission.session
-            if mtype == MSG_READ and export.lose_reply("read"):
-                self.drop("lost its READ reply (testing)")
-            elif mtype == MSG_READ:
-                self.send(Reply(req.tag, 0, req.length).encode())
-                # Sent from the mapping itself, no copy: the view stays valid because the
-                # region is unmapped only after every connection is dropped (Target.shutdown).
-                self.send(export.read(req.offset, req.length))
-                export.count(session, "read", req.length)
-            elif self.readonly:  # the export, or this client's own read-only mode
-                self.send(Reply(req.tag, errno.EPERM, 0).encode())
-            else:
-                if mtype == MSG_WRITE:
-                    export.write(req.offset, frame[IO.size:])
-                    export.count(session, "write", req.length)
-                    if export.lose_reply("write"):
-                        self.drop("lost its WRITE reply (testing)")
-                        return
-                else:
-                    export.zero(req.offset, req.length)
-                    export.count(session, "zero", req.length)
-                self.send(Reply(req.tag, 0, 0).encode())
+        if self.greeting is None:
+            self._hello(frame, export)
         else:
-            raise ProtocolError(f"{'HELLO' if mtype == MSG_HELLO else 'AUTH'} after the handshake")
+            self._auth(frame, export, self.greeting)
+        return True
 
     def _hello(self, raw: bytes, export: Export) -> None:
         greeting = export.greet(raw)
@@ -203,11 +155,22 @@ class _Conn:
             self._refuse(admission)
             return
         self.send(export.welcome(admission).encode())
-        self.welcomed = True
         self.admission = admission
-        self.readonly = admission.readonly
-        log.info("client %d connected from %s (%s, %d clients)", self.number, self.peer,
-                 "read-only" if self.readonly else "read-write", export.clients)
+        log.info("client %d connected from %s (%s, session %d, %d clients)", self.number,
+                 self.peer, "read-only" if admission.readonly else "read-write",
+                 admission.session.number, export.clients)
+
+    def _hand_over(self, admission: Admission) -> None:
+        """The reactor is done with this connection: its channel's thread serves it now."""
+        assert self.server.export is not None
+        self.closed = True
+        self.server.reactor.remove(self.fd)
+        self.server.conns.pop(self.number, None)
+        unsent = b"".join(bytes(v) for v in self.wq)
+        self.wq.clear()
+        self.server.start_channel(DataChannel(
+            self.server.export, self.sock, self.number, self.peer, admission, unsent,
+            bytes(self.rbuf), self.server.channel_ended))
 
     def _refuse(self, reject: Reject) -> None:
         log.warning("refusing client %d (%s): %s", self.number, self.peer, reject.reason)
@@ -222,21 +185,15 @@ class _Conn:
 
     def handshake_expired(self) -> None:
         self.timer = None
-        if not self.welcomed and not self.closed:
+        if self.admission is None and not self.closed:
             self.drop(f"did not complete the handshake within "
                       f"{self.server.handshake_timeout:g}s")
 
     # -- writing ---------------------------------------------------------------------------
 
-    @property
-    def backlogged(self) -> bool:
-        """Over the bound on unsent replies: MAX_QUEUED bytes or MAX_QUEUED_MESSAGES replies."""
-        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES
-
     def send(self, data: bytes | memoryview) -> None:
         if data:
             self.wq.append(memoryview(data))
-            self.queued += len(data)
 
     def _flush(self) -> bool:
         """Send what the socket takes now; False if the connection failed (and was dropped)."""
@@ -244,7 +201,6 @@ class _Conn:
             while self.wq:
                 head = self.wq[0]
                 n = self.sock.send(head)
-                self.queued -= n
                 if n < len(head):
                     self.wq[0] = head[n:]
                     break
@@ -257,11 +213,7 @@ class _Conn:
         return True
 
     def on_writable(self) -> None:
-        if not self._flush():
-            return
-        if self.rbuf and not self.backlogged:
-            self._process()  # frames held back while the replies were over the bound
-        else:
+        if self._flush():
             self._update_interest()
 
     def _update_interest(self) -> None:
@@ -270,7 +222,7 @@ class _Conn:
         if not self.wq and self.close_after_send:
             self.drop("refused", warn=False)
             return
-        reading = not self.backlogged and not self.close_after_send
+        reading = not self.close_after_send
         self.server.reactor.modify(self.fd, self.on_readable if reading else None,
                                    self.on_writable if self.wq else None)
 
@@ -306,6 +258,9 @@ class StreamServer:
         self.export: Export | None = None
         self.sock: socket.socket | None = None
         self.conns: dict[int, _Conn] = {}
+        #: Admitted connections, each served by its own thread (they remove themselves).
+        self.channels: dict[int, DataChannel] = {}
+        self._channels_lock = threading.Lock()
         self._number = 0
         self._closed = False
         #: (st_dev, st_ino) of the Unix socket this server made: only that one is removed.
@@ -384,12 +339,30 @@ class StreamServer:
         if not self._closed and self.sock is not None:
             self.reactor.add(self.sock.fileno(), self._on_accept)
 
+    def start_channel(self, channel: DataChannel) -> None:
+        with self._channels_lock:
+            self.channels[channel.number] = channel
+        channel.start()
+
+    def channel_ended(self, channel: DataChannel) -> None:
+        """Called by a channel's thread as it ends."""
+        with self._channels_lock:
+            self.channels.pop(channel.number, None)
+
     def close(self) -> None:
+        """Disconnect every client: the reactor's, then every channel, whose threads are
+        waited for (the region is unmapped after this returns)."""
         if self._closed:
             return
         self._closed = True
         for conn in list(self.conns.values()):
             conn.drop("disconnected: the target is stopping", warn=False)
+        with self._channels_lock:
+            channels = list(self.channels.values())
+        for channel in channels:
+            channel.stop()
+        for channel in channels:
+            channel.join()
         if self.sock is not None:
             self.reactor.remove(self.sock.fileno())
             self.sock.close()

@@ -2,11 +2,12 @@
 
 The handshake (docs/security.md): HELLO arrives as the connect private data, the CHALLENGE goes
 back as the accept private data, AUTH arrives as the first SEND. Only then, for an admitted
-client, is the data area registered: one MR per client, with remote write only for a
-read-write client, and its rkey sent in the WELCOME. Clients then READ and WRITE the region
+client, is the data area registered: one MR per client (shared by that client's channels:
+every connection whose HELLO carries its client id), with remote write only for a read-write
+client, and its rkey sent in the WELCOME. Clients then READ and WRITE the region
 one-sidedly; this server only handles connection events and COMMIT messages, through
-``Export``. When a client leaves or is dropped, its QP is destroyed and its MR deregistered:
-its rkey stops working at once.
+``Export``. When a client leaves or is dropped, its QP is destroyed; with the client's last
+channel its MR is deregistered, and its rkey stops working at once.
 
 pyverbs' ``CMEvent`` does not say which CM id an event belongs to, so on any event that may end
 a connection the server asks the CM for each connection's RTS attributes: the kernel refuses
@@ -53,7 +54,7 @@ class _Connection:
         self.cmid = cmid
         self.ep = ep
         self.bufs = bufs
-        self.mr: Any = None
+        self.mr: _SharedMR | None = None
         self.timer: int | None = None
         self.commits = 0
         self.closed = False
@@ -66,12 +67,33 @@ class _Connection:
             with contextlib.suppress(rdma.PyverbsError):
                 self.cmid.disconnect()
         self.ep.close()
-        if self.mr is not None:  # revokes the rkey: the QP that used it is gone already
-            with contextlib.suppress(rdma.PyverbsError):
-                self.mr.close()
+        if self.mr is not None:  # revokes the rkey with the last QP that used it
+            self.mr.release()
+            self.mr = None
         self.bufs.close()
         with contextlib.suppress(rdma.PyverbsError):
             self.cmid.close()
+
+
+class _SharedMR:
+    """A client's registration of the data area, shared by its channels' queue pairs (one
+    PD): deregistered when the last one releases it, after its QP is destroyed."""
+
+    def __init__(self, mr: Any, key: tuple[int, bool], owner: dict[tuple[int, bool], _SharedMR]
+                 ) -> None:
+        self.mr = mr
+        self.rkey = int(mr.rkey)
+        self.refs = 1
+        self._key = key
+        self._owner = owner
+        owner[key] = self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            del self._owner[self._key]
+            with contextlib.suppress(rdma.PyverbsError):
+                self.mr.close()
 
 
 class VerbsServer:
@@ -93,6 +115,8 @@ class VerbsServer:
         self.listener: Any = None
         self.device: Device | None = None
         self.conns: dict[int, _Connection] = {}
+        #: Each client's MR, by (session number, read-only).
+        self.mrs: dict[tuple[int, bool], _SharedMR] = {}
         self._number = 0
         self._closed = False
 
@@ -265,19 +289,30 @@ class VerbsServer:
         conn.admitted = True
         conn.admission = admission
         started = time.monotonic()
-        try:
-            conn.mr = self._register_region(self.export, readonly=admission.readonly)
-        except PmemblkError as exc:
-            log.error("client %d: %s", conn.number, exc)
-            conn.refused = True
-            self._send(conn, slot, Reject(errno.ENOMEM, "cannot register the region").encode())
-            return
-        welcome = self.export.welcome(admission, rkey=int(conn.mr.rkey),
+        key = (admission.session.number, admission.readonly)
+        shared = self.mrs.get(key)
+        if shared is not None:  # another channel of the same client: its registration
+            shared.refs += 1
+            how = f"sharing its client's MR, {shared.refs} channels"
+        else:
+            try:
+                shared = _SharedMR(self._register_region(self.export,
+                                                         readonly=admission.readonly),
+                                   key, self.mrs)
+            except PmemblkError as exc:
+                log.error("client %d: %s", conn.number, exc)
+                conn.refused = True
+                self._send(conn, slot,
+                           Reject(errno.ENOMEM, "cannot register the region").encode())
+                return
+            how = f"MR registered in {(time.monotonic() - started) * 1000:.1f} ms"
+        conn.mr = shared
+        welcome = self.export.welcome(admission, rkey=shared.rkey,
                                       remote_addr=self.export.data_addr)
         self._send(conn, slot, welcome.encode())
-        log.info("client %d connected over RDMA (%s, %d clients; MR registered in %.1f ms)",
+        log.info("client %d connected over RDMA (%s, session %d, %d clients; %s)",
                  conn.number, "read-only" if admission.readonly else "read-write",
-                 self.export.clients, (time.monotonic() - started) * 1000)
+                 admission.session.number, self.export.clients, how)
 
     def _drop(self, conn: _Connection, disconnect: bool) -> None:
         if self.conns.pop(conn.number, None) is not None:

@@ -34,10 +34,21 @@ class Transport(Protocol):
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         """Write ``length`` zero bytes at ``offset`` (``persist``: as for ``write``)."""
 
+    #: Whether a write's completion already proves it was placed in the target's memory (a
+    #: stream target copies before it replies), so that no barrier is ever needed.
+    placed_on_reply: bool
+
     def read_barrier(self, offset: int) -> None:
         """APM: a small read on the same channel after writes, which cannot complete before
         every earlier write has been placed in the target's memory. (Where a write's reply
         already proves placement, as over TCP, there is nothing left to prove.)"""
+
+    def start_barrier(self, offset: int) -> None:
+        """``read_barrier`` in two halves, so that barriers on several channels are posted
+        together and then waited for: post it ..."""
+
+    def finish_barrier(self) -> None:
+        """... and wait for it."""
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its reply."""

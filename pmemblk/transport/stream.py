@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 8
 DEFAULT_CHUNK_SIZE = 1 << 20
+#: At close, how long to wait for the target to close its side, and how much to read meanwhile.
+CLOSE_WAIT = 2.0
+CLOSE_DRAIN = 64 << 10
 
 
 class StreamTransport(Channel):
@@ -52,7 +55,7 @@ class StreamTransport(Channel):
 
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
                  depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, client_id: bytes | None = None) -> None:
         if isinstance(address, str):
             address = parse_address(address, "target")
         family, addr = address.socket_address()
@@ -72,7 +75,7 @@ class StreamTransport(Channel):
                     f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
             if family != socket.AF_UNIX:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly))
+            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id))
         except BaseException:
             self.close()
             raise
@@ -210,10 +213,18 @@ class StreamTransport(Channel):
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO, commit=persist == "commit")
 
+    #: The target replies to a WRITE or ZERO only once the data is in the region's memory (it
+    #: receives it there), so the reply is the proof a READ barrier would give. Placement,
+    #: not persistence: that is gpspm's COMMIT.
+    placed_on_reply = True
+
     def read_barrier(self, offset: int) -> None:
-        # Nothing to do: the target replies to a WRITE or ZERO only once the data is in the
-        # region's memory (it copies it there first), so the write's reply was the proof a
-        # READ would give. Placement, not persistence: that is gpspm's COMMIT.
+        self._usable()  # nothing left to prove (placed_on_reply)
+
+    def start_barrier(self, offset: int) -> None:
+        self._usable()
+
+    def finish_barrier(self) -> None:
         self._usable()
 
     def _request_id(self) -> int:
@@ -224,9 +235,19 @@ class StreamTransport(Channel):
         return self._recv(COMMIT_REPLY.size)
 
     def close(self) -> None:
+        """An orderly close: the target sees the end of the stream, gives back this client's
+        slot and then closes its side, which is waited for (briefly), so that the next
+        connection finds the slot free."""
         if self._closed:
             return
         self._closed = True
+        with contextlib.suppress(OSError):
+            if self._broken is None and hasattr(self, "info"):
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.settimeout(CLOSE_WAIT)
+                for _ in range(CLOSE_DRAIN // 4096):  # whatever a hostile target sends
+                    if not self.sock.recv(4096):
+                        break
         with contextlib.suppress(OSError):
             self.sock.close()
 

@@ -7,7 +7,7 @@ Buffer layout (one registration per connection, made at connect time)::
 Each data slot is ``chunk_size`` bytes. A request is split into chunks and pipelined with up to
 ``depth`` work requests in flight, each in its own slot; a slot is reused only after its
 completion. The zero chunk is never written, so every in-flight zeroing WRITE may share it.
-Requests on one connection are serialized by the caller (nbdkit's SERIALIZE_REQUESTS), so the
+A connection is one thread's channel (``pmemblk.client``): requests on it never overlap, so the
 pool is never shared between two requests.
 """
 
@@ -46,7 +46,8 @@ class VerbsTransport(Channel):
 
     def __init__(self, host: str, port: int, *, readonly: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, depth: int = DEFAULT_DEPTH,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, secret: bytes | None = None) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, secret: bytes | None = None,
+                 client_id: bytes | None = None) -> None:
         require_pyverbs()
         self.peer = f"{host}:{port}"
         self.timeout = timeout
@@ -55,6 +56,7 @@ class VerbsTransport(Channel):
         self._broken: str | None = None
         self._next_id = 1
         self._closed = False
+        self._barrier: tuple[int, int, int] | None = None  # posted, not yet waited for
         self.cmid: Any = None
         self.device: Device | None = None
         self.buffers: RegisteredBuffer | None = None
@@ -62,7 +64,7 @@ class VerbsTransport(Channel):
         self.events = EventChannel()
         try:
             self._connect(resolve_ip(host, "target"), port,
-                          ClientHandshake(self.peer, secret, readonly))
+                          ClientHandshake(self.peer, secret, readonly, client_id))
         except BaseException:
             self.close()
             raise
@@ -254,7 +256,15 @@ class VerbsTransport(Channel):
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, length, persist=persist)
 
+    #: An RDMA WRITE completes once the remote NIC acknowledged it, which does not order it
+    #: before what arrives later on another queue pair: a barrier READ does.
+    placed_on_reply = False
+
     def read_barrier(self, offset: int) -> None:
+        self.start_barrier(offset)
+        self.finish_barrier()
+
+    def start_barrier(self, offset: int) -> None:
         ep, bufs = self._usable()
         n = min(8, self.info.export_size - offset)
         remote = self.info.remote_addr + offset
@@ -262,9 +272,24 @@ class VerbsTransport(Channel):
         try:
             ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
                     remote, self.info.rkey)
-            for wc in self._wait(ep):
-                if wc.status != rdma.e.IBV_WC_SUCCESS:
-                    raise rdma.wc_failure(wc, "RDMA READ (flush)", remote, self.info.rkey, n)
+        except TransportError as exc:
+            raise self._fail(exc) from None
+        self._barrier = (wr_id, remote, n)
+
+    def finish_barrier(self) -> None:
+        ep, _ = self._usable()
+        assert self._barrier is not None, "finish_barrier without start_barrier"
+        wr_id, remote, n = self._barrier
+        self._barrier = None
+        try:
+            while True:
+                for wc in self._wait(ep):
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, "RDMA READ (flush)", remote, self.info.rkey,
+                                              n)
+                    if wc.wr_id == wr_id:
+                        return
+                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
         except TransportError as exc:
             raise self._fail(exc) from None
 
