@@ -136,7 +136,7 @@ def test_a_fake_target_cannot_prove_it_holds_the_secret(tmp_path: Path, secret: 
             conn.sendall(p.Challenge(p.AUTH_HMAC_SHA256, os.urandom(32)).encode())
             conn.recv(p.AUTH.size, socket.MSG_WAITALL)
             conn.sendall(p.Welcome(SIZE - 4096, 4096, 0, p.FLUSH_GPSPM, 0, 0, uuid.uuid4(),
-                                   4096, 8, p.FLUSH_GPSPM, 0, os.urandom(32)).encode())
+                                   4096, 8, p.FLUSH_GPSPM, 0, proof=os.urandom(32)).encode())
             conn.recv(1)
 
     thread = threading.Thread(target=fake)

@@ -49,13 +49,12 @@ def target_status(tmp_path: Path) -> dict[str, Any]:
     return out
 
 
-def client(t: Target, cfg: PluginConfig | None = None, **keys: str) -> Client:
-    if cfg is None:
-        cfg = PluginConfig()
-        for key, value in {"target": t.listen, "transport": "tcp", "flush": "gpspm",
-                           "timeout": "5", **keys}.items():
-            cfg.set(key, value)
-        cfg.complete()
+def client(t: Target, reconnect_timeout: str = "0") -> Client:
+    cfg = PluginConfig()
+    for key, value in {"target": t.listen, "transport": "tcp", "flush": "gpspm",
+                       "timeout": "5", "reconnect-timeout": reconnect_timeout}.items():
+        cfg.set(key, value)
+    cfg.complete()
     return connect(cfg, readonly=False)
 
 
@@ -74,7 +73,7 @@ def in_threads(n: int, work: Any) -> None:
         try:
             start.wait(timeout=30)
             work(i)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:  # handed to the test
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
@@ -177,7 +176,7 @@ def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
     """Eight threads, each with its own channel, lose the target together: one of them looks
     for it, the others wait and then reconnect once each; every request completes."""
     t = durable_target(region, tmp_path)
-    c = client(t, **{"reconnect-timeout": "60"})
+    c = client(t, reconnect_timeout="60")
     stop = threading.Event()
     done = [0] * 8
 
@@ -218,7 +217,7 @@ def test_a_power_cut_seen_by_another_channel_fails_the_flush(region: str,
     thread's request finds it first. The loss epoch is the client's, not the channel's: the
     next FLUSH, on any thread, fails."""
     t = durable_target(region, tmp_path)
-    c = client(t, **{"reconnect-timeout": "60"})
+    c = client(t, reconnect_timeout="60")
     try:
         in_threads(1, lambda i: c.pwrite(memoryview(b"w" * 4096), 0))  # a channel of its own
         read(c, 4096, 8)  # this thread's channel
