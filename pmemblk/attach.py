@@ -50,6 +50,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 MAX_CONNECTIONS = 16
 _DEVICE_RE = re.compile(r"/dev/(nbd\d+)")
+#: nbdkit worker threads per NBD connection.
+NBDKIT_THREADS = 8
 _FILES = ("attach.json", "nbdkit.pid", "nbdkit.log", "nbd.sock", "control.sock")
 
 
@@ -234,11 +236,6 @@ def check_target(opts: AttachOptions, keys: list[str]) -> None:
         k, _, v = key.partition("=")
         cfg.set(k, v)
     cfg.complete()
-    if opts.connections > 1 and not opts.readonly:
-        raise ConfigError(
-            f"--connections {opts.connections}: a read-write export is not yet safe for "
-            "several connections (a FLUSH on one would not persist the others' writes); "
-            "use --connections 1, or --readonly")
     # Read-only: the probe must not hold the writer slot the device is about to take.
     with nbdplugin.connect(cfg, readonly=True):
         pass
@@ -318,8 +315,10 @@ def _start_nbdkit(att: Attachment) -> int:
     """nbdkit in the background (its own daemon mode: with --foreground it dies with its
     parent); its PID once it listens and the plugin's control socket is up."""
     pid_file = att.folder / "nbdkit.pid"
+    # Worker threads per NBD connection, each with a channel of its own: with one GIL, 8 did
+    # better than nbdkit's 16 (docs/benchmarks.md).
     command = ["nbdkit", "--unix", str(att.nbd_socket), "--pidfile", str(pid_file),
-               "--log=stderr"]
+               "--log=stderr", f"--threads={NBDKIT_THREADS}"]
     if att.readonly:
         command.append("--readonly")
     # In the background nbdkit's stderr is gone: the plugin writes its messages itself.

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--transport", default="auto", choices=("auto", "verbs", "tcp"))
     a.add_argument("--readonly", action="store_true")
     a.add_argument("--connections", type=int, default=1, metavar="N",
-                   help="NBD connections (more than 1 needs --readonly for now)")
+                   help="NBD connections, one client of the target (default 1)")
     a.add_argument("--name", help="what detach and status call it (default: the device's "
                    "name, e.g. nbd0)")
     a.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",

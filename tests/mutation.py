@@ -29,6 +29,8 @@ HOSTILE = "tests/integration/test_hostile.py"
 RECONNECT = "tests/integration/test_reconnect.py"
 AUTH = "tests/integration/test_auth.py"
 DAYTWO = "tests/integration/test_daytwo.py"
+MULTICONN = "tests/integration/test_multiconn.py"
+CLIENT = "tests/test_client.py"
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,31 @@ MUTANTS = (
     Mutant("the client lets a read-only connection write", "pmemblk/client.py",
            "        if self.readonly:\n            raise RequestError", "        if False:\n"
            "            raise RequestError", (FAULTS,)),
-    Mutant("apm flush skips its READ barrier", "pmemblk/flush.py",
-           "            io(lambda t: t.read_barrier(at))", "            pass",
-           ("tests/crash",), select="stop or power",
-           equivalent="over TCP the target applies a WRITE before it replies, so the reply "
-           "already proves placement and the barrier adds nothing a test can observe; over RDMA "
-           "it matters on a real NIC, but rxe places a WRITE before completing it, so no test "
-           "on this machine can see it either"),
+    Mutant("apm flush skips its READ barriers", "pmemblk/flush.py",
+           "        barriers(True)", "        pass",
+           (CLIENT + "::test_a_flush_orders_the_writes_of_every_channel",)),
+    # -- channels and multi-conn (issue 12)
+    Mutant("a flush puts a barrier on its own channel only", "pmemblk/client.py",
+           "c.wrote_at is not None and (with_own or c is not own)]",
+           "c.wrote_at is not None and c is own and with_own]",
+           (CLIENT + "::test_a_flush_orders_the_writes_of_every_channel",)),
+    Mutant("each NBD connection is a client of its own", "pmemblk/nbdplugin.py",
+           "if client is not None and client.broken is None and client.lost is None:",
+           "if False:", (MULTICONN + "::test_writes_on_three_connections_a_flush_on_a_fourth"
+                         "_survive_a_power_cut",)),
+    Mutant("every thread that lost the target looks for it", "pmemblk/client.py",
+           "            if self._generation != seen:", "            if False:",
+           (MULTICONN + "::test_a_lost_target_is_noticed_once",)),
+    Mutant("unflushed means unflushed on this channel", "pmemblk/client.py",
+           "if self._writes > self._flushed and self.lost is None:",
+           "if ch.wrote_at is not None and self.lost is None:",
+           (MULTICONN + "::test_a_power_cut_seen_by_another_channel_fails_the_flush",)),
+    Mutant("a client's second read-write channel is refused", "pmemblk/target.py",
+           "and (session is None or not session.writers)):", "):",
+           (MULTICONN + "::test_one_client_many_channels_one_writer",)),
+    Mutant("a client's channels are not bounded", "pmemblk/target.py",
+           "if session is not None and session.channels >= self.config.max_channels:",
+           "if False:", (MULTICONN + "::test_channels_past_the_targets_limit_share_one",)),
     # -- transports' shared checks (pmemblk/transport/__init__.py)
     Mutant("a COMMIT_REPLY's error status is ignored", "pmemblk/transport/__init__.py",
            "    if reply.status:", "    if False:", (FAULTS,)),
@@ -141,22 +161,14 @@ MUTANTS = (
            "            if not hmac.compare_digest(welcome.proof, expected):",
            "            if False:", (AUTH,)),
     # -- the stream server's limits (pmemblk/servers/stream.py)
-    Mutant("the target applies a read-only client's write", "pmemblk/servers/stream.py",
-           "            elif self.readonly:  # the export, or this client's own read-only mode",
-           "            elif False:", (WIRE + "::test_one_writer_unless_shared",)),
+    Mutant("the target applies a read-only client's write", "pmemblk/servers/channel.py",
+           "        elif self.readonly:  # the export, or this client's own read-only mode",
+           "        elif False:", (WIRE + "::test_one_writer_unless_shared",)),
     Mutant("the handshake deadline is cancelled at HELLO", "pmemblk/servers/stream.py",
            "        self.greeting = greeting\n",
            "        self.greeting = greeting\n        if self.timer is not None:\n"
            "            self.server.reactor.cancel(self.timer)\n            self.timer = None\n",
            (FAULTS,)),
-    Mutant("the reply bound is ineffective", "pmemblk/servers/stream.py",
-           "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
-           "        return False", (HOSTILE + "::test_a_flood_of_tiny_reads_does_not_grow_the"
-                                   "_target",)),
-    Mutant("the reply count bound is missing", "pmemblk/servers/stream.py",
-           "        return self.queued > MAX_QUEUED or len(self.wq) > MAX_QUEUED_MESSAGES",
-           "        return self.queued > MAX_QUEUED", (HOSTILE + "::test_a_flood_of_tiny_reads"
-                                                     "_does_not_grow_the_target",)),
     Mutant("a live socket at the listen path is taken over",
            "pmemblk/unixsock.py",
            "        raise ConfigError(f\"{what}: another process is listening",

@@ -279,3 +279,90 @@ def test_a_different_region_is_refused_for_good() -> None:
     assert exc.value.errno == errno.EIO
     with pytest.raises(RemoteError, match="now serves region"):
         c.flush()
+
+
+# --- channels: what a flush must order when several threads wrote -------------------------
+
+class RcTarget:
+    """A target's memory as RDMA RC sees it from several queue pairs: a completed WRITE is not
+    yet placed; a later READ or SEND on the *same* channel places it (RC orders a QP's own
+    operations, nothing across QPs). ``durable`` changes only on a COMMIT."""
+
+    def __init__(self) -> None:
+        self.info = MemoryTransport().info
+        self.mem = bytearray(SIZE)
+        self.durable = bytearray(SIZE)
+        self.channels = 0
+
+
+class RcChannel:
+    placed_on_reply = False
+
+    def __init__(self, target: RcTarget) -> None:
+        self.target = target
+        self.info = target.info
+        self.pending: list[tuple[int, bytes]] = []  # completed, not yet placed
+        target.channels += 1
+
+    def _place(self) -> None:
+        for off, data in self.pending:
+            self.target.mem[off:off + len(data)] = data
+        self.pending.clear()
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        self._place()
+        buf[:] = self.target.mem[offset:offset + len(buf)]
+
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
+        self.pending.append((offset, bytes(data)))
+        if persist == "commit":
+            self.commit([(offset, len(data))])
+        elif persist == "barrier":
+            self._place()
+
+    def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
+        self.write(memoryview(bytes(length)), offset, persist)
+
+    def read_barrier(self, offset: int) -> None:
+        self._place()
+
+    def start_barrier(self, offset: int) -> None:
+        pass
+
+    def finish_barrier(self) -> None:
+        self._place()
+
+    def commit(self, ranges: list[tuple[int, int]]) -> None:
+        self._place()  # the SEND follows this channel's writes
+        for off, n in ranges:
+            self.target.durable[off:off + n] = self.target.mem[off:off + n]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("method", ["gpspm", "apm"])
+def test_a_flush_orders_the_writes_of_every_channel(method: str) -> None:
+    """Three threads write on channels of their own; a fourth flushes. Every write is then
+    placed (apm) and persisted (gpspm): the flush put a barrier on each channel that wrote."""
+    import threading
+
+    target = RcTarget()
+    c = Client(RcChannel(target), method, reconnect=lambda: RcChannel(target),
+               reconnect_timeout=30)
+    blobs = {i * 8192: bytes([i + 1]) * 5000 for i in range(3)}
+
+    def write(off: int) -> None:
+        c.pwrite(memoryview(blobs[off]), off)
+
+    threads = [threading.Thread(target=write, args=(off,)) for off in blobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert target.channels == 4 and c.channels == 4
+    assert not any(target.mem)  # completed, not placed: nothing has ordered them yet
+    c.flush()
+    seen = target.durable if method == "gpspm" else target.mem
+    for off, blob in blobs.items():
+        assert seen[off:off + len(blob)] == blob, f"the write at {off} was not covered"

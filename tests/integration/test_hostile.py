@@ -235,7 +235,9 @@ def test_a_read_flood_does_not_grow_the_target(
 
 def test_a_flood_of_tiny_reads_does_not_grow_the_target(
         flooded: tuple[Target, int, socket.socket]) -> None:
-    """The bound counts replies too: each costs Python objects, whatever its size."""
+    """Replies cost nothing beyond the kernel's socket buffers: the channel's thread stops
+    reading once they are full (before channels had threads, a queue in Python needed a
+    bound by count too)."""
     t, pid, flood = flooded
     base = rss_anon_kib(pid)
     count = 300_000  # 1-byte READs: 9.6 MB on the wire, never read back

@@ -48,3 +48,16 @@ def shm_region(tmp_path: Path) -> Iterator[Path]:
     path = Path("/dev/shm") / f"pmemblk-{tmp_path.name}.img"
     yield path
     path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def run_dir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``pmemblk attach``'s state folder, private to the test; attachments left by a failing
+    test are detached."""
+    from ..procs import pmemblk
+
+    folder = workdir / "run"
+    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
+    yield folder
+    for att in folder.glob("*/attach.json"):  # a failed test still frees its device
+        pmemblk("detach", "--force", att.parent.name, check=False)

@@ -6,26 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from ..conftest import report
 from ..procs import our_nbdkits, pmemblk, run, wait_until
 from .harness import ADDR, secret_file, vm_target
 
 SIZE = 128 << 20
-
-
-@pytest.fixture
-def run_dir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = workdir / "run"
-    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
-    yield folder
-    for att in folder.glob("*/attach.json"):  # a failed test still frees its device
-        pmemblk("detach", "--force", att.parent.name, check=False)
 
 
 def status(name: str) -> dict[str, Any]:

@@ -11,18 +11,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pmemblk.powercut import power_cut
 
 from ..conftest import report
-from ..procs import NbdDevice, Nbdkit, mounted, pmemblk, region_info, run
-from .harness import vm_target
+from ..procs import NbdDevice, Nbdkit, pmemblk, region_info, run
+from .harness import ADDR, secret_file, vm_target
 
 CONNECTIONS = 4
 
 
-def target_status(control: Path) -> dict[str, object]:
+def target_status(control: Path) -> dict[str, Any]:
     out = json.loads(pmemblk("status", "--target", str(control), "--json").stdout)
+    assert isinstance(out, dict)
+    return out
+
+
+def device_status(name: str) -> dict[str, Any]:
+    out = json.loads(pmemblk("status", name, "--json").stdout)
     assert isinstance(out, dict)
     return out
 
@@ -37,20 +44,25 @@ def write_files(root: Path, tag: str) -> dict[str, str]:
     return sums
 
 
-def test_ext4_on_four_connections_rides_out_a_target_sigkill(shm_region: Path,
-                                                             workdir: Path) -> None:
+def test_ext4_on_four_connections_rides_out_a_target_sigkill(shm_region: Path, workdir: Path,
+                                                             run_dir: Path) -> None:
+    """pmemblk attach --connections 4 on a non-shared export: the four connections are one
+    client; ext4 on it rides out a target SIGKILL and restart; fsck clean, checksums match."""
     pmemblk("create", str(shm_region), "--size", "256M")
     control = workdir / "ctl.sock"
     target = vm_target(str(shm_region), 7300, workdir, "--control", str(control)).start()
-    server = Nbdkit(workdir, *target.keys, "flush=gpspm").start()
-    dev = NbdDevice()
+    attach = ["attach", f"{ADDR}:7300", "--secret-file", str(secret_file(workdir)),
+              "--connections", str(CONNECTIONS), "--name", "mc"]
     mnt = workdir / "mnt"
+    mnt.mkdir()
     try:
-        dev.attach(server, connections=CONNECTIONS)
-        run("mkfs.ext4", "-q", "-F", dev.dev)
-        with mounted(dev, mnt):
+        device = pmemblk(*attach).stdout.strip()
+        run("mkfs.ext4", "-q", "-F", device)
+        run("mount", device, str(mnt))
+        try:
             sums = write_files(mnt, "before")
             run("sync")
+            assert device_status("mc")["connections"] == CONNECTIONS
             clients = target_status(control)["clients"]
             assert isinstance(clients, list) and len(clients) == 1, clients
             assert clients[0]["mode"] == "read-write" and clients[0]["channels"] >= 2, clients
@@ -59,18 +71,23 @@ def test_ext4_on_four_connections_rides_out_a_target_sigkill(shm_region: Path,
             target = target.restart()
             sums.update(write_files(mnt, "after"))  # the plugin reconnects every channel
             run("sync")
-        dev.detach()
-        fsck = run("fsck.ext4", "-fn", dev.dev)
-        dev.attach(server, connections=CONNECTIONS)
-        with mounted(dev, mnt):
+            reconnects = device_status("mc")["reconnects"]
+        finally:
+            run("umount", str(mnt))
+        pmemblk("detach", "mc")
+        device = pmemblk(*attach).stdout.strip()
+        run("fsck.ext4", "-fn", device)  # fails the test unless clean
+        run("mount", device, str(mnt))
+        try:
             for name, digest in sums.items():
                 assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest, name
-        report(f"ext4 on nbd-client -C {CONNECTIONS} over RDMA: one client with {channels} "
-               f"channels, target SIGKILLed and restarted under it, fsck clean "
-               f"({fsck.stdout.strip().splitlines()[-1]}), {len(sums)}/{len(sums)} checksums")
+        finally:
+            run("umount", str(mnt))
+        pmemblk("detach", "mc")
+        report(f"ext4 on attach --connections {CONNECTIONS} over RDMA: one client with "
+               f"{channels} channels, target SIGKILLed and restarted under it ({reconnects} "
+               f"reconnect), fsck clean, {len(sums)}/{len(sums)} checksums match")
     finally:
-        dev.detach()
-        server.stop()
         target.stop()
     assert region_info(str(shm_region))["clean_shutdown"] is True
 
