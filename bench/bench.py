@@ -1,6 +1,7 @@
 """pmemblk benchmarks: peers side by side, measured in one run (see docs/benchmarks.md).
 
-    python3 bench/bench.py run  [--quick] [--out FILE]    # host part, then the VM part
+    python3 bench/bench.py run  [--quick] [--out FILE] [--baseline REV]
+                                                           # host part, then the VM part
     python3 bench/bench.py part {host,vm} [--quick] --out FILE
     python3 bench/bench.py render FILE                     # table + plots into docs/
     python3 bench/bench.py stats-cost [--quick] [--out FILE]  # pmemblk with and without stats
@@ -8,6 +9,9 @@
 
 Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
 ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
+With ``--baseline REV``, pmemblk as it was at git revision REV too (target and plugin from a
+worktree under .bench/), so that a change is measured against its predecessor in one run.
+Every nbdkit runs with the worker-thread count ``pmemblk attach`` uses.
 Machine noise is large here: every number is repeated, and results are reported as ratios to
 baselines measured in the same run, with their spread.
 """
@@ -32,6 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pmemblk.attach import NBDKIT_THREADS
 from pmemblk.auth import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,25 +74,29 @@ class Server:
 
     def __init__(self, name: str, work: Path) -> None:
         self.name, self.work = name, work
-        self.sock = work / f"{name}.sock"
+        self.sock = work / f"{name.replace('@', '-')}.sock"
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, flush: str = "auto", extra: tuple[str, ...] = ()) -> Server:
-        nbdkit = ["nbdkit", "-f", "-U", str(self.sock)]
+        nbdkit = ["nbdkit", "-f", "-U", str(self.sock), f"--threads={NBDKIT_THREADS}"]
+        # pmemblk-tcp@REV: target and plugin from that revision's worktree (baseline()).
+        kind, _, rev = self.name.partition("@")
+        tree = baseline_tree(rev) if rev else ROOT
+        env = dict(os.environ, PYTHONPATH=str(tree)) if rev else None
         if self.name == "nbdkit-memory":
             cmd = [*nbdkit, "memory", str(SIZE)]
         elif self.name == "python-memory":
             cmd = [*nbdkit, "python", MEMPLUGIN, f"size={SIZE}"]
         else:
-            region = self.work / "region.img" if self.name == "pmemblk-tcp" \
+            region = self.work / "region.img" if kind == "pmemblk-tcp" \
                 else Path("/dev/shm/pmemblk-bench.img")
             region.unlink(missing_ok=True)
             subprocess.run([PY, "-m", "pmemblk", "create", str(region), "--size",
-                            str(SIZE + 4096)], check=True, capture_output=True)
+                            str(SIZE + 4096)], check=True, capture_output=True, env=env)
             pid = self.work / f"{self.name}.pid"
             pid.unlink(missing_ok=True)
             auth: list[str] = []
-            if self.name == "pmemblk-tcp":
+            if kind == "pmemblk-tcp":
                 listen, transport = f"unix:{self.work / 'target.sock'}", "tcp"
             else:
                 listen, transport = f"{ADDR}:7500", "verbs"
@@ -99,15 +108,15 @@ class Server:
                 [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
                  transport, "--pid-file", str(pid), "--shared",
                  *(["--secret-file", auth[0].split("=", 1)[1]] if auth else [])],
-                stderr=subprocess.DEVNULL)
+                stderr=subprocess.DEVNULL, env=env)
             self.procs.append(target)
             wait_for(pid, target, "the target")
             keys = [f"target={listen}", f"transport={transport}", f"flush={flush}", *auth]
             if flush == "apm":
                 keys.append("allow-visibility-only=true")
             keys += extra
-            cmd = [*nbdkit, "python", PLUGIN, *keys]
-        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+            cmd = [*nbdkit, "python", str(tree / "plugin" / "pmemblk.py"), *keys]
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=env)
         self.procs.append(proc)
         wait_for(self.sock, proc, self.name)
         return self
@@ -139,22 +148,30 @@ def served(name: str, work: Path, flush: str = "auto",
         server.stop()
 
 
+def baseline_tree(rev: str) -> Path:
+    """A worktree of ``rev`` under .bench/ (inside the checkout, so the VM sees it too)."""
+    tree = ROOT / ".bench" / rev
+    if not (tree / "pmemblk").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force",
+                        str(tree), rev], check=True, capture_output=True)
+    return tree
+
+
 @contextlib.contextmanager
-def nbd_devices(server: Server, conns: int) -> Iterator[str]:
-    """The kernel NBD client (VM part): ``conns`` devices, one connection each, as one fio
-    filename list. (pmemblk does not advertise multi-conn, so nbd-client -C is refused.)"""
-    devs = [f"/dev/nbd{i}" for i in range(conns)]
+def nbd_device(server: Server, conns: int) -> Iterator[str]:
+    """The kernel NBD client (VM part): /dev/nbd0 with ``conns`` connections (nbd-client -C;
+    every backend here advertises multi-conn)."""
+    dev = "/dev/nbd0"
     try:
-        for dev in devs:
-            subprocess.run(["nbd-client", "-N", "bench", "-u", str(server.sock), dev, "-b",
-                            "4096"], check=True, capture_output=True)
-        yield ":".join(devs)
+        subprocess.run(["nbd-client", "-N", "bench", "-u", str(server.sock), dev, "-b", "4096",
+                        *(["-C", str(conns)] if conns > 1 else [])],
+                       check=True, capture_output=True)
+        yield dev
     finally:
-        for dev in devs:
-            subprocess.run(["nbd-client", "-d", dev], capture_output=True)
-            deadline = time.monotonic() + 30
-            while Path(f"/sys/block/{dev[5:]}/pid").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        subprocess.run(["nbd-client", "-d", dev], capture_output=True)
+        deadline = time.monotonic() + 30
+        while Path(f"/sys/block/{dev[5:]}/pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def fio(target: list[str], job: dict[str, Any], runtime: int) -> dict[str, float]:
@@ -228,13 +245,18 @@ def perftest(quick: bool) -> dict[str, float]:
     return out
 
 
-def run_part(part: str, quick: bool) -> dict[str, Any]:
+def run_part(part: str, quick: bool, baseline: str = "") -> dict[str, Any]:
     repeats, runtime = (2, 3) if quick else (5, 10)
     backends = ["nbdkit-memory", "python-memory", "pmemblk-tcp"]
+    if baseline:
+        backends.append(f"pmemblk-tcp@{baseline}")
     if part == "vm":
         backends.append("pmemblk-rdma")
+        if baseline:
+            backends.append(f"pmemblk-rdma@{baseline}")
     result: dict[str, Any] = {"repeats": repeats, "runtime_s": runtime, "fio": {},
-                              "flush": {}}
+                              "flush": {}, "nbdkit_threads": NBDKIT_THREADS,
+                              "baseline": baseline}
     work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
     progress = tqdm(total=len(backends) * repeats * len(JOBS), unit="run", desc=f"bench {part}",
                     disable=not sys.stderr.isatty(), leave=False)
@@ -250,9 +272,9 @@ def run_part(part: str, quick: bool) -> dict[str, Any]:
                             if part == "host":
                                 m = fio(["--ioengine=nbd", f"--uri={server.uri}"], job, runtime)
                             else:
-                                with nbd_devices(server, int(job.get("conns", 1))) as devs:
+                                with nbd_device(server, int(job.get("conns", 1))) as dev:
                                     m = fio(["--ioengine=libaio", "--direct=1",
-                                             f"--filename={devs}"], job, runtime)
+                                             f"--filename={dev}"], job, runtime)
                         except (RuntimeError, subprocess.SubprocessError) as exc:
                             log(f"{part} {backend} {name} #{r + 1} failed: {exc}")
                             continue
@@ -407,12 +429,15 @@ def free_members(devices: list[str]) -> None:
         subprocess.run(["mdadm", "--zero-superblock", dev], capture_output=True)
 
 
-def in_vm(command: str, quick: bool) -> dict[str, Any] | None:
+def in_vm(command: str, quick: bool, baseline: str = "") -> dict[str, Any] | None:
     """Run ``bench.py COMMAND`` in one VM boot; its JSON result, or None if it did not run."""
     share = Path(tempfile.mkdtemp(prefix="pmemblk-bench-vm-"))
     out = share / "vm.json"
+    if baseline:
+        baseline_tree(baseline)  # made on the host: the VM sees the checkout read-only
     cmd = [str(ROOT / "scripts" / "vm"), "--out", str(share), "--", PY, __file__, "part",
-           command, "--out", str(out)] + (["--quick"] if quick else [])
+           command, "--out", str(out)] + (["--quick"] if quick else []) + (
+               ["--baseline", baseline] if baseline else [])
     rc = subprocess.run(cmd).returncode
     result = json.loads(out.read_text()) if rc == 0 and out.exists() else None
     if result is None:
@@ -434,6 +459,9 @@ def main() -> int:
     p.add_argument("part", choices=["host", "vm", "scale-out"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
+    for each in (r, p):
+        each.add_argument("--baseline", metavar="REV", default="",
+                          help="also measure pmemblk as it was at this git revision")
     d = sub.add_parser("render")
     d.add_argument("file")
     for extra in ("stats-cost", "scale-out"):
@@ -470,8 +498,8 @@ def main() -> int:
         return 0
 
     if args.cmd == "part":
-        part = scale_out(args.quick) if args.part == "scale-out" else run_part(args.part,
-                                                                               args.quick)
+        part = scale_out(args.quick) if args.part == "scale-out" else run_part(
+            args.part, args.quick, args.baseline)
         Path(args.out).write_text(json.dumps(part, indent=1))
         return 0
     if args.cmd == "render":
@@ -494,9 +522,9 @@ def main() -> int:
         if args.only:
             results["parts"] = saved["parts"]
     if args.only != "vm":
-        results["parts"]["host"] = run_part("host", args.quick)
+        results["parts"]["host"] = run_part("host", args.quick, args.baseline)
     if not args.no_vm and args.only != "host":
-        vm = in_vm("vm", args.quick)
+        vm = in_vm("vm", args.quick, args.baseline)
         if vm is not None:
             results["parts"]["vm"] = vm
     results["duration_s"] = round(time.time() - started)

@@ -272,6 +272,7 @@ class PluginState:
         #: What the newest connection found: transport, flush method, the region.
         self.link: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
 
     def start_control(self) -> None:
         self.stats.enabled = self.config.stats
@@ -283,21 +284,24 @@ class PluginState:
         """The client for a new NBD connection: the shared one for its access mode, or a new
         one (the first, or when the shared one fails every request or every flush)."""
         readonly = readonly or self.config.readonly
-        with self._lock:  # connecting under the lock: connections open one at a time
-            client = self.shared.get(readonly)
-            if client is not None and client.broken is None and client.lost is None:
-                self.clients[client] += 1
-                self.opened += 1
-                return client
+        with self._open_lock:  # one open at a time; status() is not held up by a connect
+            with self._lock:
+                client = self.shared.get(readonly)
+                if client is not None and client.broken is None and client.lost is None:
+                    self.clients[client] += 1
+                    self.opened += 1
+                    return client
             try:
                 client = connect(self.config, readonly, self.stats)
             except Exception as exc:
-                self.failed_opens += 1
-                self.last_error = str(exc)
+                with self._lock:
+                    self.failed_opens += 1
+                    self.last_error = str(exc)
                 raise
-            self.shared[readonly] = client
-            self.clients[client] = 1
-            self.opened += 1
+            with self._lock:
+                self.shared[readonly] = client
+                self.clients[client] = 1
+                self.opened += 1
         info = client.transport.info
         link = {
             "transport": "verbs" if isinstance(client.transport, VerbsTransport) else "tcp",

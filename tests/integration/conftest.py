@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pmemblk.client import Client
+from pmemblk.nbdplugin import PluginConfig, connect
+
 from ..procs import Nbdkit, Target, pmemblk
 
 SIZE = 64 << 20  # region file size; the export is 4 KiB less
@@ -38,3 +41,21 @@ def nbd_server(target: Target, tmp_path: Path) -> Iterator[Nbdkit]:
     yield server
     server.stop()
 
+
+def plugin_client(target: Target, flush: str = "gpspm", reconnect_timeout: float = 60,
+                  timeout: float = 10, *keys: str) -> Client:
+    """A client configured the way the plugin configures one (keys, then complete), over TCP,
+    read-write; ``keys`` are more ``key=value`` plugin keys."""
+    cfg = PluginConfig()
+    for key, value in (("target", target.listen), ("transport", "tcp"), ("flush", flush),
+                       ("reconnect-timeout", str(reconnect_timeout)), ("timeout", str(timeout)),
+                       *(k.split("=", 1) for k in keys)):
+        cfg.set(key, value)
+    cfg.complete()
+    return connect(cfg, readonly=False)
+
+
+def read(c: Client, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    c.pread(memoryview(buf), offset)
+    return bytes(buf)

@@ -24,7 +24,7 @@ from pmemblk.nbdplugin import PluginConfig, connect
 
 from ..conftest import report
 from ..procs import PY, Target, pmemblk, region_info, run
-from .test_reconnect import read
+from .conftest import plugin_client, read
 from .test_wire import closed_by_peer, raw
 
 DATA = (64 << 20) - 4096  # the export of the integration suite's 64 MiB region
@@ -36,13 +36,7 @@ def start(region: str, tmp_path: Path, *extra: str) -> Target:
 
 
 def client(target: Target, flush: str = "gpspm", reconnect_timeout: float = 60) -> Client:
-    cfg = PluginConfig()
-    for key, value in (("target", target.listen), ("transport", "tcp"), ("flush", flush),
-                       ("reconnect-timeout", str(reconnect_timeout)), ("timeout", "2"),
-                       ("allow-visibility-only", "true")):
-        cfg.set(key, value)
-    cfg.complete()
-    return connect(cfg, readonly=False)
+    return plugin_client(target, flush, reconnect_timeout, 2, "allow-visibility-only=true")
 
 
 def power_cut(t: Target) -> Target:

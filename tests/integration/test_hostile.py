@@ -30,8 +30,8 @@ from pmemblk.transport.stream import StreamTransport
 
 from ..conftest import ROOT, report, roundtrip
 from ..procs import PY, Target, pmemblk, region_info, run, wait_until
-from .conftest import SIZE
-from .test_reconnect import client, read
+from .conftest import SIZE, read
+from .test_reconnect import client
 from .test_wire import io, welcomed
 
 is_root = os.geteuid() == 0

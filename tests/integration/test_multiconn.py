@@ -19,11 +19,10 @@ import pytest
 
 from pmemblk.client import Client
 from pmemblk.errors import RemoteError
-from pmemblk.nbdplugin import PluginConfig, connect
 
 from ..conftest import report
 from ..procs import PLUGIN, Nbdkit, Target, pmemblk
-from .conftest import SIZE, needs_nbdkit
+from .conftest import SIZE, needs_nbdkit, plugin_client, read
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 EXPORT = SIZE - 4096
@@ -49,19 +48,8 @@ def target_status(tmp_path: Path) -> dict[str, Any]:
     return out
 
 
-def client(t: Target, reconnect_timeout: str = "0") -> Client:
-    cfg = PluginConfig()
-    for key, value in {"target": t.listen, "transport": "tcp", "flush": "gpspm",
-                       "timeout": "5", "reconnect-timeout": reconnect_timeout}.items():
-        cfg.set(key, value)
-    cfg.complete()
-    return connect(cfg, readonly=False)
-
-
-def read(c: Client, offset: int, n: int) -> bytes:
-    buf = bytearray(n)
-    c.pread(memoryview(buf), offset)
-    return bytes(buf)
+def client(t: Target, reconnect_timeout: float = 0) -> Client:
+    return plugin_client(t, "gpspm", reconnect_timeout, 5)
 
 
 def in_threads(n: int, work: Any) -> None:
@@ -176,7 +164,7 @@ def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
     """Eight threads, each with its own channel, lose the target together: one of them looks
     for it, the others wait and then reconnect once each; every request completes."""
     t = durable_target(region, tmp_path)
-    c = client(t, reconnect_timeout="60")
+    c = client(t, reconnect_timeout=60)
     stop = threading.Event()
     done = [0] * 8
 
@@ -217,7 +205,7 @@ def test_a_power_cut_seen_by_another_channel_fails_the_flush(region: str,
     thread's request finds it first. The loss epoch is the client's, not the channel's: the
     next FLUSH, on any thread, fails."""
     t = durable_target(region, tmp_path)
-    c = client(t, reconnect_timeout="60")
+    c = client(t, reconnect_timeout=60)
     try:
         in_threads(1, lambda i: c.pwrite(memoryview(b"w" * 4096), 0))  # a channel of its own
         read(c, 4096, 8)  # this thread's channel

@@ -13,29 +13,16 @@ import pytest
 
 from pmemblk.client import Client
 from pmemblk.errors import RemoteError, TransportError
-from pmemblk.nbdplugin import PluginConfig, connect
 
 from ..conftest import ROOT, report
 from ..procs import PLUGIN, Target, pmemblk
-from .conftest import needs_nbdkit
+from .conftest import needs_nbdkit, plugin_client, read
 
 WORKLOAD = str(ROOT / "tests" / "integration" / "workload.py")
 
 
 def client(target: Target, reconnect_timeout: float = 60) -> Client:
-    cfg = PluginConfig()
-    timeout = "1" if reconnect_timeout < 10 else "10"
-    for key, value in (("target", target.listen), ("transport", "tcp"), ("flush", "gpspm"),
-                       ("reconnect-timeout", str(reconnect_timeout)), ("timeout", timeout)):
-        cfg.set(key, value)
-    cfg.complete()
-    return connect(cfg, readonly=False)
-
-
-def read(c: Client, offset: int, n: int) -> bytes:
-    buf = bytearray(n)
-    c.pread(memoryview(buf), offset)
-    return bytes(buf)
+    return plugin_client(target, "gpspm", reconnect_timeout, 1 if reconnect_timeout < 10 else 10)
 
 
 @needs_nbdkit
