@@ -252,13 +252,9 @@ class Client(Closeable):
         with self._recover_lock:
             if self.broken is not None:
                 raise RemoteError(self.broken, errno.EIO)
-            if self._generation != seen:  # found again since this connection was made
-                try:
-                    self._adopt(ch, self._connect_again())
-                    return
-                except TransportError as exc:  # lost again: look for it as the first would
-                    cause = exc
-            self._find_target(ch, cause, deadline)
+            # Found again since this connection was made: this channel only reconnects (and
+            # keeps trying quietly if the target is busy with the others' connects).
+            self._find_target(ch, cause, deadline, first=self._generation == seen)
 
     def _connect_again(self) -> Transport:
         assert self._reconnect is not None
@@ -273,9 +269,13 @@ class Client(Closeable):
             self.broken = f"reconnecting failed: {exc}"
             raise RemoteError(self.broken, errno.EIO) from None
 
-    def _find_target(self, ch: _Channel, cause: TransportError, deadline: float) -> None:
-        log.warning("lost the connection to the target (%s): reconnecting for up to %gs",
-                    cause, self.reconnect_timeout)
+    def _find_target(self, ch: _Channel, cause: TransportError, deadline: float,
+                     first: bool) -> None:
+        """Connect ``ch`` again, with backoff, until ``deadline``. ``first``: this thread is
+        the first to find the target gone (it says so, and its success is a reconnect)."""
+        if first:
+            log.warning("lost the connection to the target (%s): reconnecting for up to %gs",
+                        cause, self.reconnect_timeout)
         delay = 0.05
         last: Exception = cause
         while True:
@@ -284,7 +284,7 @@ class Client(Closeable):
             except TransportError as exc:  # not reachable (yet)
                 last = exc
             else:
-                self._adopt(ch, transport, found_again=True)
+                self._adopt(ch, transport, found_again=first)
                 return
             if time.monotonic() + delay > deadline:
                 # Like NVMe-oF's ctrl_loss_tmo: the device is dead from now on, and every

@@ -241,6 +241,9 @@ def test_connections_in_their_handshake_are_capped_over_rdma(shm_region: Path,
     # comes meanwhile is refused with EBUSY, and admitted once the silent one is dropped.
     silent = subprocess.Popen([PY, "-c", SILENT_PEER, str(t.port)], cwd=ROOT)
     try:
+        # Only then connect: a client in its own handshake when the silent peer arrives would
+        # take the place first (the peer, refused, leaves; seen under load).
+        t.wait_log("CM event ESTABLISHED")
         deadline = time.monotonic() + 30
         refused: RemoteError | None = None
         while time.monotonic() < deadline and refused is None:
