@@ -25,7 +25,8 @@ Keys::
                           fail with EIO (default 60; 0: fail at once)
     timeout=SECONDS       deadline for every completion (default 30)
     depth=N               RDMA work requests in flight per request (default 8, 1..64)
-    chunk=SIZE            bytes per work request (default 256K, 4K..16M, a power of two)
+    chunk=SIZE            bytes per RDMA work request or stream frame (4K..16M, a power of
+                          two; default 256K over RDMA, 1M over a stream)
     control=PATH          answer ``pmemblk status`` on this Unix socket (mode 600)
     stats=true|false      count requests and their latency (default true)
     name=NAME             this device's name in status and metrics (default: the target)
@@ -53,6 +54,7 @@ from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
 from .transport import Transport
+from .transport.stream import DEFAULT_CHUNK_SIZE as STREAM_CHUNK_SIZE
 from .transport.stream import StreamTransport
 from .transport.verbs import (
     DEFAULT_CHUNK_SIZE,
@@ -103,7 +105,8 @@ class PluginConfig:
     readonly: bool = False
     timeout: float = DEFAULT_TIMEOUT
     depth: int = DEFAULT_DEPTH
-    chunk: int = DEFAULT_CHUNK_SIZE
+    #: None: each transport's own default (RDMA work requests, stream frames).
+    chunk: int | None = None
     secret_file: str = ""
     secret: bytes | None = field(default=None, repr=False)
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
@@ -232,10 +235,12 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
     if kind == "verbs":
         assert isinstance(cfg.target, TCPAddress)  # rdma_ip checked it
         return VerbsTransport(cfg.rdma_ip, cfg.target.port, readonly=readonly,
-                              timeout=cfg.timeout, depth=cfg.depth, chunk_size=cfg.chunk,
+                              timeout=cfg.timeout, depth=cfg.depth,
+                              chunk_size=cfg.chunk or DEFAULT_CHUNK_SIZE,
                               secret=cfg.secret, client_id=cfg.client_id)
     return StreamTransport(cfg.address, readonly=readonly, timeout=cfg.timeout,
-                           depth=cfg.depth, chunk_size=min(cfg.chunk, 4 << 20),
+                           depth=cfg.depth,
+                           chunk_size=min(cfg.chunk or STREAM_CHUNK_SIZE, 4 << 20),
                            secret=cfg.secret, client_id=cfg.client_id)
 
 

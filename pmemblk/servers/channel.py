@@ -28,13 +28,16 @@ from typing import TYPE_CHECKING
 
 from ..errors import PmemblkError, ProtocolError
 from ..protocol import (
+    AUTH,
     COMMIT,
+    HELLO,
     IO,
     MSG_COMMIT,
     MSG_HELLO,
     MSG_READ,
     MSG_WRITE,
     PREAMBLE,
+    RANGE,
     Commit,
     Reply,
     message_type,
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 DISCARD_SIZE = 64 << 10
 #: How long a stopping target waits for a channel's thread (it is in a persist at most).
 JOIN_TIMEOUT = 30.0
+#: What is read first of every request: the smallest frame a client may send once admitted.
+FIRST_READ = IO.size
+assert min(COMMIT.size + RANGE.size, HELLO.size, AUTH.size) >= FIRST_READ
 
 
 class _Gone(Exception):
@@ -91,7 +97,7 @@ class DataChannel:
         self._unsent = unsent  # the WELCOME, if the reactor had not sent all of it
         self._received = memoryview(received)  # bytes the client sent after its AUTH
         self._on_exit = on_exit
-        self._header = bytearray(max(IO.size, COMMIT.size))
+        self._header = bytearray(max(IO.size, COMMIT.size, HELLO.size, AUTH.size))
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=f"pmemblk-channel-{number}",
                                        daemon=True)
@@ -148,20 +154,24 @@ class DataChannel:
             self.sock.close()
         self._on_exit(self)
 
-    def _read(self, view: memoryview, frame_start: bool = False, got: int = 0) -> None:
-        """Fill ``view`` from what the reactor passed on, then from the socket. ``got``: bytes
-        of this frame already read (for the message when the client leaves)."""
+    def _read(self, view: memoryview, frame_start: bool = False, got: int = 0,
+              at_least: int | None = None) -> int:
+        """Fill ``view`` (or at least its first ``at_least`` bytes) from what the reactor passed
+        on, then from the socket; how many bytes came. ``got``: bytes of this frame already
+        read (for the message when the client leaves)."""
         pos = 0
+        need = len(view) if at_least is None else at_least
         if self._received:
             n = min(len(view), len(self._received))
             view[:n] = self._received[:n]
             self._received = self._received[n:]
             pos = n
-        while pos < len(view):
+        while pos < need:
             n = self.sock.recv_into(view[pos:])
             if n == 0:
                 raise _Gone(0 if frame_start and pos == 0 else got + pos)
             pos += n
+        return pos
 
     def _send(self, head: bytes, body: memoryview | None = None) -> None:
         """A reply, and its payload straight from the mapping, in one system call when the
@@ -179,21 +189,27 @@ class DataChannel:
         """Handle one request; False when the client closed the connection between frames."""
         export = self.export
         header = memoryview(self._header)
+        # Every frame after the handshake is at least FIRST_READ bytes (a READ, WRITE or ZERO
+        # header is exactly that; a COMMIT with its one range, a HELLO or AUTH more), so one
+        # receive of up to that much never takes a byte of the next frame, and usually gets a
+        # request's whole header. Only what the type's header needs is then waited for, so an
+        # invalid header is refused as soon as it is there.
         try:
-            self._read(header[:PREAMBLE.size], frame_start=True)
+            have = self._read(header[:FIRST_READ], frame_start=True, at_least=PREAMBLE.size)
         except _Gone as gone:
             if gone.midframe == 0:
                 return False
             raise
         mtype = message_type(bytes(header[:PREAMBLE.size]))
         hsize = request_header_size(bytes(header[:PREAMBLE.size]))
-        self._read(header[PREAMBLE.size:hsize], got=PREAMBLE.size)
+        if have < hsize:
+            have += self._read(header[have:hsize], got=have)
         total, req = parse_request_header(bytes(header[:hsize]), export.size)
         session = self.admission.session
         if mtype == MSG_COMMIT:
             frame = bytearray(total)
-            frame[:hsize] = header[:hsize]
-            self._read(memoryview(frame)[hsize:], got=hsize)
+            frame[:have] = header[:have]
+            self._read(memoryview(frame)[have:], got=have)
             reply = export.commit(Commit.decode(bytes(frame), export.size), session)
             if export.lose_reply("commit"):
                 raise _Lost("lost its COMMIT reply (testing)")
