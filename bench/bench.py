@@ -82,7 +82,9 @@ class Server:
         # pmemblk-tcp@REV: target and plugin from that revision's worktree (baseline()).
         kind, _, rev = self.name.partition("@")
         tree = baseline_tree(rev) if rev else ROOT
+        # python -m puts the working directory first on sys.path: the tree's own folder.
         env = dict(os.environ, PYTHONPATH=str(tree)) if rev else None
+        cwd = tree
         if self.name == "nbdkit-memory":
             cmd = [*nbdkit, "memory", str(SIZE)]
         elif self.name == "python-memory":
@@ -92,7 +94,8 @@ class Server:
                 else Path("/dev/shm/pmemblk-bench.img")
             region.unlink(missing_ok=True)
             subprocess.run([PY, "-m", "pmemblk", "create", str(region), "--size",
-                            str(SIZE + 4096)], check=True, capture_output=True, env=env)
+                            str(SIZE + 4096)], check=True, capture_output=True, env=env,
+                           cwd=cwd)
             pid = self.work / f"{self.name}.pid"
             pid.unlink(missing_ok=True)
             auth: list[str] = []
@@ -108,7 +111,7 @@ class Server:
                 [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
                  transport, "--pid-file", str(pid), "--shared",
                  *(["--secret-file", auth[0].split("=", 1)[1]] if auth else [])],
-                stderr=subprocess.DEVNULL, env=env)
+                stderr=subprocess.DEVNULL, env=env, cwd=cwd)
             self.procs.append(target)
             wait_for(pid, target, "the target")
             keys = [f"target={listen}", f"transport={transport}", f"flush={flush}", *auth]
@@ -116,7 +119,7 @@ class Server:
                 keys.append("allow-visibility-only=true")
             keys += extra
             cmd = [*nbdkit, "python", str(tree / "plugin" / "pmemblk.py"), *keys]
-        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
         self.procs.append(proc)
         wait_for(self.sock, proc, self.name)
         return self
