@@ -77,8 +77,9 @@ class Server:
         self.sock = work / f"{name.replace('@', '-')}.sock"
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, flush: str = "auto", extra: tuple[str, ...] = ()) -> Server:
-        nbdkit = ["nbdkit", "-f", "-U", str(self.sock), f"--threads={NBDKIT_THREADS}"]
+    def start(self, flush: str = "auto", extra: tuple[str, ...] = (),
+              threads: int = NBDKIT_THREADS) -> Server:
+        nbdkit = ["nbdkit", "-f", "-U", str(self.sock), f"--threads={threads}"]
         # pmemblk-tcp@REV: target and plugin from that revision's worktree (baseline()).
         kind, _, rev = self.name.partition("@")
         tree = baseline_tree(rev) if rev else ROOT
@@ -142,9 +143,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(name: str, work: Path, flush: str = "auto",
-           extra: tuple[str, ...] = ()) -> Iterator[Server]:
-    server = Server(name, work).start(flush, extra)
+def served(name: str, work: Path, flush: str = "auto", extra: tuple[str, ...] = (),
+           threads: int = NBDKIT_THREADS) -> Iterator[Server]:
+    server = Server(name, work).start(flush, extra, threads)
     try:
         yield server
     finally:
@@ -248,6 +249,14 @@ def perftest(quick: bool) -> dict[str, float]:
     return out
 
 
+def job_groups() -> list[tuple[int, list[tuple[str, dict[str, Any]]]]]:
+    """The jobs by their number of NBD connections (each group gets its own nbdkit)."""
+    groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for name, job in JOBS.items():
+        groups.setdefault(int(job.get("conns", 1)), []).append((name, job))
+    return sorted(groups.items())
+
+
 def run_part(part: str, quick: bool, baseline: str = "") -> dict[str, Any]:
     repeats, runtime = (2, 3) if quick else (5, 10)
     backends = ["nbdkit-memory", "python-memory", "pmemblk-tcp"]
@@ -266,9 +275,12 @@ def run_part(part: str, quick: bool, baseline: str = "") -> dict[str, Any]:
     try:
         for backend in backends:
             result["fio"][backend] = {name: [] for name in JOBS}
-            for r in range(repeats):
-                with served(backend, work) as server:
-                    for name, job in JOBS.items():
+            for r, (conns, jobs) in ((r, group) for r in range(repeats)
+                                     for group in job_groups()):
+                # nbdkit's worker threads are per NBD connection: the same total for every
+                # backend and job, shared by the connections, as pmemblk attach does.
+                with served(backend, work, threads=max(1, NBDKIT_THREADS // conns)) as server:
+                    for name, job in jobs:
                         progress.set_postfix_str(f"{backend} {name} #{r + 1}")
                         progress.update()
                         try:

@@ -50,8 +50,10 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 MAX_CONNECTIONS = 16
 _DEVICE_RE = re.compile(r"/dev/(nbd\d+)")
-#: nbdkit worker threads per NBD connection.
+#: nbdkit worker threads in all, shared by the NBD connections unless attach --threads says how
+#: many each: with one GIL, more of them only wait for each other (docs/benchmarks.md).
 NBDKIT_THREADS = 8
+MAX_THREADS = 64
 _FILES = ("attach.json", "nbdkit.pid", "nbdkit.log", "nbd.sock", "control.sock")
 
 
@@ -69,6 +71,8 @@ class AttachOptions:
     transport: str = "auto"
     readonly: bool = False
     connections: int = 1
+    #: nbdkit worker threads per NBD connection (None: NBDKIT_THREADS shared by them all).
+    threads: int | None = None
     name: str | None = None
     reconnect_timeout: float = nbdplugin.DEFAULT_RECONNECT_TIMEOUT
     allow_visibility_only: bool = False
@@ -84,6 +88,7 @@ class Attachment:
     readonly: bool
     keys: list[str]
     created: float = dataclasses.field(default_factory=time.time)
+    threads: int = NBDKIT_THREADS
 
     @property
     def nbd_socket(self) -> Path:
@@ -245,6 +250,11 @@ def attach(opts: AttachOptions) -> Attachment:
     """Attach ``opts.target``; on failure nothing is left running or behind."""
     if not 1 <= opts.connections <= MAX_CONNECTIONS:
         raise ConfigError(f"--connections must be from 1 to {MAX_CONNECTIONS}")
+    threads = opts.threads
+    if threads is None:
+        threads = max(1, NBDKIT_THREADS // opts.connections)
+    if not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads must be from 1 to {MAX_THREADS}")
     if opts.name is not None and not nbdplugin.NAME_RE.fullmatch(opts.name):
         raise ConfigError(f"--name {opts.name!r}: use letters, digits, '.', '_' and '-' "
                           "(at most 64)")
@@ -282,7 +292,7 @@ def attach(opts: AttachOptions) -> Attachment:
             raise ConfigError(f"cannot create {folder}: {exc.strerror}") from None
         undo.callback(_remove_folder, folder)
         att = Attachment(name, folder, opts.target, device, opts.connections, opts.readonly,
-                         keys)
+                         keys, threads=threads)
         att.save()
         pid = _start_nbdkit(att)
         undo.callback(_stop_process, pid)
@@ -315,10 +325,10 @@ def _start_nbdkit(att: Attachment) -> int:
     """nbdkit in the background (its own daemon mode: with --foreground it dies with its
     parent); its PID once it listens and the plugin's control socket is up."""
     pid_file = att.folder / "nbdkit.pid"
-    # Worker threads per NBD connection, each with a channel of its own: with one GIL, 8 did
-    # better than nbdkit's 16 (docs/benchmarks.md).
+    # Worker threads per NBD connection: with one GIL, about 8 in all did best on the host,
+    # 16 (nbdkit's default) or 4 connections of 8 half as well (docs/benchmarks.md).
     command = ["nbdkit", "--unix", str(att.nbd_socket), "--pidfile", str(pid_file),
-               "--log=stderr", f"--threads={NBDKIT_THREADS}"]
+               "--log=stderr", f"--threads={att.threads}"]
     if att.readonly:
         command.append("--readonly")
     # In the background nbdkit's stderr is gone: the plugin writes its messages itself.

@@ -149,6 +149,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
         target=args.target, device=args.device, no_device=args.no_device,
         secret_file=args.secret_file, flush=args.flush, transport=args.transport,
         readonly=args.readonly, connections=args.connections, name=args.name,
+        **({"threads": args.threads} if args.threads is not None else {}),
         reconnect_timeout=args.reconnect_timeout,
         allow_visibility_only=args.allow_visibility_only))
     print(att.device or att.uri)
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--readonly", action="store_true")
     a.add_argument("--connections", type=int, default=1, metavar="N",
                    help="NBD connections, one client of the target (default 1)")
+    a.add_argument("--threads", type=int, metavar="N",
+                   help="nbdkit worker threads per connection (default: 8 shared by the "
+                   "connections; see docs/benchmarks.md)")
     a.add_argument("--name", help="what detach and status call it (default: the device's "
                    "name, e.g. nbd0)")
     a.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",

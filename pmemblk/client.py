@@ -14,10 +14,12 @@ both take one wait. Each is a policy object (``pmemblk/flush.py``), chosen when 
 connects.
 
 Channels: a client is one plugin instance's link to one target, shared by its NBD connections
-and their nbdkit worker threads. Each thread that makes a request gets a channel of its own (a
-transport connection: a queue pair, or a socket), opened on first use, so that requests run
-concurrently with no hand-off between threads. Every channel carries the client's id in its
-HELLO, so the target counts them as one client with one writer slot. A FLUSH on any thread
+and their nbdkit worker threads. A request takes an idle channel (a transport connection: a
+queue pair, or a socket) from the client's pool, opened on demand up to ``max_channels``, uses
+it alone and gives it back, so that requests run concurrently with no hand-off between threads
+and no more threads than channels are in a request at once. Every channel carries the
+client's id in its HELLO, so the target counts them as one client with one writer slot. A
+FLUSH on any thread
 covers every write completed on any channel: over RDMA a barrier READ is posted on each channel
 that wrote since its last barrier (together, then waited for), because a queue pair orders
 only its own operations; over a stream a write's reply already proves placement.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,13 +58,14 @@ log = logging.getLogger(__name__)
 
 #: The operations counted in statistics (a FUA write counts as a write).
 OPS = ("read", "write", "zero", "flush")
-#: Channels of exited threads are closed when a new one is opened beyond this many.
-PRUNE_ABOVE = 8
+#: Channels one client opens at most (plugin key channels=): more threads than this in
+#: Python at once only wait for each other's GIL (docs/benchmarks.md).
+DEFAULT_CHANNELS = 8
 
 
 class _Channel:
-    """One thread's connection to the target, the lock that keeps its requests from
-    overlapping (a flush on another thread may use it too), and what a flush must order."""
+    """One connection to the target, the lock held by whoever uses it (the thread that took
+    it from the pool, or a flush ordering it), and what a flush must order on it."""
 
     def __init__(self, number: int, transport: Transport | None, generation: int) -> None:
         self.number = number
@@ -79,16 +82,21 @@ class _Channel:
 
 
 class Client(Closeable):
-    """Block I/O against one target through channels opened per thread. A context manager.
+    """Block I/O against one target through a pool of channels. A context manager.
 
-    ``transport`` is the first channel's connection; ``reconnect`` opens another (for a new
-    thread, or after a connection is lost). Without it, every thread shares the first.
+    A request takes an idle channel from the pool, uses it alone and gives it back; while
+    fewer than ``max_channels`` are open and none is idle, a new one is opened. So no thread
+    ever waits for another's completion, and at most ``max_channels`` threads are in a request
+    at once (the others sleep in the pool's queue, away from the GIL). ``transport`` is the
+    first channel's connection; ``reconnect`` opens another (a new channel, or one replacing a
+    lost connection). Without it, the first channel is the only one.
     """
 
     def __init__(self, transport: Transport, flush: str = "auto", readonly: bool = False,
                  allow_visibility_only: bool = False,
                  reconnect: Callable[[], Transport] | None = None,
-                 reconnect_timeout: float = 0.0, stats: IoStats | None = None) -> None:
+                 reconnect_timeout: float = 0.0, stats: IoStats | None = None,
+                 max_channels: int = DEFAULT_CHANNELS) -> None:
         if flush != "auto" and flush not in FLUSH_METHODS:
             raise ConfigError(f"unknown flush method {flush!r}: use auto, apm or gpspm")
         info = transport.info
@@ -117,10 +125,11 @@ class Client(Closeable):
         #: Why every request now fails (the target serves something else), or None.
         self.broken: str | None = None
         self._first = _Channel(1, transport, 0)
-        self._channels: dict[int, _Channel] = {threading.get_native_id(): self._first}
-        self._opened = 1
-        self._shared_first = False  # the target refused more channels: threads share one
-        self._lock = threading.Lock()  # the channel table, write counts, the loss epoch
+        self._all = [self._first]  # every channel, open or being opened
+        self._idle: queue.SimpleQueue[_Channel] = queue.SimpleQueue()  # the pool
+        self._idle.put(self._first)
+        self._max_channels = max_channels if reconnect is not None else 1
+        self._lock = threading.Lock()  # the channel list, write counts, the loss epoch
         self._recover_lock = threading.Lock()  # one thread finds the target again
         self._flush_lock = threading.Lock()  # one flush at a time
         self._generation = 0  # reconnects that found the target again
@@ -145,7 +154,7 @@ class Client(Closeable):
     @property
     def channels(self) -> int:
         with self._lock:
-            return len({id(c) for c in self._channels.values()})
+            return len(self._all)
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -157,57 +166,59 @@ class Client(Closeable):
         if self.readonly:
             raise RequestError("the export is read-only", errno.EPERM)
 
-    # -- channels --------------------------------------------------------------------------
+    # -- channels ------------------------------------------------------------------------
 
-    def _channel(self) -> _Channel:
-        """This thread's channel, opened on its first request."""
-        tid = threading.get_native_id()
-        ch = self._channels.get(tid)
-        if ch is not None:
-            return ch
-        if self._reconnect is None or self._shared_first:
-            return self._first
-        return self._open_channel(tid)
-
-    def _open_channel(self, tid: int) -> _Channel:
-        self._prune()
+    def _take(self) -> _Channel:
+        """An idle channel: from the pool, or a new one while fewer than the most are open, or
+        (blocking, the GIL released) the next one given back."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
         with self._lock:
-            self._opened += 1
-            ch = _Channel(self._opened, None, self._generation)
+            grow = len(self._all) < self._max_channels
+            if grow:
+                ch = _Channel(len(self._all) + 1, None, self._generation)
+                self._all.append(ch)
+        if grow and self._open_channel(ch):
+            return ch
+        return self._idle.get()
+
+    def _open_channel(self, ch: _Channel) -> bool:
+        """Connect a new channel (listed already); False if the target refused another one."""
         assert self._reconnect is not None
         try:
             self._adopt(ch, self._reconnect())
         except RemoteError as exc:
+            self._unlist(ch)
             if exc.errno != errno.EBUSY or self.broken is not None:
                 raise
             # The target's limit on one client's connections (serve --max-channels): the
-            # threads beyond it share the first channel, one request at a time.
-            log.warning("the target refused another channel (%s): threads without one share "
-                        "the first", exc)
-            self._shared_first = True
-            return self._first
+            # channels open now are all this client will have.
+            with self._lock:
+                self._max_channels = len(self._all)
+            log.warning("the target refused another channel (%s): using the %d open",
+                        exc, self._max_channels)
+            return False
         except TransportError as exc:
-            if self._reconnect is None or self.reconnect_timeout <= 0:
+            if self.reconnect_timeout <= 0:
+                self._unlist(ch)
                 raise
-            self._recover(ch, exc, time.monotonic() + self.reconnect_timeout)
-        with self._lock:
-            self._channels[tid] = ch
-        log.debug("channel %d opened for thread %d", ch.number, tid)
-        return ch
+            try:
+                self._recover(ch, exc, time.monotonic() + self.reconnect_timeout)
+            except BaseException:
+                self._unlist(ch)
+                raise
+        except BaseException:
+            self._unlist(ch)
+            raise
+        log.debug("channel %d opened", ch.number)
+        return True
 
-    def _prune(self) -> None:
-        """Close the channels of threads that have exited (nbdkit's threads end with their NBD
-        connection; the client lives on while another connection is open)."""
+    def _unlist(self, ch: _Channel) -> None:
         with self._lock:
-            if len(self._channels) <= PRUNE_ABOVE:
-                return
-            gone = {tid: ch for tid, ch in self._channels.items()
-                    if ch is not self._first and not os.path.exists(f"/proc/self/task/{tid}")}
-            for tid in gone:
-                del self._channels[tid]
-        for ch in gone.values():
-            with ch.lock:  # a flush may be using it
-                ch.close()
+            if ch in self._all:
+                self._all.remove(ch)
 
     # -- reconnect -------------------------------------------------------------------------
 
@@ -355,9 +366,12 @@ class Client(Closeable):
             self.stats.record(op, nbytes, started, ok)
 
     def _io(self, op: Callable[[Transport], None]) -> None:
-        ch = self._channel()
-        with ch.lock:
-            self._run(ch, op)
+        ch = self._take()
+        try:
+            with ch.lock:
+                self._run(ch, op)
+        finally:
+            self._idle.put(ch)
 
     def pread(self, buf: memoryview, offset: int) -> None:
         with self._counted("read", len(buf)):
@@ -388,15 +402,18 @@ class Client(Closeable):
         it may be lost. (A write whose connection broke is sent again in full, with its step,
         so it is only at risk from then on.)"""
         step = self.policy.fua_step if fua else None
-        ch = self._channel()
-        with ch.lock:
-            try:
-                self._run(ch, lambda t: op(t, step))
-            except BaseException:
-                if fua:  # maybe written, not persisted: the next flush covers it
-                    self._wrote(ch, offset, length, True, proven=False)
-                raise
-            self._wrote(ch, offset, length, not fua)
+        ch = self._take()
+        try:
+            with ch.lock:
+                try:
+                    self._run(ch, lambda t: op(t, step))
+                except BaseException:
+                    if fua:  # maybe written, not persisted: the next flush covers it
+                        self._wrote(ch, offset, length, True, proven=False)
+                    raise
+                self._wrote(ch, offset, length, not fua)
+        finally:
+            self._idle.put(ch)
         if fua and self.lost is not None:  # persisted on a target that may have lost others
             raise RemoteError(self.lost, errno.EIO)
 
@@ -422,20 +439,23 @@ class Client(Closeable):
             raise RemoteError(self.broken, errno.EIO)
         if self.lost is not None:
             raise RemoteError(self.lost, errno.EIO)
-        own = self._channel()
+        # The flush lock first, then a channel: a thread never holds a channel while it waits
+        # for the flush lock, so the flush below never waits for a channel held that way.
         with self._flush_lock:
-            with self._lock:
-                covered = self._writes
-                # A channel that wrote marked it under its own lock, before that write was
-                # acknowledged; it is checked again under that lock below.
-                chans = {id(c): c for c in self._channels.values()
-                         if c.wrote_at is not None or c is own}
-            with contextlib.ExitStack() as held:  # in one order: no two lockers wait in a ring
-                for ch in sorted(chans.values(), key=lambda c: c.number):
-                    held.enter_context(ch.lock)
-                self.policy.flush(lambda with_own: self._barriers(list(chans.values()), own,
-                                                                  with_own),
-                                  lambda ranges: self._commit(own, ranges))
+            own = self._take()
+            try:
+                with self._lock:
+                    covered = self._writes
+                    # A channel that wrote marked it under its own lock, before that write was
+                    # acknowledged; it is checked again under that lock below.
+                    chans = [c for c in self._all if c.wrote_at is not None or c is own]
+                with contextlib.ExitStack() as held:  # in one order: no ring of waiters
+                    for ch in sorted(chans, key=lambda c: c.number):
+                        held.enter_context(ch.lock)
+                    self.policy.flush(lambda with_own: self._barriers(chans, own, with_own),
+                                      lambda ranges: self._commit(own, ranges))
+            finally:
+                self._idle.put(own)
         if self.lost is not None:  # found out while reconnecting during this flush
             raise RemoteError(self.lost, errno.EIO)
         with self._lock:
@@ -469,7 +489,6 @@ class Client(Closeable):
 
     def close(self) -> None:
         with self._lock:
-            channels = {id(c): c for c in self._channels.values()}
-            self._channels.clear()
-        for ch in channels.values():
+            channels, self._all = self._all, []
+        for ch in channels:
             ch.close()

@@ -77,10 +77,10 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
 
 
 def thread_model() -> int:
-    # Requests run concurrently: each nbdkit worker thread has a channel of its own (a queue
-    # pair, or a socket) opened on its first request, so no thread waits for another's
-    # completion and nothing on the data path is shared but the flush state
-    # (docs/design.md, "Thread model").
+    # Requests run concurrently: each takes an idle channel (a queue pair, or a socket) from
+    # the client's pool, opened on demand, so no thread waits for another's completion and
+    # nothing on the data path is shared but the pool and the flush state (docs/design.md,
+    # "Thread model").
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 

@@ -24,6 +24,9 @@ Keys::
                           how long to keep reconnecting to a lost target before requests
                           fail with EIO (default 60; 0: fail at once)
     timeout=SECONDS       deadline for every completion (default 30)
+    channels=N            connections to the target this plugin instance opens at most, as
+                          its threads need them (default 8, 1..64): the most requests in
+                          flight at once
     depth=N               RDMA work requests in flight per request (default 8, 1..64)
     chunk=SIZE            bytes per RDMA work request or stream frame (4K..16M, a power of
                           two; default 256K over RDMA, 1M over a stream)
@@ -49,7 +52,7 @@ from prometheus_client.core import Metric
 
 from . import __version__, auth, rdma, stats
 from .address import UNIX_PATH_MAX, Address, TCPAddress, UnixAddress, parse_address
-from .client import OPS, Client
+from .client import DEFAULT_CHANNELS, OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
@@ -67,7 +70,8 @@ from .units import parse_size
 log = logging.getLogger(__name__)
 
 KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
-        "reconnect-timeout", "timeout", "depth", "chunk", "control", "stats", "name", "log")
+        "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control", "stats", "name",
+        "log")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", "verbs", "tcp")
 #: Names of devices and attachments (also directory names under /run/pmemblk).
@@ -104,6 +108,7 @@ class PluginConfig:
     allow_visibility_only: bool = False
     readonly: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    channels: int = DEFAULT_CHANNELS
     depth: int = DEFAULT_DEPTH
     #: None: each transport's own default (RDMA work requests, stream frames).
     chunk: int | None = None
@@ -144,6 +149,10 @@ class PluginConfig:
             self.reconnect_timeout = _seconds(key, value, allow_zero=True)
         elif key == "timeout":
             self.timeout = _seconds(key, value, allow_zero=False)
+        elif key == "channels":
+            if not value.isdigit() or not 1 <= int(value) <= 64:
+                raise ConfigError(f"channels={value!r}: expected a whole number from 1 to 64")
+            self.channels = int(value)
         elif key == "depth":
             if not value.isdigit() or not 1 <= int(value) <= 64:
                 raise ConfigError(f"depth={value!r}: expected a whole number from 1 to 64")
@@ -246,14 +255,15 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:
     """A client of the target, read-only if nbdkit asks or ``readonly=true``; it opens a
-    channel per thread that uses it."""
+    pool of channels as its threads need them."""
     readonly = readonly or cfg.readonly
     transport, kind = connect_transport(cfg, readonly)
     try:
         # New channels and reconnects use the transport the first connection chose.
         return Client(transport, cfg.flush, readonly, cfg.allow_visibility_only,
                       reconnect=lambda: _connect_kind(cfg, kind, readonly),
-                      reconnect_timeout=cfg.reconnect_timeout, stats=io_stats)
+                      reconnect_timeout=cfg.reconnect_timeout, stats=io_stats,
+                      max_channels=cfg.channels)
     except BaseException:
         transport.close()
         raise

@@ -137,7 +137,7 @@ MUTANTS = (
            (MULTICONN + "::test_one_client_many_channels_one_writer",)),
     Mutant("a client's channels are not bounded", "pmemblk/target.py",
            "if session is not None and session.channels >= self.config.max_channels:",
-           "if False:", (MULTICONN + "::test_channels_past_the_targets_limit_share_one",)),
+           "if False:", (MULTICONN + "::test_channels_past_the_targets_limit_are_not_needed",)),
     # -- transports' shared checks (pmemblk/transport/__init__.py)
     Mutant("a COMMIT_REPLY's error status is ignored", "pmemblk/transport/__init__.py",
            "    if reply.status:", "    if False:", (FAULTS,)),

@@ -288,11 +288,15 @@ class RcTarget:
     yet placed; a later READ or SEND on the *same* channel places it (RC orders a QP's own
     operations, nothing across QPs). ``durable`` changes only on a COMMIT."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: int = 0) -> None:
+        import threading
+
         self.info = MemoryTransport().info
         self.mem = bytearray(SIZE)
         self.durable = bytearray(SIZE)
         self.channels = 0
+        #: The first ``gate`` writes wait for each other: that many channels are in use at once.
+        self.gate = threading.Barrier(gate) if gate else None
 
 
 class RcChannel:
@@ -314,6 +318,8 @@ class RcChannel:
         buf[:] = self.target.mem[offset:offset + len(buf)]
 
     def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
+        if self.target.gate is not None:
+            self.target.gate.wait(timeout=10)
         self.pending.append((offset, bytes(data)))
         if persist == "commit":
             self.commit([(offset, len(data))])
@@ -343,11 +349,12 @@ class RcChannel:
 
 @pytest.mark.parametrize("method", ["gpspm", "apm"])
 def test_a_flush_orders_the_writes_of_every_channel(method: str) -> None:
-    """Three threads write on channels of their own; a fourth flushes. Every write is then
-    placed (apm) and persisted (gpspm): the flush put a barrier on each channel that wrote."""
+    """Three threads write at once (so on three channels); another flushes. Every write is
+    then placed (apm) and persisted (gpspm): the flush put a barrier on each channel that
+    wrote, not only on the one it took."""
     import threading
 
-    target = RcTarget()
+    target = RcTarget(gate=3)
     c = Client(RcChannel(target), method, reconnect=lambda: RcChannel(target),
                reconnect_timeout=30)
     blobs = {i * 8192: bytes([i + 1]) * 5000 for i in range(3)}
@@ -360,8 +367,9 @@ def test_a_flush_orders_the_writes_of_every_channel(method: str) -> None:
         th.start()
     for th in threads:
         th.join()
-    assert target.channels == 4 and c.channels == 4
+    assert target.channels == 3 and c.channels == 3
     assert not any(target.mem)  # completed, not placed: nothing has ordered them yet
+    target.gate = None
     c.flush()
     seen = target.durable if method == "gpspm" else target.mem
     for off, blob in blobs.items():

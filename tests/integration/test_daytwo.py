@@ -151,6 +151,7 @@ def test_failed_attach_leaves_nothing(target: Target, run_dir: Path, tmp_path: P
         "bad name": [target.listen, "--no-device", "--name", "../x"],
         "bad device": [target.listen, "--device", "/dev/sda"],
         "no connections": [target.listen, "--no-device", "--connections", "0"],
+        "no threads": [target.listen, "--no-device", "--threads", "0"],
     }
     for what, args in cases.items():
         line = one_line(pmemblk("attach", *args, check=False))
@@ -280,3 +281,14 @@ def test_control_socket_outlasts_silent_and_garbage_askers(region: str, tmp_path
         for s in held:
             s.close()
         target.stop()
+
+
+def test_attach_runs_nbdkit_with_the_threads_asked_for(target: Target, run_dir: Path) -> None:
+    """Each nbdkit worker thread gets a channel of its own: the count is the operator's to
+    choose (docs/benchmarks.md has what it changes)."""
+    pmemblk("attach", target.listen, "--no-device", "--name", "t3", "--threads", "3")
+    pids = our_nbdkits(run_dir)
+    assert len(pids) == 1
+    assert b"--threads=3" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+    pmemblk("detach", "t3")
+

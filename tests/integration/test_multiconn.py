@@ -1,4 +1,4 @@
-"""Concurrency (issue 12): channels per thread, one client per plugin instance, multi-conn.
+"""Concurrency (issue 12): a pool of channels, one client per plugin instance, multi-conn.
 
 Host, over a Unix socket: several NBD connections of one nbdkit are one client of the target
 (one writer slot), a FLUSH on any of them persists the writes of all of them (proved by an
@@ -50,6 +50,11 @@ def target_status(tmp_path: Path) -> dict[str, Any]:
 
 def client(t: Target, reconnect_timeout: float = 0) -> Client:
     return plugin_client(t, "gpspm", reconnect_timeout, 5)
+
+
+def repeat(n: int, call: Any, *args: Any) -> None:
+    for _ in range(n):
+        call(*args)
 
 
 def in_threads(n: int, work: Any) -> None:
@@ -135,10 +140,12 @@ def test_one_client_many_channels_one_writer(region: str, tmp_path: Path) -> Non
     t = durable_target(region, tmp_path)
     try:
         with client(t) as c:
-            in_threads(6, lambda i: c.pwrite(memoryview(bytes([i]) * 4096), i * 4096))
-            assert c.channels == 7  # the first (this thread's) and one per thread
+            in_threads(6, lambda i: repeat(50, c.pwrite, memoryview(bytes([i]) * 4096),
+                                           i * 4096))
+            assert c.channels >= 2  # requests overlapped: channels were opened for them
             st = target_status(tmp_path)
-            assert [(x["mode"], x["channels"]) for x in st["clients"]] == [("read-write", 7)]
+            assert [(x["mode"], x["channels"]) for x in st["clients"]] == \
+                [("read-write", c.channels)]
             with pytest.raises(RemoteError, match="another client has this export open"):
                 client(t)
         with client(t) as again:  # the slot came back with the last channel
@@ -147,11 +154,13 @@ def test_one_client_many_channels_one_writer(region: str, tmp_path: Path) -> Non
         t.stop()
 
 
-def test_channels_past_the_targets_limit_share_one(region: str, tmp_path: Path) -> None:
+def test_channels_past_the_targets_limit_are_not_needed(region: str, tmp_path: Path) -> None:
+    """The target refuses a client's third channel: the client goes on with two."""
     t = durable_target(region, tmp_path, "--max-channels", "2")
     try:
         with client(t) as c:
-            in_threads(6, lambda i: c.pwrite(memoryview(bytes([i + 1]) * 8192), i * 8192))
+            in_threads(8, lambda i: repeat(50, c.pwrite, memoryview(bytes([i + 1]) * 8192),
+                                           i * 8192))
             in_threads(6, lambda i: c.flush())
             assert target_status(tmp_path)["clients"][0]["channels"] == 2
             assert read(c, 0, 6 * 8192) == b"".join(bytes([i + 1]) * 8192 for i in range(6))
@@ -161,8 +170,9 @@ def test_channels_past_the_targets_limit_share_one(region: str, tmp_path: Path) 
 
 def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Eight threads, each with its own channel, lose the target together: one of them looks
-    for it, the others wait and then reconnect once each; every request completes."""
+    """Eight threads, each in a request on a channel of the pool, lose the target together:
+    one of them looks for it, the others wait and then reconnect once each; every request
+    completes."""
     t = durable_target(region, tmp_path)
     c = client(t, reconnect_timeout=60)
     stop = threading.Event()
@@ -182,7 +192,7 @@ def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
         caplog.set_level(logging.WARNING, logger="pmemblk")
         worker = threading.Thread(target=in_threads, args=(8, work))
         worker.start()
-        t.wait_log("client 9 connected")  # the first channel and the eight threads'
+        t.wait_log("client 8 connected")  # the pool's eight channels are open
         t.kill()
         t = t.restart()
         stop.set()
@@ -190,7 +200,7 @@ def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
         assert not worker.is_alive()
         lost = [r for r in caplog.records if "lost the connection to the target" in r.message]
         assert len(lost) == 1, [r.message for r in lost]
-        assert c.reconnects == 1 and c.channels == 9
+        assert c.reconnects == 1 and c.channels == 8
         assert all(n >= 20 for n in done), done
         report(f"8 threads lost the target together: noticed once, 1 reconnect, "
                f"{sum(done)} write+read pairs verified")
@@ -202,12 +212,12 @@ def test_a_lost_target_is_noticed_once(region: str, tmp_path: Path,
 def test_a_power_cut_seen_by_another_channel_fails_the_flush(region: str,
                                                              tmp_path: Path) -> None:
     """One thread writes and does not flush; the target loses power and comes back; another
-    thread's request finds it first. The loss epoch is the client's, not the channel's: the
+    thread's request finds it first. The loss epoch is the client's, not a channel's: the
     next FLUSH, on any thread, fails."""
     t = durable_target(region, tmp_path)
     c = client(t, reconnect_timeout=60)
     try:
-        in_threads(1, lambda i: c.pwrite(memoryview(b"w" * 4096), 0))  # a channel of its own
+        in_threads(1, lambda i: c.pwrite(memoryview(b"w" * 4096), 0))
         read(c, 4096, 8)  # this thread's channel
         t = power_cut(t)
         read(c, 4096, 8)  # this thread reconnects first and sees the new loss epoch
