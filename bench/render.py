@@ -44,7 +44,8 @@ def values(part: dict[str, Any], backend: str, job: str, metric: str) -> list[fl
 def table(part: dict[str, Any], name: str) -> list[str]:
     backends = list(part["fio"])
     lines = [f"### {name}: fio ({part['repeats']} repeats × {part['runtime_s']} s, median and "
-             f"range; nbdkit --threads {part.get('nbdkit_threads', 16)})", "",
+             f"range; nbdkit: {part.get('nbdkit_threads', 16)} worker threads in all, shared by "
+             "the NBD connections)", "",
              "| job | " + " | ".join(backends) + " |",
              "|---" * (len(backends) + 1) + "|"]
     for job, metric in JOB_METRIC.items():
