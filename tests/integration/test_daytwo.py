@@ -286,9 +286,11 @@ def test_control_socket_outlasts_silent_and_garbage_askers(region: str, tmp_path
 def test_attach_runs_nbdkit_with_the_threads_asked_for(target: Target, run_dir: Path) -> None:
     """Each nbdkit worker thread gets a channel of its own: the count is the operator's to
     choose (docs/benchmarks.md has what it changes)."""
-    pmemblk("attach", target.listen, "--no-device", "--name", "t3", "--threads", "3")
-    pids = our_nbdkits(run_dir)
-    assert len(pids) == 1
-    assert b"--threads=3" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
-    pmemblk("detach", "t3")
+    for args, want in ((["--threads", "3"], b"--threads=3"),
+                       (["--connections", "4"], b"--threads=2")):  # 8 in all, by default
+        pmemblk("attach", target.listen, "--no-device", "--name", "t", *args)
+        pids = our_nbdkits(run_dir)
+        assert len(pids) == 1
+        assert want in Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0"), args
+        pmemblk("detach", "t")
 
