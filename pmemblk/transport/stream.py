@@ -91,15 +91,19 @@ class StreamTransport(Channel):
 
     # -- socket helpers --------------------------------------------------------------------
 
+    def _lost(self, exc: OSError, timed_out: str = "did not answer in time") -> ConnectionLost:
+        """A socket call's failure as the connection lost (a timeout is the deadline)."""
+        if isinstance(exc, TimeoutError):
+            return ConnectionLost(f"{self.peer} {timed_out}")
+        return ConnectionLost(f"connection to {self.peer} failed: {exc}")
+
     def _recv_into(self, view: memoryview) -> None:
         pos = 0
         while pos < len(view):
             try:
                 n = self.sock.recv_into(view[pos:])
-            except TimeoutError:
-                raise ConnectionLost(f"{self.peer} did not answer in time") from None
             except OSError as exc:
-                raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
+                raise self._lost(exc) from None
             if n == 0:
                 raise ConnectionLost(f"{self.peer} closed the connection")
             pos += n
@@ -113,10 +117,8 @@ class StreamTransport(Channel):
         try:
             for part in parts:
                 self.sock.sendall(part)
-        except TimeoutError:
-            raise ConnectionLost(f"{self.peer} stopped taking data") from None
         except OSError as exc:
-            raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
+            raise self._lost(exc, "stopped taking data") from None
 
     def _answer(self, expected: int, size: int) -> bytes:
         """The target's next handshake message: ``expected`` (``size`` bytes), or its REJECT."""
@@ -167,10 +169,8 @@ class StreamTransport(Channel):
                         self.sock.sendall(head[sent:] if sent < IO.size else b"")
                         self.sock.sendall(src[max(0, sent - IO.size):])
                 got = self.sock.recvmsg_into((hdr, dst) if dst is not None else (hdr,))[0]
-            except TimeoutError:
-                raise ConnectionLost(f"{self.peer} did not answer in time") from None
             except OSError as exc:
-                raise ConnectionLost(f"connection to {self.peer} failed: {exc}") from None
+                raise self._lost(exc) from None
             if got == 0:
                 raise ConnectionLost(f"{self.peer} closed the connection")
             if got < REPLY.size:
