@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import queue
 import threading
@@ -129,6 +130,7 @@ class Client(Closeable):
         self._idle: queue.SimpleQueue[_Channel] = queue.SimpleQueue()  # the pool
         self._idle.put(self._first)
         self._max_channels = max_channels if reconnect is not None else 1
+        self._numbers = itertools.count(2)  # channel numbers: the flush locks in their order
         self._lock = threading.Lock()  # the channel list, write counts, the loss epoch
         self._recover_lock = threading.Lock()  # one thread finds the target again
         self._flush_lock = threading.Lock()  # one flush at a time
@@ -178,7 +180,7 @@ class Client(Closeable):
         with self._lock:
             grow = len(self._all) < self._max_channels
             if grow:
-                ch = _Channel(len(self._all) + 1, None, self._generation)
+                ch = _Channel(next(self._numbers), None, self._generation)
                 self._all.append(ch)
         if grow and self._open_channel(ch):
             return ch
