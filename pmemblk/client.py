@@ -267,7 +267,7 @@ class Client(Closeable):
                 raise RemoteError(self.broken, errno.EIO)
             # Found again since this connection was made: this channel only reconnects (and
             # keeps trying quietly if the target is busy with the others' connects).
-            self._find_target(ch, cause, deadline, first=self._generation == seen)
+            self._find_target(ch, cause, deadline, seen)
 
     def _connect_again(self) -> Transport:
         assert self._reconnect is not None
@@ -283,9 +283,11 @@ class Client(Closeable):
             raise RemoteError(self.broken, errno.EIO) from None
 
     def _find_target(self, ch: _Channel, cause: TransportError, deadline: float,
-                     first: bool) -> None:
-        """Connect ``ch`` again, with backoff, until ``deadline``. ``first``: this thread is
-        the first to find the target gone (it says so, and its success is a reconnect)."""
+                     seen: int) -> None:
+        """Connect ``ch`` again, with backoff, until ``deadline``. ``seen``: the generation
+        its lost connection was made in; if nothing has been found since, this thread is the
+        first to find the target gone (it says so, and its success is a reconnect)."""
+        first = self._generation == seen
         if first:
             log.warning("lost the connection to the target (%s): reconnecting for up to %gs",
                         cause, self.reconnect_timeout)
@@ -297,7 +299,7 @@ class Client(Closeable):
             except TransportError as exc:  # not reachable (yet)
                 last = exc
             else:
-                self._adopt(ch, transport, found_again=first)
+                self._adopt(ch, transport, lost_in=seen if first else None)
                 return
             if time.monotonic() + delay > deadline:
                 # Like NVMe-oF's ctrl_loss_tmo: the device is dead from now on, and every
@@ -310,10 +312,12 @@ class Client(Closeable):
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _adopt(self, ch: _Channel, transport: Transport, found_again: bool = False) -> None:
+    def _adopt(self, ch: _Channel, transport: Transport, lost_in: int | None = None) -> None:
         """Check that a new connection reaches the same region, then give it to ``ch``.
-        ``found_again``: it replaces one that was lost. Either way, a connection to another
-        start of the target than the last one seen counts as finding it again, once."""
+        A connection to another start of the target than the last one seen is finding it
+        again, counted once, by whichever channel gets there first (one opened afresh may).
+        ``lost_in``: the connection replaced one lost in that generation; if nothing has been
+        found since, that too is finding it again (the same start: the connection broke)."""
         old, new = self.info, transport.info
         why = None
         if new.region_uuid != old.region_uuid:
@@ -332,7 +336,7 @@ class Client(Closeable):
             log.error("%s", self.broken)
             raise RemoteError(self.broken, errno.EIO)
         with self._lock:
-            if found_again or new.instance != self._instance:
+            if new.instance != self._instance or lost_in == self._generation:
                 self._instance = new.instance
                 self._generation += 1
                 self.reconnects += 1

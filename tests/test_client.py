@@ -374,3 +374,30 @@ def test_a_flush_orders_the_writes_of_every_channel(method: str) -> None:
     seen = target.durable if method == "gpspm" else target.mem
     for off, blob in blobs.items():
         assert seen[off:off + len(blob)] == blob, f"the write at {off} was not covered"
+
+
+def test_a_restart_counts_once_whichever_channel_meets_it_first() -> None:
+    """A channel lost the target and is looking for it; between two of its tries a channel
+    opened afresh reaches the restarted target (a new instance) and counts the restart. The
+    first channel's success then is the same restart, not another (the demo showed 2 for 1)."""
+    import time
+
+    from pmemblk.client import _Channel
+
+    first = MemoryTransport()
+    tries: list[int] = []
+
+    def again() -> MemoryTransport:
+        tries.append(1)
+        if len(tries) == 1:  # meanwhile, a new channel meets the restarted target
+            c._adopt(_Channel(2, None, c._generation), same_region(first, instance=2))
+            raise TransportError("not listening yet")
+        return same_region(first, instance=2)
+
+    c = Client(first, "gpspm", reconnect=again, reconnect_timeout=30)
+    c._recover(c._first, ConnectionLost("gone"), time.monotonic() + 5)
+    assert len(tries) == 2 and c.reconnects == 1
+    # A connection that breaks with the target still running (the same start) is a
+    # reconnect of its own.
+    c._recover(c._first, ConnectionLost("reset"), time.monotonic() + 5)
+    assert c.reconnects == 2
