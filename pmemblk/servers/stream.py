@@ -69,7 +69,6 @@ class _Conn:
         self.closed = False
         self.close_after_send = False
         self.timer: int | None = None
-        self.requests = 0
         #: Counted by the export's handshake cap until admitted, refused or gone.
         self.handshaking = True
 
@@ -233,7 +232,7 @@ class _Conn:
             return
         self.closed = True
         (log.warning if warn else log.info)(
-            "client %d (%s) %s after %d requests%s", self.number, self.peer, why, self.requests,
+            "client %d (%s) %s in its handshake%s", self.number, self.peer, why,
             ": disconnecting it" if warn else "")
         if self.timer is not None:
             self.server.reactor.cancel(self.timer)
