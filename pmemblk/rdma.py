@@ -6,6 +6,10 @@ expose the file descriptors of its event channels. So we never call a blocking p
 - The file descriptor of each CM event channel and completion channel is found when it is
   created, as the one new descriptor in ``/proc/self/fd`` whose link names the channel's kind
   (``/dev/infiniband/rdma_cm``, ``anon_inode:[infinibandevent]``). It is set ``O_NONBLOCK``.
+  A device context has such a descriptor too (its async events), and librdmacm opens and
+  closes contexts inside CM calls (reading an ADDR_RESOLVED event, destroying the last id on a
+  device): every pyverbs call that may open or close one runs under ``FD_TABLE``, the lock
+  the search holds, so that another thread's channel never looks like ours.
 - Waits are ``select()`` calls on those descriptors with a deadline; ``select`` releases the GIL,
   so other nbdkit threads run meanwhile. After the descriptor is readable, the pyverbs call
   returns at once (or fails with EAGAIN, which we treat as "nothing yet").
@@ -65,13 +69,14 @@ PYVERBS_MISSING = (
 )
 
 __all__ = [
-    "CMID", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel", "PyverbsError",
-    "RegisteredBuffer", "active_rdma_devices", "ce", "e", "event_name", "iter_cm_events",
-    "new_cmid", "rdma_devices", "rdma_error", "require_pyverbs", "wc_failure",
+    "CMID", "FD_TABLE", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel",
+    "PyverbsError", "RegisteredBuffer", "active_rdma_devices", "ce", "e", "event_name",
+    "iter_cm_events", "new_cmid", "rdma_devices", "rdma_error", "require_pyverbs", "wc_failure",
 ]
 
 T = TypeVar("T")
-_FD_LOCK = threading.Lock()
+#: Held around every pyverbs call that may open or close an RDMA descriptor (see above).
+FD_TABLE = threading.RLock()
 CM_CHANNEL_LINK = "/dev/infiniband/rdma_cm"
 COMP_CHANNEL_LINK = "anon_inode:[infinibandevent]"
 
@@ -98,7 +103,7 @@ def active_rdma_devices() -> list[str]:
     active = []
     for name in rdma_devices():
         try:
-            with Context(name=name) as ctx:
+            with FD_TABLE, Context(name=name) as ctx:
                 ports = int(ctx.query_device().phys_port_cnt)
                 if any(int(ctx.query_port(p).state) == e.IBV_PORT_ACTIVE
                        for p in range(1, ports + 1)):
@@ -118,7 +123,7 @@ def _fd_links() -> dict[int, str]:
 
 def open_with_fd(factory: Callable[[], T], link: str, what: str) -> tuple[T, int]:
     """Create a pyverbs channel object and find the file descriptor it opened."""
-    with _FD_LOCK:
+    with FD_TABLE:
         before = _fd_links()
         obj = factory()
         after = _fd_links()
@@ -178,7 +183,8 @@ class EventChannel(Closeable):
             if not ready:
                 return None
         try:
-            return CMEvent(self.channel)
+            with FD_TABLE:  # librdmacm may open the device while reading ADDR_RESOLVED
+                return CMEvent(self.channel)
         except PyverbsRDMAError as exc:
             if _would_block(exc):
                 return None
@@ -209,7 +215,8 @@ class EventChannel(Closeable):
         if self._closed:
             return
         self._closed = True
-        self.channel.close()
+        with FD_TABLE:
+            self.channel.close()
 
 
 _PRIVATE_DATA_EVENTS: frozenset[int] = frozenset()
@@ -397,10 +404,11 @@ class Endpoint(Closeable):
         if self._closed:
             return
         self._closed = True
-        for obj in (self.qp, self.cq, self.channel):
-            if obj is not None:
-                with contextlib.suppress(PyverbsError):
-                    obj.close()
+        with FD_TABLE:
+            for obj in (self.qp, self.cq, self.channel):
+                if obj is not None:
+                    with contextlib.suppress(PyverbsError):
+                        obj.close()
 
 
 def wc_failure(wc: Any, what: str, remote_addr: int = 0, rkey: int = 0, length: int = 0
@@ -428,7 +436,8 @@ def iter_cm_events(events: EventChannel) -> Iterator[tuple[int, bytes, Any]]:
 
 def new_cmid(events: EventChannel) -> Any:
     try:
-        return CMID(creator=events.channel, port_space=ce.RDMA_PS_TCP)
+        with FD_TABLE:
+            return CMID(creator=events.channel, port_space=ce.RDMA_PS_TCP)
     except PyverbsError as exc:
         raise rdma_error("creating an RDMA CM id failed", exc) from None
 
@@ -441,7 +450,8 @@ class Device(Closeable):
         self.name = name
         self._closed = False
         try:
-            self.ctx = Context(name=name)
+            with FD_TABLE:
+                self.ctx = Context(name=name)
         except PyverbsError as exc:
             raise rdma_error(f"opening RDMA device {name} failed", exc) from None
         try:
@@ -459,5 +469,5 @@ class Device(Closeable):
         self._closed = True
         with contextlib.suppress(PyverbsError):
             self.pd.close()
-        with contextlib.suppress(PyverbsError):
+        with FD_TABLE, contextlib.suppress(PyverbsError):
             self.ctx.close()

@@ -71,7 +71,7 @@ class _Connection:
             self.mr.release()
             self.mr = None
         self.bufs.close()
-        with contextlib.suppress(rdma.PyverbsError):
+        with rdma.FD_TABLE, contextlib.suppress(rdma.PyverbsError):
             self.cmid.close()
 
 
@@ -183,7 +183,8 @@ class VerbsServer:
         for etype, data, event in rdma.iter_cm_events(self.events):
             if etype == ce.RDMA_CM_EVENT_CONNECT_REQUEST:
                 try:
-                    child = rdma.CMID(creator=event, listen_id=self.listener)
+                    with rdma.FD_TABLE:
+                        child = rdma.CMID(creator=event, listen_id=self.listener)
                 finally:
                     event.ack_cm_event()
                 self._on_connect_request(child, data)
@@ -210,7 +211,7 @@ class VerbsServer:
         log.warning("refusing a client: %s", reject.reason)
         with contextlib.suppress(rdma.PyverbsError):
             child.reject(reject.encode())
-        with contextlib.suppress(rdma.PyverbsError):
+        with rdma.FD_TABLE, contextlib.suppress(rdma.PyverbsError):
             child.close()
 
     def _on_connect_request(self, child: Any, data: bytes) -> None:
@@ -408,7 +409,7 @@ class VerbsServer:
         if self.device is not None:
             self.device.close()
         if self.listener is not None:
-            with contextlib.suppress(rdma.PyverbsError):
+            with rdma.FD_TABLE, contextlib.suppress(rdma.PyverbsError):
                 self.listener.close()
         if self.events is not None:
             self.events.close()

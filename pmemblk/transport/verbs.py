@@ -331,6 +331,6 @@ class VerbsTransport(Channel):
             if res is not None:
                 res.close()
         if self.cmid is not None:
-            with contextlib.suppress(rdma.PyverbsError):
+            with rdma.FD_TABLE, contextlib.suppress(rdma.PyverbsError):
                 self.cmid.close()
         self.events.close()

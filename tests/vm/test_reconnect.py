@@ -57,10 +57,12 @@ def test_target_restart_during_fio_verify_on_ext4(shm_region: Path, workdir: Pat
         fsck = run("fsck.ext4", "-fn", dev.dev)
         assert "clean" in fsck.stdout or fsck.returncode == 0
         log = server.log()
-        assert "reconnected to the target" in log, log
+        # One restart, one reconnect: a channel that failed to open (it once raced another
+        # for its completion channel's descriptor) counted as a second one.
+        assert log.count("reconnected to the target") == 1, log
         report(f"target {how} + restart during fio randwrite --verify=crc32c on a mounted ext4 "
                f"(rxe): {verified >> 20} MiB verified, 0 errors, "
-               f"{log.count('reconnected to the target')} reconnect(s), fsck -fn clean")
+               "1 reconnect, fsck -fn clean")
     finally:
         if fio is not None and fio.poll() is None:
             fio.kill()
