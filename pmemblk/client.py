@@ -207,7 +207,7 @@ class Client(Closeable):
                 self._unlist(ch)
                 raise
             try:
-                self._recover(ch, exc, time.monotonic() + self.reconnect_timeout)
+                self._recover(ch, exc, time.monotonic() + self.reconnect_timeout, fresh=True)
             except BaseException:
                 self._unlist(ch)
                 raise
@@ -255,10 +255,13 @@ class Client(Closeable):
                     time.sleep(min(delay, deadline - now))
                 self._recover(ch, exc, deadline)
 
-    def _recover(self, ch: _Channel, cause: TransportError, deadline: float) -> None:
+    def _recover(self, ch: _Channel, cause: TransportError, deadline: float,
+                 fresh: bool = False) -> None:
         """Give the channel a new connection. The first thread to lose the target looks for
-        it; threads that lost theirs meanwhile wait, then reconnect once each."""
-        seen = ch.generation
+        it; threads that lost theirs meanwhile wait, then reconnect once each. ``fresh``: the
+        channel never had a connection (opening it failed), so nothing was lost: it only
+        counts as a reconnect if it finds a restarted target."""
+        seen = None if fresh else ch.generation
         if ch.transport is not None:
             ch.transport.close()
             ch.transport = None
@@ -283,14 +286,18 @@ class Client(Closeable):
             raise RemoteError(self.broken, errno.EIO) from None
 
     def _find_target(self, ch: _Channel, cause: TransportError, deadline: float,
-                     seen: int) -> None:
+                     seen: int | None) -> None:
         """Connect ``ch`` again, with backoff, until ``deadline``. ``seen``: the generation
-        its lost connection was made in; if nothing has been found since, this thread is the
-        first to find the target gone (it says so, and its success is a reconnect)."""
+        its lost connection was made in (None: it had none); if nothing has been found since,
+        this thread is the first to find the target gone (it says so, and its success is a
+        reconnect)."""
         first = self._generation == seen
         if first:
             log.warning("lost the connection to the target (%s): reconnecting for up to %gs",
                         cause, self.reconnect_timeout)
+        elif seen is None:
+            log.warning("opening another channel to the target failed (%s): trying again for "
+                        "up to %gs", cause, self.reconnect_timeout)
         delay = 0.05
         last: Exception = cause
         while True:

@@ -401,3 +401,23 @@ def test_a_restart_counts_once_whichever_channel_meets_it_first() -> None:
     # reconnect of its own.
     c._recover(c._first, ConnectionLost("reset"), time.monotonic() + 5)
     assert c.reconnects == 2
+
+
+def test_a_channel_that_fails_to_open_is_not_a_reconnect() -> None:
+    """Opening another channel fails once (in the VM: a race finding its completion channel's
+    descriptor) while the target keeps running: it tries again and opens; nothing was lost,
+    so nothing counts as a reconnect (the VM's status showed 2 reconnects for 1 restart)."""
+    first = MemoryTransport()
+    tries: list[int] = []
+
+    def again() -> MemoryTransport:
+        tries.append(1)
+        if len(tries) == 1:
+            raise TransportError("cannot find the file descriptor of the new completion channel")
+        return same_region(first)  # the same start of the target
+
+    c = Client(first, "gpspm", reconnect=again, reconnect_timeout=30)
+    busy = c._take()  # the first channel, in use
+    other = c._take()  # none idle: a second one is opened, at the second try
+    assert other is not busy and len(tries) == 2
+    assert c.channels == 2 and c.reconnects == 0
