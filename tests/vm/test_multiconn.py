@@ -65,13 +65,16 @@ def test_ext4_on_four_connections_rides_out_a_target_sigkill(shm_region: Path, w
             assert device_status("mc")["connections"] == CONNECTIONS
             clients = target_status(control)["clients"]
             assert isinstance(clients, list) and len(clients) == 1, clients
-            assert clients[0]["mode"] == "read-write" and clients[0]["channels"] >= 2, clients
+            # How many channels the pool opened depends on how the requests overlapped (under
+            # TCG they may not overlap at all); what must hold is one client with its writer slot.
+            assert clients[0]["mode"] == "read-write" and clients[0]["channels"] >= 1, clients
             channels = clients[0]["channels"]
             target.kill()
             target = target.restart()
             sums.update(write_files(mnt, "after"))  # the plugin reconnects every channel
             run("sync")
             reconnects = device_status("mc")["reconnects"]
+            assert reconnects == 1  # one restart, whichever channel met it first
         finally:
             run("umount", str(mnt))
         pmemblk("detach", "mc")
