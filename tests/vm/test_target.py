@@ -61,6 +61,31 @@ def test_several_clients_at_once(target: Target) -> None:
     target.wait_log("client 3 disconnected")
 
 
+def test_connections_opened_from_several_threads_at_once(target: Target) -> None:
+    """Four threads connect and disconnect at once, as a client's pool opens channels: each
+    finds its own completion channel's descriptor (librdmacm opening a device context, with
+    a descriptor of the same kind, in another thread made that fail once in a while)."""
+    import threading
+
+    failures: list[str] = []
+
+    def cycle() -> None:
+        for _ in range(8):
+            try:
+                verbs(target).close()
+            except TransportError as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=cycle) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures, failures
+    report("RDMA connect/disconnect from 4 threads at once, 32 connections: each found its "
+           "completion channel's descriptor")
+
+
 @pytest.mark.parametrize("junk", [b"GARBAGE-HELLO-" * 3, b"PMBK\x07\x00\x01\x00" + bytes(8), b""])
 def test_bad_hello_is_rejected_with_a_reason(target: Target, junk: bytes) -> None:
     good = connect(target)
