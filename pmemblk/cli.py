@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no kernel device: serve the NBD socket only and print its URI "
                    "(for libnbd, qemu, fio's nbd engine)")
     a.add_argument("--secret-file", metavar="PATH", help="the target's shared secret")
-    a.add_argument("--flush", default="auto", choices=("auto", "gpspm", "apm"))
+    a.add_argument("--flush", default="auto", choices=("auto", "native", "gpspm", "apm"))
     a.add_argument("--transport", default="auto", choices=("auto", "verbs", "tcp"))
     a.add_argument("--readonly", action="store_true")
     a.add_argument("--connections", type=int, default=1, metavar="N",

@@ -99,7 +99,7 @@ class Client(Closeable):
                  reconnect_timeout: float = 0.0, stats: IoStats | None = None,
                  max_channels: int = DEFAULT_CHANNELS) -> None:
         if flush != "auto" and flush not in FLUSH_METHODS:
-            raise ConfigError(f"unknown flush method {flush!r}: use auto, apm or gpspm")
+            raise ConfigError(f"unknown flush method {flush!r}: use auto, native, apm or gpspm")
         info = transport.info
         try:
             method, persistent = durability.choose(info.flush_methods, info.durable_methods,
@@ -475,8 +475,11 @@ class Client(Closeable):
             self._flushed = max(self._flushed, covered)
 
     def _commit(self, own: _Channel, ranges: list[tuple[int, int]]) -> None:
-        self._run(own, lambda t: t.commit(ranges))
-        own.wrote_at = None  # the COMMIT came after its writes on the same channel
+        if self.policy.fua_step == "flush":
+            self._run(own, lambda t: t.native_flush(ranges))
+        else:
+            self._run(own, lambda t: t.commit(ranges))
+        own.wrote_at = None  # the COMMIT (FLUSH) came after its writes on the same channel
 
     def _barriers(self, chans: list[_Channel], own: _Channel, with_own: bool) -> None:
         """A barrier on every channel that wrote since its last one: all posted, then each

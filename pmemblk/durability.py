@@ -10,8 +10,12 @@ it to every client in its WELCOME (``durable_methods``).
   *and* the platform puts incoming writes in the persistence domain (ADR with DDIO off, or eADR).
   No software can see that; the operator asserts it with ``pmemblk serve --apm-durable``.
   On a plain file it is page cache: it survives the target process, not a power cut.
-- **native IBTA FLUSH** (``QPEx.wr_flush``) needs rdma-core 45 and Linux 6.2; it is probed
-  and reported, and not used.
+- **native** (the IBTA 1.5 FLUSH verb, ``QPEx.wr_flush``; rdma-core 45 and Linux 6.2 for
+  Soft-RoCE) asks the target's RDMA device to make a range persistent, without the target's
+  CPU. FLUSH_PERSISTENT is persistence, and the kernel allows it only on memory it calls
+  persistent (an NVDIMM namespace; not ``memmap=`` "legacy" pmem, never DRAM or a file):
+  the target finds that out by registering the region with it. FLUSH_GLOBAL alone is
+  visibility, like apm on non-pmem. Offered over RDMA only, where both devices have the verb.
 """
 
 from __future__ import annotations
@@ -32,7 +36,31 @@ class Guarantee:
                f"({self.why})"
 
 
-def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool) -> list[Guarantee]:
+@dataclass(frozen=True)
+class NativeOffer:
+    """What the target's RDMA device and region allow of the native verbs (probed at start)."""
+
+    #: "persistent" (FLUSH_PERSISTENT and FLUSH_GLOBAL), "global" (FLUSH_GLOBAL) or None.
+    flush: str | None
+    atomic_write: bool
+    why: str
+
+    def guarantee(self) -> Guarantee | None:
+        if self.flush == "persistent":
+            return Guarantee("native", True, f"the RDMA device's FLUSH_PERSISTENT; {self.why}")
+        if self.flush == "global":
+            return Guarantee("native", False, f"FLUSH_GLOBAL only (visibility): {self.why}")
+        return None
+
+    def describe(self) -> str:
+        flush = {"persistent": "FLUSH_PERSISTENT and FLUSH_GLOBAL", "global": "FLUSH_GLOBAL",
+                 None: "no FLUSH"}[self.flush]
+        atomic = "ATOMIC_WRITE" if self.atomic_write else "no ATOMIC_WRITE"
+        return f"native verbs: {flush}, {atomic} ({self.why})"
+
+
+def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool,
+               native: NativeOffer | None = None) -> list[Guarantee]:
     gpspm = Guarantee("gpspm", True, f"the target calls {persist_method} before it replies")
     if is_pmem and apm_durable:
         apm = Guarantee("apm", True, "real pmem, and the operator asserted with --apm-durable "
@@ -43,7 +71,8 @@ def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool) -> list[Gu
     else:
         apm = Guarantee("apm", False, "not pmem: the data is in the page cache until msync; it "
                         "survives the target process, not a power cut")
-    return [gpspm, apm]
+    extra = native.guarantee() if native is not None else None
+    return [gpspm, apm] + ([extra] if extra is not None else [])
 
 
 def durable_mask(items: list[Guarantee]) -> int:
@@ -54,11 +83,11 @@ def choose(offered: int, durable: int, wanted: str, allow_visibility_only: bool
            ) -> tuple[str, bool]:
     """The flush method to use, and whether it is persistent; raises ValueError to refuse.
 
-    ``wanted`` is auto, apm or gpspm. auto takes apm where it is persistent (no target CPU),
-    otherwise gpspm.
+    ``wanted`` is auto, native, apm or gpspm. auto takes the first that is persistent of
+    native (the device persists, no target CPU, no READ), apm (no target CPU) and gpspm.
     """
     if wanted == "auto":
-        for method in ("apm", "gpspm"):
+        for method in ("native", "apm", "gpspm"):
             bit = FLUSH_METHODS[method]
             if offered & bit and durable & bit:
                 return method, True
@@ -79,13 +108,20 @@ def choose(offered: int, durable: int, wanted: str, allow_visibility_only: bool
 
 
 def native_flush_support() -> str:
-    """A sentence on the native IBTA FLUSH verb on this host."""
+    """A sentence on the native verbs this host's pyverbs can post (the devices are probed
+    when connecting and serving)."""
     try:
-        from pyverbs.qp import QPEx
-    except ImportError:
-        return "native IBTA FLUSH: not available (pyverbs is not importable)"
-    if hasattr(QPEx, "wr_flush"):
-        return "native IBTA FLUSH: pyverbs has QPEx.wr_flush, but pmemblk does not use it yet"
-    return ("native IBTA FLUSH: not available (needs rdma-core 45 and Linux 6.2; this pyverbs "
-            "has no QPEx.wr_flush)")
-
+        from . import rdma
+    except ImportError:  # pragma: no cover (rdma imports without pyverbs)
+        return "native verbs: not available"
+    if not rdma.HAVE_PYVERBS:
+        return "native verbs: not available (pyverbs is not importable)"
+    have = [n for n, ok in (("FLUSH", rdma.PYVERBS_FLUSH),
+                            ("ATOMIC WRITE", rdma.PYVERBS_ATOMIC_WRITE)) if ok]
+    if not rdma.PYVERBS_FLUSH:
+        return (f"native verbs: this pyverbs posts {' and '.join(have) or 'neither'}; FLUSH "
+                "needs rdma-core 45 (and, for Soft-RoCE, Linux 6.2): flush=native is not "
+                "available")
+    return ("native verbs: this pyverbs posts FLUSH and ATOMIC WRITE; each connection uses "
+            "them where both RDMA devices offer them (serve logs what its device and region "
+            "allow; flush=native is durable only on memory the kernel calls persistent)")

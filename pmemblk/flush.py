@@ -3,10 +3,12 @@
 ``Apm`` (appliance persistency method) proves placement with a small READ after the writes, on
 every channel that wrote; ``Gpspm`` (general-purpose server persistency method) orders the
 other channels' writes the same way and then asks the target to persist every range written
-since the last flush (COMMIT), on the flushing channel. Each owns what it must remember between
-a write and the flush that covers it, and keeps it when persisting fails, so that the next
-flush tries again (docs/persistence.md). The client core calls one object through this
-interface instead of branching on the method's name on every request.
+since the last flush (COMMIT), on the flushing channel. ``Native`` is Gpspm with the IBTA FLUSH
+verb in place of the COMMIT: the target's RDMA device persists the ranges, not its CPU. Each
+owns what it must remember between a write and the flush that covers it, and keeps it when
+persisting fails, so that the next flush tries again (docs/persistence.md). The client core
+calls one object through this interface instead of branching on the method's name on every
+request.
 
 Which channels need a barrier is the client's business (``pmemblk.client``): it knows them,
 and over a stream, where a write's reply already proves placement, none does.
@@ -24,7 +26,8 @@ from .transport import Persist
 #: Orders every write completed on any channel (``True``: the flushing channel's own too)
 #: before what follows on the flushing channel.
 Barriers = Callable[[bool], None]
-#: Persists these ranges: a COMMIT on the flushing channel.
+#: Persists these ranges on the flushing channel, by the policy's ``fua_step`` ("commit": a
+#: COMMIT; "flush": the FLUSH verb).
 Commit = Callable[[list[tuple[int, int]]], None]
 
 
@@ -79,5 +82,16 @@ class Gpspm:
             raise
 
 
+class Native(Gpspm):
+    """The ranges written since the last flush, each FLUSHed by the RDMA device (after a
+    barrier on every other channel that wrote: a FLUSH orders only its own queue pair's
+    writes, and it persists what is placed in the range, whoever wrote it)."""
+
+    name = "native"
+    fua_step: Persist = "flush"
+
+
 def make_policy(method: str) -> FlushPolicy:
-    return Apm() if method == "apm" else Gpspm()
+    policies: dict[str, type[Apm] | type[Gpspm]] = {"apm": Apm, "gpspm": Gpspm,
+                                                     "native": Native}
+    return policies[method]()

@@ -14,7 +14,7 @@ Keys::
     transport=auto|verbs|tcp
                           auto (default): verbs when an RDMA device with an active port reaches
                           the target, otherwise TCP; the choice and its reason are logged
-    flush=auto|gpspm|apm  flush method (default auto: one the target says is persistent;
+    flush=auto|native|gpspm|apm  flush method (default auto: one the target says is persistent;
                           see docs/persistence.md)
     allow-visibility-only=true
                           accept a flush method that gives only visibility (not persistence)
@@ -137,7 +137,7 @@ class PluginConfig:
             self.transport = value
         elif key == "flush":
             if value != "auto" and value not in FLUSH_METHODS:
-                raise ConfigError(f"flush={value!r}: use auto, gpspm or apm")
+                raise ConfigError(f"flush={value!r}: use auto, native, gpspm or apm")
             self.flush = value
         elif key == "allow-visibility-only":
             self.allow_visibility_only = parse_bool(key, value)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PMBK"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 MSG_HELLO = 1
 MSG_WELCOME = 2
@@ -62,10 +62,12 @@ HELLO_READONLY = 1 << 0
 # Region flags in WELCOME
 REGION_IS_PMEM = 1 << 0
 REGION_READONLY = 1 << 1
+REGION_ATOMIC_WRITE = 1 << 2  # the client may post 8-byte ATOMIC WRITEs into its rkey
 # Flush methods (bit mask in WELCOME)
 FLUSH_APM = 1 << 0
 FLUSH_GPSPM = 1 << 1
-FLUSH_METHODS = {"apm": FLUSH_APM, "gpspm": FLUSH_GPSPM}
+FLUSH_NATIVE = 1 << 2  # the IBTA FLUSH verb on the client's rkey (durable: PERSISTENT)
+FLUSH_METHODS = {"apm": FLUSH_APM, "gpspm": FLUSH_GPSPM, "native": FLUSH_NATIVE}
 # Authentication methods in CHALLENGE
 AUTH_NONE = 0
 AUTH_HMAC_SHA256 = 1
@@ -247,6 +249,10 @@ class Welcome:
     def readonly(self) -> bool:
         return bool(self.region_flags & REGION_READONLY)
 
+    @property
+    def atomic_write(self) -> bool:
+        return bool(self.region_flags & REGION_ATOMIC_WRITE)
+
     def encode(self) -> bytes:
         return WELCOME.pack(
             MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
@@ -271,9 +277,9 @@ class Welcome:
             raise ProtocolError(f"WELCOME block size {bsize} is not a power of two in 512..65536")
         if size % bsize:
             raise ProtocolError(f"WELCOME export size {size} is not a multiple of {bsize}")
-        if rflags & ~(REGION_IS_PMEM | REGION_READONLY):
+        if rflags & ~(REGION_IS_PMEM | REGION_READONLY | REGION_ATOMIC_WRITE):
             raise ProtocolError(f"WELCOME has unknown region flags 0x{rflags:x}")
-        if methods & ~(FLUSH_APM | FLUSH_GPSPM):
+        if methods & ~(FLUSH_APM | FLUSH_GPSPM | FLUSH_NATIVE):
             raise ProtocolError(f"WELCOME offers unknown flush methods 0x{methods:x}")
         if addr + size > 1 << 64:
             raise ProtocolError(f"WELCOME remote address 0x{addr:x} is invalid")

@@ -35,6 +35,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import ConnectionLost, TransportError
@@ -70,8 +71,9 @@ PYVERBS_MISSING = (
 
 __all__ = [
     "CMID", "FD_TABLE", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel",
-    "PyverbsError", "RegisteredBuffer", "active_rdma_devices", "ce", "e", "event_name",
-    "iter_cm_events", "new_cmid", "rdma_devices", "rdma_error", "require_pyverbs", "wc_failure",
+    "Native", "PyverbsError", "RegisteredBuffer", "active_rdma_devices", "ce", "e",
+    "event_name", "flush_access", "iter_cm_events", "new_cmid", "probe_native", "rdma_devices",
+    "rdma_error", "require_pyverbs", "wc_failure",
 ]
 
 T = TypeVar("T")
@@ -280,14 +282,97 @@ if HAVE_PYVERBS:
     }
     OPCODE_NAMES = {e.IBV_WR_RDMA_WRITE: "RDMA_WRITE", e.IBV_WR_RDMA_READ: "RDMA_READ",
                     e.IBV_WR_SEND: "SEND"}
+    for _name in ("FLUSH", "ATOMIC_WRITE"):
+        if hasattr(e, f"IBV_WR_{_name}"):
+            OPCODE_NAMES[getattr(e, f"IBV_WR_{_name}")] = _name
+
+
+# -- native IBTA 1.5 verbs: FLUSH and ATOMIC WRITE -------------------------------------------
+
+#: ``device_cap_flags_ex`` bits (verbs.h: IB_UVERBS_DEVICE_FLUSH_GLOBAL, ..._PERSISTENT,
+#: ..._ATOMIC_WRITE); pyverbs has no names for them.
+DEVICE_FLUSH_GLOBAL = 1 << 38
+DEVICE_FLUSH_PERSISTENT = 1 << 39
+DEVICE_ATOMIC_WRITE = 1 << 40
+#: What this pyverbs can post: QPEx.wr_flush arrived in rdma-core 45, wr_atomic_write in 44.
+PYVERBS_FLUSH = HAVE_PYVERBS and hasattr(e, "IBV_QP_EX_WITH_FLUSH") and hasattr(
+    e, "IBV_ACCESS_FLUSH_PERSISTENT")
+PYVERBS_ATOMIC_WRITE = HAVE_PYVERBS and hasattr(e, "IBV_QP_EX_WITH_ATOMIC_WRITE")
+
+
+@dataclass(frozen=True)
+class Native:
+    """The native verbs a device offers and this pyverbs can post."""
+
+    flush_global: bool = False
+    flush_persistent: bool = False
+    atomic_write: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.flush_global or self.flush_persistent or self.atomic_write
+
+    def describe(self) -> str:
+        names = [n for n, on in (("FLUSH_GLOBAL", self.flush_global),
+                                 ("FLUSH_PERSISTENT", self.flush_persistent),
+                                 ("ATOMIC_WRITE", self.atomic_write)) if on]
+        return ", ".join(names) if names else "none"
+
+
+def probe_native(ctx: Any) -> tuple[Native, str]:
+    """The device's native verbs, and a sentence on why any are missing."""
+    if not PYVERBS_FLUSH and not PYVERBS_ATOMIC_WRITE:
+        return Native(), "this pyverbs has neither (FLUSH needs rdma-core 45, ATOMIC WRITE 44)"
+    try:
+        flags = int(ctx.query_device_ex().device_cap_flags_ex)
+    except (PyverbsError, AttributeError) as exc:
+        return Native(), f"the device's extended capabilities cannot be read ({exc})"
+    native = Native(PYVERBS_FLUSH and bool(flags & DEVICE_FLUSH_GLOBAL),
+                    PYVERBS_FLUSH and bool(flags & DEVICE_FLUSH_PERSISTENT),
+                    PYVERBS_ATOMIC_WRITE and bool(flags & DEVICE_ATOMIC_WRITE))
+    if native.any:
+        return native, "offered by the device"
+    if flags & (DEVICE_FLUSH_GLOBAL | DEVICE_FLUSH_PERSISTENT) and not PYVERBS_FLUSH:
+        return native, "the device has FLUSH, this pyverbs cannot post it (rdma-core < 45)"
+    return native, ("the device does not offer them (Soft-RoCE has them from Linux 6.2; "
+                    "hardware varies)")
+
+
+def flush_access(pd: Any, addr: int, length: int) -> tuple[int, str]:
+    """The FLUSH access flags the kernel lets this memory be registered with, found by
+    registering ``[addr, addr+length)`` (a page is enough: the kind of memory decides):
+    FLUSH_PERSISTENT only on memory the kernel calls persistent (an NVDIMM, not ``memmap=``
+    "legacy" pmem, never DRAM); FLUSH_GLOBAL on any memory."""
+    if not PYVERBS_FLUSH:
+        return 0, "this pyverbs cannot register for FLUSH (rdma-core < 45)"
+    base = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
+    tried = []
+    for extra, name in ((e.IBV_ACCESS_FLUSH_PERSISTENT | e.IBV_ACCESS_FLUSH_GLOBAL,
+                         "FLUSH_PERSISTENT"), (e.IBV_ACCESS_FLUSH_GLOBAL, "FLUSH_GLOBAL")):
+        try:
+            MR(pd, length, base | extra, address=addr).close()
+        except PyverbsError as exc:
+            tried.append(f"{name}: {rdma_error('registering', exc)}")
+            continue
+        if name == "FLUSH_PERSISTENT":
+            return extra, "the kernel calls this memory persistent"
+        return extra, f"not persistent memory to the kernel ({tried[0]})"
+    return 0, "; ".join(tried)
 
 
 class Endpoint(Closeable):
-    """One RC queue pair with its own CQ and completion channel (so its own descriptor)."""
+    """One RC queue pair with its own CQ and completion channel (so its own descriptor).
 
-    def __init__(self, ctx: Any, pd: Any, send_depth: int, recv_depth: int) -> None:
+    With ``native`` verbs to post, the QP is an extended one (``QPEx``) created with those
+    send operations, and every send-queue work request goes through the ``ibv_wr_*`` API
+    (never mixed with ``ibv_post_send`` on one QP); otherwise it is a plain QP.
+    """
+
+    def __init__(self, ctx: Any, pd: Any, send_depth: int, recv_depth: int,
+                 native: Native | None = None) -> None:
         require_pyverbs()
         self._closed = False
+        self.native = native if native is not None and native.any else Native()
         self.channel, self.fd = open_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL_LINK,
                                              "completion channel")
         self.cq: Any = None
@@ -297,19 +382,37 @@ class Endpoint(Closeable):
             self.cq.req_notify()
             cap = QPCap(max_send_wr=send_depth, max_recv_wr=recv_depth, max_send_sge=1,
                         max_recv_sge=1)
-            attr = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
-                              sq_sig_all=0)
-            self.qp = QP(pd, attr)
+            if self.native.any:
+                from pyverbs.qp import QPEx, QPInitAttrEx
+
+                ops = (e.IBV_QP_EX_WITH_RDMA_WRITE | e.IBV_QP_EX_WITH_RDMA_READ
+                       | e.IBV_QP_EX_WITH_SEND)
+                if self.native.flush_global or self.native.flush_persistent:
+                    ops |= e.IBV_QP_EX_WITH_FLUSH
+                if self.native.atomic_write:
+                    ops |= e.IBV_QP_EX_WITH_ATOMIC_WRITE
+                attr_ex = QPInitAttrEx(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
+                                       pd=pd, sq_sig_all=0, send_ops_flags=ops,
+                                       comp_mask=e.IBV_QP_INIT_ATTR_PD
+                                       | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS)
+                self.qp = QPEx(ctx, attr_ex)
+            else:
+                attr = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap,
+                                  sq_sig_all=0)
+                self.qp = QP(pd, attr)
         except PyverbsError as exc:
             self.close()
             raise rdma_error("creating a queue pair failed", exc) from None
         self.qp_num = int(self.qp.qp_num)
 
-    def connect_qp(self, cmid: Any) -> None:
-        """Move the external QP to RTS with the attributes the CM negotiated."""
+    def connect_qp(self, cmid: Any, access: int = 0) -> None:
+        """Move the external QP to RTS with the attributes the CM negotiated, plus the
+        remote ``access`` flags given (a responder's FLUSH flags: the CM never sets them)."""
         try:
             for state in (e.IBV_QPS_INIT, e.IBV_QPS_RTR, e.IBV_QPS_RTS):
                 attr, mask = cmid.init_qp_attr(state)
+                if state == e.IBV_QPS_INIT and access:
+                    attr.qp_access_flags = int(attr.qp_access_flags) | access
                 self.qp.modify(attr, mask)
         except PyverbsError as exc:
             raise rdma_error("moving the queue pair to RTS failed", exc) from None
@@ -319,6 +422,9 @@ class Endpoint(Closeable):
     def post(self, wr_id: int, opcode: int, addr: int, length: int, lkey: int,
              remote_addr: int = 0, rkey: int = 0) -> None:
         """Post one signaled send-queue work request (RDMA WRITE/READ or SEND)."""
+        if self.native.any:
+            self._post_ex(wr_id, opcode, addr, length, lkey, remote_addr, rkey)
+            return
         sge = SGE(addr, length, lkey)
         try:
             wr = SendWR(wr_id=wr_id, opcode=opcode, num_sge=1, sg=[sge],
@@ -336,6 +442,60 @@ class Endpoint(Closeable):
             ) from None
         finally:
             sge.close()
+
+    def _post_ex(self, wr_id: int, opcode: int, addr: int, length: int, lkey: int,
+                 remote_addr: int, rkey: int, *, persistent: bool = True,
+                 value: bytes = b"") -> None:
+        """Post through the extended QP's ``ibv_wr_*`` API (one work request)."""
+        qp = self.qp
+        try:
+            qp.wr_start()
+            try:
+                qp.wr_id = wr_id
+                qp.wr_flags = e.IBV_SEND_SIGNALED
+                if opcode == e.IBV_WR_RDMA_WRITE:
+                    qp.wr_rdma_write(rkey, remote_addr)
+                elif opcode == e.IBV_WR_RDMA_READ:
+                    qp.wr_rdma_read(rkey, remote_addr)
+                elif opcode == e.IBV_WR_SEND:
+                    qp.wr_send()
+                elif opcode == e.IBV_WR_FLUSH:
+                    qp.wr_flush(rkey, remote_addr, length,
+                                e.IBV_FLUSH_PERSISTENT if persistent else e.IBV_FLUSH_GLOBAL,
+                                e.IBV_FLUSH_RANGE)
+                elif opcode == e.IBV_WR_ATOMIC_WRITE:
+                    qp.wr_atomic_write(rkey, remote_addr, value)
+                else:
+                    raise TransportError(f"cannot post opcode {opcode}")
+                if opcode in (e.IBV_WR_RDMA_WRITE, e.IBV_WR_RDMA_READ, e.IBV_WR_SEND):
+                    sge = SGE(addr, length, lkey)
+                    try:
+                        qp.wr_set_sge(sge)
+                    finally:
+                        sge.close()
+            except BaseException:
+                qp.wr_abort()
+                raise
+            qp.wr_complete()
+        except PyverbsError as exc:
+            raise rdma_error(
+                f"posting {OPCODE_NAMES.get(opcode, opcode)} of {length} bytes "
+                f"(remote 0x{remote_addr:x}, rkey 0x{rkey:x}) failed", exc
+            ) from None
+
+    def post_flush(self, wr_id: int, remote_addr: int, length: int, rkey: int,
+                   persistent: bool) -> None:
+        """Post one signaled native FLUSH of a range (PERSISTENT, or GLOBAL: visibility)."""
+        if not (self.native.flush_persistent if persistent else self.native.flush_global):
+            raise TransportError("this queue pair cannot post that FLUSH")
+        self._post_ex(wr_id, e.IBV_WR_FLUSH, 0, length, 0, remote_addr, rkey,
+                      persistent=persistent)
+
+    def post_atomic_write(self, wr_id: int, remote_addr: int, rkey: int, value: bytes) -> None:
+        """Post one signaled 8-byte ATOMIC WRITE."""
+        if not self.native.atomic_write or len(value) != 8:
+            raise TransportError("this queue pair cannot post that ATOMIC WRITE")
+        self._post_ex(wr_id, e.IBV_WR_ATOMIC_WRITE, 0, 8, 0, remote_addr, rkey, value=value)
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         sge = SGE(addr, length, lkey)
@@ -462,6 +622,8 @@ class Device(Closeable):
             raise rdma_error(f"setting up RDMA device {name} failed", exc) from None
         #: RDMA READs one side may have outstanding (and the other accept).
         self.rd_atom = max(1, min(16, int(attr.max_qp_rd_atom), int(attr.max_qp_init_rd_atom)))
+        #: The native IBTA 1.5 verbs it offers (FLUSH, ATOMIC WRITE), and why not others.
+        self.native, self.native_why = probe_native(self.ctx)
 
     def close(self) -> None:
         if self._closed:

@@ -37,7 +37,9 @@ from .powercut import DurableImage
 from .protocol import (
     FLUSH_APM,
     FLUSH_GPSPM,
+    FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
+    REGION_ATOMIC_WRITE,
     REGION_IS_PMEM,
     REGION_READONLY,
     Auth,
@@ -208,6 +210,9 @@ class Export:
         self.guarantees = durability.guarantees(region.is_pmem, region.persist_method,
                                                 config.apm_durable)
         self.durable_methods = durability.durable_mask(self.guarantees)
+        #: What the RDMA listener's device and this region allow of the native verbs (set
+        #: by the verbs server when it starts; offered to its connections only).
+        self.native: durability.NativeOffer | None = None
         self.loss_epoch = layout.read_loss_epoch(region)
         #: Tells clients that this is a new start of the target (Welcome.instance).
         self.instance = int.from_bytes(os.urandom(8), "little")
@@ -223,7 +228,10 @@ class Export:
         """Every listener is up: record that the region is served (not clean) from now on."""
         for g in self.guarantees:
             log.info("flush %s", g.describe())
-        log.info("%s", durability.native_flush_support())
+        if self.native is not None:
+            log.info("%s", self.native.describe())
+        else:
+            log.info("%s", durability.native_flush_support())
         self.began = True
         if self.readonly:
             return
@@ -323,15 +331,30 @@ class Export:
         return Admission(greeting, proof, writer=not readonly, readonly=readonly,
                          session=session)
 
-    def welcome(self, admission: Admission, rkey: int = 0, remote_addr: int = 0) -> Welcome:
-        """The WELCOME for an admitted client, with the target's proof when authenticating."""
+    def offer_native(self, offer: durability.NativeOffer) -> None:
+        """The verbs server's probe: its connections may use these native verbs."""
+        self.native = offer
+        self.guarantees = durability.guarantees(self.region.is_pmem, self.region.persist_method,
+                                                self.config.apm_durable, offer)
+
+    def welcome(self, admission: Admission, rkey: int = 0, remote_addr: int = 0,
+                native: bool = False) -> Welcome:
+        """The WELCOME for an admitted client, with the target's proof when authenticating.
+        ``native``: the client's rkey allows the native verbs the probe found (RDMA)."""
         flags = (REGION_IS_PMEM if self.region.is_pmem else 0) | (
             REGION_READONLY if admission.readonly else 0)
+        methods, durable = FLUSH_APM | FLUSH_GPSPM, self.durable_methods
+        offer = self.native
+        if native and offer is not None and not admission.readonly:
+            if offer.flush is not None:
+                methods |= FLUSH_NATIVE
+                durable |= FLUSH_NATIVE if offer.flush == "persistent" else 0
+            flags |= REGION_ATOMIC_WRITE if offer.atomic_write else 0
         welcome = Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
-            flush_methods=FLUSH_APM | FLUSH_GPSPM, rkey=rkey, remote_addr=remote_addr,
+            flush_methods=methods, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
-            commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,
+            commit_depth=COMMIT_DEPTH, durable_methods=durable,
             loss_epoch=self.loss_epoch, instance=self.instance,
         )
         secret = self.config.secret

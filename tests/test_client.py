@@ -54,6 +54,8 @@ class MemoryTransport:
             self.read_barrier(offset)
         elif persist == "commit":
             self.commit([(offset, length)])
+        elif persist == "flush":
+            self.native_flush([(offset, length)])
 
     #: Like RDMA: a write's completion does not prove placement; a barrier does.
     placed_on_reply = False
@@ -72,6 +74,11 @@ class MemoryTransport:
         self.calls.append(("commit", list(ranges)))
         if self.fail_commit:
             raise RemoteError("cannot persist", self.fail_commit)
+        for off, n in ranges:
+            self.durable[off:off + n] = self.mem[off:off + n]
+
+    def native_flush(self, ranges: list[tuple[int, int]]) -> None:
+        self.calls.append(("native", list(ranges)))
         for off, n in ranges:
             self.durable[off:off + n] = self.mem[off:off + n]
 
@@ -291,7 +298,7 @@ class RcTarget:
     def __init__(self, gate: int = 0) -> None:
         import threading
 
-        self.info = MemoryTransport().info
+        self.info = MemoryTransport(methods=p.FLUSH_APM | p.FLUSH_GPSPM | p.FLUSH_NATIVE).info
         self.mem = bytearray(SIZE)
         self.durable = bytearray(SIZE)
         self.channels = 0
@@ -343,15 +350,18 @@ class RcChannel:
         for off, n in ranges:
             self.target.durable[off:off + n] = self.target.mem[off:off + n]
 
+    def native_flush(self, ranges: list[tuple[int, int]]) -> None:
+        self.commit(ranges)  # a FLUSH, too, orders only this channel's writes
+
     def close(self) -> None:
         pass
 
 
-@pytest.mark.parametrize("method", ["gpspm", "apm"])
+@pytest.mark.parametrize("method", ["gpspm", "apm", "native"])
 def test_a_flush_orders_the_writes_of_every_channel(method: str) -> None:
     """Three threads write at once (so on three channels); another flushes. Every write is
-    then placed (apm) and persisted (gpspm): the flush put a barrier on each channel that
-    wrote, not only on the one it took."""
+    then placed (apm) and persisted (gpspm, native): the flush put a barrier on each channel
+    that wrote, not only on the one it took (a COMMIT or a FLUSH orders only its own QP)."""
     import threading
 
     target = RcTarget(gate=3)
@@ -421,3 +431,30 @@ def test_a_channel_that_fails_to_open_is_not_a_reconnect() -> None:
     other = c._take()  # none idle: a second one is opened, at the second try
     assert other is not busy and len(tries) == 2
     assert c.channels == 2 and c.reconnects == 0
+
+
+def test_native_flushes_the_dirty_ranges_and_fua_posts_the_flush_with_the_write() -> None:
+    all3 = p.FLUSH_APM | p.FLUSH_GPSPM | p.FLUSH_NATIVE
+    t = MemoryTransport(methods=all3)
+    c = Client(t, "auto")
+    assert c.flush_method == "native" and c.persistent  # auto prefers it where durable
+    c.pwrite(memoryview(b"a" * 100), 0)
+    c.pwrite(memoryview(b"b" * 50), 9000)
+    assert t.durable == bytes(SIZE)
+    c.flush()
+    assert t.calls[-1] == ("native", [(0, 100), (9000, 50)])
+    assert not [x for x in t.calls if x[0] == "commit"]  # the target's CPU is not asked
+    c.pwrite(memoryview(b"f" * 10), 20000, fua=True)
+    assert t.calls[-1] == ("native", [(20000, 10)]) and t.durable[20000:20010] == b"f" * 10
+    calls = len(t.calls)
+    c.flush()
+    assert len(t.calls) == calls  # the FUA write persisted itself: nothing left to flush
+
+
+def test_native_visibility_only_is_refused_unless_accepted() -> None:
+    all3 = p.FLUSH_APM | p.FLUSH_GPSPM | p.FLUSH_NATIVE
+    t = MemoryTransport(methods=all3, durable=p.FLUSH_GPSPM)  # FLUSH_GLOBAL only
+    assert Client(t, "auto").flush_method == "gpspm"
+    with pytest.raises(ConfigError, match="flush=native gives only visibility"):
+        Client(t, "native")
+    assert not Client(t, "native", allow_visibility_only=True).persistent

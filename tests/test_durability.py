@@ -8,9 +8,10 @@ import pytest
 from pmemblk import durability, layout
 from pmemblk.pmem import PmemRegion
 from pmemblk.powercut import DurableImage, power_cut
-from pmemblk.protocol import FLUSH_APM, FLUSH_GPSPM
+from pmemblk.protocol import FLUSH_APM, FLUSH_GPSPM, FLUSH_NATIVE
 
 BOTH = FLUSH_APM | FLUSH_GPSPM
+ALL = BOTH | FLUSH_NATIVE
 
 
 def mask(is_pmem: bool, apm_durable: bool) -> int:
@@ -35,6 +36,12 @@ def test_guarantee_table() -> None:
         (BOTH, FLUSH_GPSPM, "gpspm", False, ("gpspm", True)),
         (BOTH, FLUSH_GPSPM, "apm", True, ("apm", False)),
         (BOTH, 0, "auto", True, ("gpspm", False)),
+        # native first where it is persistent (FLUSH_PERSISTENT on kernel-persistent memory)
+        (ALL, ALL, "auto", False, ("native", True)),
+        (ALL, FLUSH_NATIVE | FLUSH_GPSPM, "auto", False, ("native", True)),
+        (ALL, FLUSH_GPSPM, "auto", False, ("gpspm", True)),  # FLUSH_GLOBAL only: visibility
+        (ALL, FLUSH_GPSPM, "native", True, ("native", False)),
+        (ALL, FLUSH_NATIVE, "native", False, ("native", True)),
     ],
 )
 def test_choose(offered: int, durable: int, wanted: str, allow: bool,
@@ -48,6 +55,8 @@ def test_choose(offered: int, durable: int, wanted: str, allow: bool,
         (BOTH, FLUSH_GPSPM, "apm", "gives only visibility"),
         (FLUSH_GPSPM, FLUSH_GPSPM, "apm", "does not offer"),
         (BOTH, 0, "auto", "no flush method that gives persistence"),
+        (BOTH, BOTH, "native", "does not offer"),
+        (ALL, FLUSH_GPSPM, "native", "gives only visibility"),
     ],
 )
 def test_choose_refuses(offered: int, durable: int, wanted: str, message: str) -> None:
@@ -63,9 +72,23 @@ def test_native_flush_is_reported_as_this_host_has_it() -> None:
         assert text.endswith("(pyverbs is not importable)")
         return
     if hasattr(QPEx, "wr_flush"):
-        assert "pyverbs has QPEx.wr_flush" in text
+        assert "this pyverbs posts FLUSH and ATOMIC WRITE" in text
     else:
-        assert "not available (needs rdma-core 45 and Linux 6.2" in text
+        assert "FLUSH needs rdma-core 45" in text and "flush=native is not available" in text
+
+
+def test_native_guarantee_follows_what_the_region_was_registered_with() -> None:
+    def native(flush: str | None) -> list[durability.Guarantee]:
+        offer = durability.NativeOffer(flush, True, "probed")
+        return [g for g in durability.guarantees(True, "pmem_persist", False, offer)
+                if g.method == "native"]
+
+    assert [g.persistent for g in native("persistent")] == [True]
+    assert [g.persistent for g in native("global")] == [False]  # visibility, like apm
+    assert native(None) == []  # not offered at all
+    mask = durability.durable_mask(durability.guarantees(
+        True, "x", False, durability.NativeOffer("persistent", False, "probed")))
+    assert mask == FLUSH_GPSPM | FLUSH_NATIVE
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def nbdkit(*keys: str) -> subprocess.CompletedProcess[str]:
         (("target=192.0.2.1:7000", "bogus=1"), "unknown key 'bogus'"),
         (("target=127.0.0.1:7000", "transport=verbs"), "loopback"),
         (("target=192.0.2.1:7000", "transport=infiniband"), "use auto, verbs or tcp"),
-        (("target=192.0.2.1:7000", "flush=sometimes"), "use auto, gpspm or apm"),
+        (("target=192.0.2.1:7000", "flush=sometimes"), "use auto, native, gpspm or apm"),
     ],
 )
 def test_config_errors(keys: tuple[str, ...], message: str) -> None:

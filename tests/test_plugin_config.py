@@ -32,7 +32,7 @@ def test_defaults_and_values() -> None:
         ("target", "nohostport", "HOST:PORT"),
         ("target", "host:99999", "outside 1..65535"),
         ("target", "host:http", "not a number"),
-        ("flush", "always", "use auto, gpspm or apm"),
+        ("flush", "always", "use auto, native, gpspm or apm"),
         ("readonly", "maybe", "expected true or false"),
         ("timeout", "soon", "expected seconds"),
         ("timeout", "0", "more than 0"),

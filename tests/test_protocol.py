@@ -135,8 +135,9 @@ def test_challenge_and_auth_checks() -> None:
         ({"export_size": 0}, "not positive"),
         ({"block_size": 1000}, "block size"),
         ({"export_size": 4097}, "not a multiple"),
-        ({"region_flags": 0x100}, "unknown region flags"),
-        ({"flush_methods": 0x10}, "unknown flush methods"),
+        ({"region_flags": 0x8}, "unknown region flags"),
+        ({"flush_methods": 0x8}, "unknown flush methods"),
+        ({"flush_methods": 0x3, "durable_methods": 0x4}, "are durable but offers"),
         ({"remote_addr": (1 << 64) - 4096}, "remote address"),
         ({"max_message_size": 8}, "max message size"),
         ({"max_message_size": 1 << 30}, "max message size"),
@@ -147,6 +148,14 @@ def test_challenge_and_auth_checks() -> None:
 def test_welcome_out_of_range(kw: dict[str, int], message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         p.Welcome.decode(welcome(**kw).encode())
+
+
+def test_welcome_native_bits_round_trip() -> None:
+    w = welcome(region_flags=p.REGION_IS_PMEM | p.REGION_ATOMIC_WRITE,
+                flush_methods=p.FLUSH_APM | p.FLUSH_GPSPM | p.FLUSH_NATIVE,
+                durable_methods=p.FLUSH_GPSPM | p.FLUSH_NATIVE)
+    back = p.Welcome.decode(w.encode())
+    assert back == w and back.atomic_write and back.is_pmem
 
 
 def test_reject_reason_length_checked() -> None:

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import rdma
+from .. import durability, rdma
 from ..address import Address, TCPAddress
 from ..errors import ConfigError, PmemblkError, PmemError, TransportError
 from ..pmem import is_devdax
@@ -117,6 +117,8 @@ class VerbsServer:
         self.conns: dict[int, _Connection] = {}
         #: Each client's MR, by (session number, read-only).
         self.mrs: dict[tuple[int, bool], _SharedMR] = {}
+        #: The FLUSH access flags every writable MR (and every QP) gets (_probe_native).
+        self.flush_access = 0
         self._number = 0
         self._closed = False
 
@@ -135,6 +137,7 @@ class VerbsServer:
                 f"cannot listen on {self.ip}:{self.port} over RDMA (is an RDMA device bound to "
                 "the interface that has this address?)", exc) from None
         self.device = Device(self.listener.dev_name)
+        self._probe_native(export)
         started = time.monotonic()
         with contextlib.closing(self._register_region(export, readonly=export.readonly)) as mr:
             log.info("registering the %d-byte data area takes %.1f ms (rkey 0x%x); it is done "
@@ -152,13 +155,32 @@ class VerbsServer:
             export.header.uuid, int(region.is_pmem), region.persist_method,
             ", read-only" if export.readonly else "", self.ip, self.port, self.device.name)
 
+    def _probe_native(self, export: Export) -> None:
+        """Which native verbs (FLUSH, ATOMIC WRITE) this device and region allow clients."""
+        assert self.device is not None
+        native, why = self.device.native, self.device.native_why
+        self.flush_access = 0
+        flush: str | None = None
+        if export.readonly:
+            why = "the export is read-only"
+        elif native.flush_global or native.flush_persistent:
+            page = min(export.size, 4096)  # the kind of memory decides, not the size
+            self.flush_access, why = rdma.flush_access(self.device.pd, export.data_addr, page)
+            if self.flush_access:
+                persistent = self.flush_access & rdma.e.IBV_ACCESS_FLUSH_PERSISTENT
+                flush = "persistent" if persistent else "global"
+        offer = durability.NativeOffer(flush, native.atomic_write and not export.readonly, why)
+        export.offer_native(offer)
+        log.info("%s on %s", offer.describe(), self.device.name)
+
     def _register_region(self, export: Export, readonly: bool) -> Any:
-        """An MR over the data area: remote read, plus remote write unless ``readonly``."""
+        """An MR over the data area: remote read, plus remote write (and the FLUSH access the
+        probe found) unless ``readonly``."""
         assert self.device is not None
         e = rdma.e
         access = e.IBV_ACCESS_REMOTE_READ
         if not readonly:
-            access |= e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
+            access |= e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | self.flush_access
         try:
             return rdma.MR(self.device.pd, export.size, access, address=export.data_addr)
         except rdma.PyverbsError as exc:
@@ -252,7 +274,8 @@ class VerbsServer:
         conn = _Connection(self._number, child, ep, bufs, greeting)
         challenge = greeting.challenge.encode()
         try:
-            ep.connect_qp(child)
+            # FLUSH is checked against the QP's access flags too, and the CM never sets them.
+            ep.connect_qp(child, access=self.flush_access)
             for slot in range(self.depth):
                 self._post_recv(conn, slot)
             rd = self.device.rd_atom
@@ -309,7 +332,7 @@ class VerbsServer:
             how = f"MR registered in {(time.monotonic() - started) * 1000:.1f} ms"
         conn.mr = shared
         welcome = self.export.welcome(admission, rkey=shared.rkey,
-                                      remote_addr=self.export.data_addr)
+                                      remote_addr=self.export.data_addr, native=True)
         self._send(conn, slot, welcome.encode())
         log.info("client %d connected over RDMA (%s, session %d, %d clients; %s)",
                  conn.number, "read-only" if admission.readonly else "read-write",

@@ -15,8 +15,9 @@ from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
 from ..resource import Closeable
 
 #: A FUA write's persistence step, posted with the write itself so that both take one wait:
-#: "barrier" (apm: a small READ behind the writes), "commit" (gpspm: a COMMIT of the range).
-Persist = Literal["barrier", "commit"]
+#: "barrier" (apm: a small READ behind the writes), "commit" (gpspm: a COMMIT of the range),
+#: "flush" (native: the FLUSH verb on the range, over RDMA).
+Persist = Literal["barrier", "commit", "flush"]
 
 
 class Transport(Protocol):
@@ -53,6 +54,10 @@ class Transport(Protocol):
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its reply."""
 
+    def native_flush(self, ranges: list[tuple[int, int]]) -> None:
+        """native: the FLUSH verb on each range (on this channel, so after its own writes),
+        all posted, then waited for. Only where the WELCOME offers flush method native."""
+
     def close(self) -> None:
         """Disconnect and free every resource; safe to call twice."""
 
@@ -81,6 +86,9 @@ class Channel(Closeable):
     def _commit_exchange(self, message: bytes) -> bytes:
         """Send a COMMIT message; the message the target answers with."""
         raise NotImplementedError
+
+    def native_flush(self, ranges: list[tuple[int, int]]) -> None:
+        raise TransportError("flush=native needs an RDMA connection with the FLUSH verb")
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its replies."""

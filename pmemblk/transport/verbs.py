@@ -14,6 +14,7 @@ pool is never shared between two requests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -23,8 +24,10 @@ from ..address import resolve_ip
 from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
+    FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
     MSG_REJECT,
+    REGION_ATOMIC_WRITE,
     Challenge,
     Commit,
     Reject,
@@ -101,7 +104,7 @@ class VerbsTransport(Channel):
         self._recv_off = self._send_off + MAX_MESSAGE_SIZE
         self.buffers = RegisteredBuffer(self.device.pd, self._recv_off + MAX_MESSAGE_SIZE)
         self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
-                           recv_depth=2)
+                           recv_depth=2, native=self.device.native)
 
         hello = hs.hello.encode()
         rd = self.device.rd_atom
@@ -134,7 +137,7 @@ class VerbsTransport(Channel):
         raw = self._exchange(hs.answer(challenge).encode(), "the handshake")
         if message_type(raw) == MSG_REJECT:
             raise refused(self.peer, Reject.decode(raw))
-        self.info = hs.check(Welcome.decode(raw))
+        self.info = self._usable_here(hs.check(Welcome.decode(raw)))
         if not self.info.remote_addr:
             raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
         log.info(
@@ -143,6 +146,27 @@ class VerbsTransport(Channel):
             self.info.region_uuid, int(self.info.is_pmem),
             "read-only" if self.info.readonly else "read-write",
         )
+
+    def _usable_here(self, welcome: Welcome) -> Welcome:
+        """The WELCOME less the native verbs this side's device cannot post: the client
+        chooses among what both ends can do."""
+        assert self.ep is not None and self.device is not None
+        native = self.ep.native
+        methods, durable, flags = (welcome.flush_methods, welcome.durable_methods,
+                                   welcome.region_flags)
+        if not (native.flush_global or native.flush_persistent):
+            methods &= ~FLUSH_NATIVE
+        if not native.flush_persistent:
+            durable &= ~FLUSH_NATIVE
+        durable &= methods
+        if not native.atomic_write:
+            flags &= ~REGION_ATOMIC_WRITE
+        if (methods, durable, flags) != (welcome.flush_methods, welcome.durable_methods,
+                                         welcome.region_flags):
+            log.info("the target offers native verbs this side cannot post (%s: %s): not "
+                     "using them", self.device.name, self.device.native_why)
+        return dataclasses.replace(welcome, flush_methods=methods, durable_methods=durable,
+                                   region_flags=flags)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -229,6 +253,12 @@ class VerbsTransport(Channel):
     def _post_persist(self, ep: Endpoint, bufs: RegisteredBuffer, persist: Persist,
                       offset: int, length: int, steps: dict[int, str]) -> int:
         """Post a FUA write's persistence step behind it; its COMMIT's request id (or -1)."""
+        if persist == "flush":  # the FLUSH verb: executed after this QP's writes
+            wr_id = self._wr_id()
+            ep.post_flush(wr_id, self.info.remote_addr + offset, length, self.info.rkey,
+                          self._flush_persistent)
+            steps[wr_id] = "native FLUSH (FUA)"
+            return -1
         if persist == "barrier":  # a small READ: cannot complete before the writes are placed
             n = min(8, self.info.export_size - offset)
             wr_id = self._wr_id()
@@ -287,6 +317,61 @@ class VerbsTransport(Channel):
                     if wc.status != rdma.e.IBV_WC_SUCCESS:
                         raise rdma.wc_failure(wc, "RDMA READ (flush)", remote, self.info.rkey,
                                               n)
+                    if wc.wr_id == wr_id:
+                        return
+                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
+        except TransportError as exc:
+            raise self._fail(exc) from None
+
+    @property
+    def _flush_persistent(self) -> bool:
+        """FLUSH_PERSISTENT where the target says native is durable, else FLUSH_GLOBAL (which
+        the client uses only if the user accepted visibility only)."""
+        return bool(self.info.durable_methods & FLUSH_NATIVE)
+
+    def native_flush(self, ranges: list[tuple[int, int]]) -> None:
+        """One FLUSH per range, up to ``depth`` in flight, then every one waited for."""
+        ep, _ = self._usable()
+        if not self.info.flush_methods & FLUSH_NATIVE:
+            raise TransportError(f"{self.peer} offers no native FLUSH on this connection")
+        persistent = self._flush_persistent
+        todo = list(ranges)
+        inflight: dict[int, tuple[int, int]] = {}
+        try:
+            while todo or inflight:
+                while todo and len(inflight) < self.depth:
+                    off, n = todo.pop()
+                    wr_id = self._wr_id()
+                    ep.post_flush(wr_id, self.info.remote_addr + off, n, self.info.rkey,
+                                  persistent)
+                    inflight[wr_id] = (off, n)
+                for wc in self._wait(ep):
+                    item = inflight.pop(wc.wr_id, None)
+                    if item is None:
+                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, "native FLUSH", self.info.remote_addr + item[0],
+                                              self.info.rkey, item[1])
+        except TransportError as exc:
+            raise self._fail(exc) from None
+
+    def atomic_write(self, offset: int, value: bytes) -> None:
+        """An 8-byte ATOMIC WRITE at export ``offset`` (8-aligned): a reader sees the old
+        eight bytes or the new ones, never a mix. Where the WELCOME allows it."""
+        ep, _ = self._usable()
+        if not self.info.atomic_write:
+            raise TransportError(f"{self.peer} offers no ATOMIC WRITE on this connection")
+        if len(value) != 8 or offset % 8 or not 0 <= offset <= self.info.export_size - 8:
+            raise TransportError(f"an ATOMIC WRITE is 8 aligned bytes inside the export, not "
+                                 f"{len(value)} at {offset}")
+        remote = self.info.remote_addr + offset
+        wr_id = self._wr_id()
+        try:
+            ep.post_atomic_write(wr_id, remote, self.info.rkey, value)
+            while True:
+                for wc in self._wait(ep):
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, "ATOMIC WRITE", remote, self.info.rkey, 8)
                     if wc.wr_id == wr_id:
                         return
                     raise TransportError(f"completion for unknown work request {wc.wr_id}")
