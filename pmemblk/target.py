@@ -33,7 +33,7 @@ from .errors import ConfigError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
-from .powercut import DurableImage
+from .powercut import DurableImage, NativeFlushTrace
 from .protocol import (
     FLUSH_APM,
     FLUSH_GPSPM,
@@ -191,9 +191,10 @@ class Export:
                 fault.bind(self.header.data_offset, data_range)
                 region.persist_fault = fault.check
                 log.warning("TESTING ONLY: persist fails as told: %s", config.fail_persist)
+            self.durable: DurableImage | None = None
             if config.durable_image:
-                stack.enter_context(contextlib.closing(DurableImage(config.durable_image,
-                                                                    region)))
+                self.durable = stack.enter_context(contextlib.closing(
+                    DurableImage(config.durable_image, region)))
             self._stack = stack.pop_all()
         self.region = region
         self.size = self.header.data_size
@@ -334,6 +335,9 @@ class Export:
     def offer_native(self, offer: durability.NativeOffer) -> None:
         """The verbs server's probe: its connections may use these native verbs."""
         self.native = offer
+        if self.durable is not None and offer.flush == "persistent":
+            # TESTING ONLY: the power-cut emulation must see FLUSHes the CPU never does.
+            self._stack.enter_context(contextlib.closing(NativeFlushTrace(self.durable)))
         self.guarantees = durability.guarantees(self.region.is_pmem, self.region.persist_method,
                                                 self.config.apm_durable, offer)
 

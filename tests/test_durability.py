@@ -149,3 +149,26 @@ def test_power_cut_checks_its_input(emulated: tuple[str, str], tmp_path: Path) -
     other.write_bytes(bytes(4096))
     with pytest.raises(PmemError, match="not the size"):
         power_cut(path, str(other))
+
+
+def test_traced_native_flushes_reach_the_durable_image(emulated: tuple[str, str]) -> None:
+    """What the kprobe on rxe_flush_pmem_iova reports (the target's own virtual addresses) is
+    copied into the image, widened to cache lines; a range outside the region (another
+    target's) is ignored. A power cut then keeps exactly the flushed range."""
+    from pmemblk.powercut import apply_flushes
+
+    path, image = emulated
+    with PmemRegion.open(path) as r:
+        img = DurableImage(image, r)
+        r.write(65536, b"N" * 4096)
+        r.write(131072, b"U" * 4096)  # never flushed
+        trace = (f"  ksoftirqd/1-22 [001] ..s1. 12.5: flush: (rxe_flush_pmem_iova+0x0/0x1d0) "
+                 f"iova=0x{r.addr + 65536:x} len=4096\n"
+                 f"  kworker-9 [000] ..s1. 12.6: flush: (rxe_flush_pmem_iova+0x0/0x1d0) "
+                 f"iova=0x{r.addr + r.size + 4096:x} len=4096\n")
+        assert apply_flushes(img, r.addr, trace) == 1
+        img.close()
+    power_cut(path, image, keep=0.0, seed=1)
+    with PmemRegion.open(path) as r:
+        assert r.read(65536, 4096) == b"N" * 4096
+        assert r.read(131072, 4096) == bytes(4096)

@@ -31,15 +31,27 @@ def logged(log: Path) -> dict[str, str]:
 def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str) -> None:
     """write_back: a random share of unpersisted words reached media, or none did."""
     seed = int(os.environ.get("PMEMBLK_CRASH_SEED", "20261124")) + (write_back == "none")
-    rng = random.Random(seed)
     region = Path("/dev/shm") / f"pmemblk-crash-{seed}.img"
-    image = Path("/dev/shm") / f"pmemblk-crash-{seed}.durable"
     try:
         pmemblk("create", str(region), "--size", "128M")
+        power_cut_story(region, workdir, seed, write_back, "gpspm")
+    finally:
+        region.unlink(missing_ok=True)
+
+
+def power_cut_story(region: Path, workdir: Path, seed: int, write_back: str, flush: str,
+                    *keys: str) -> None:
+    """ext4 over ``flush``, a workload that logs each file once fsynced, a power cut at a
+    random point, and every logged file must be intact after the journal replays."""
+    rng = random.Random(seed)
+    image = Path("/dev/shm") / f"pmemblk-crash-{seed}.durable"
+    image.unlink(missing_ok=True)
+    try:
         target = vm_target(str(region), 7180, workdir, "--testing-durable-image",
                            str(image)).start()
         # The power cut is permanent for this client: it gives up after a second.
-        server = Nbdkit(workdir, *target.keys, "reconnect-timeout=1").start()
+        server = Nbdkit(workdir, *target.keys, "reconnect-timeout=1", f"flush={flush}",
+                        *keys).start()
         dev = NbdDevice().attach(server)
         run("mkfs.ext4", "-q", "-F", dev.dev)
         mnt = workdir / "mnt"
@@ -59,12 +71,12 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
         server.stop()
         keep = rng.random() if write_back == "partial" else 0.0
         cut = power_cut(str(region), str(image), keep=keep, seed=seed)
-        cut_line = (f"ext4 power cut (seed {seed}, write-back {write_back}): after "
-                    f"{len(before)} fsynced files, {cut.unpersisted_words} unpersisted 8-byte "
-                    f"words, {cut.kept_words} kept")
+        cut_line = (f"ext4 power cut (flush={flush}, seed {seed}, write-back {write_back}): "
+                    f"after {len(before)} fsynced files, {cut.unpersisted_words} unpersisted "
+                    f"8-byte words, {cut.kept_words} kept")
 
         target = target.restart()
-        server = Nbdkit(workdir, *target.keys).start()
+        server = Nbdkit(workdir, *target.keys, f"flush={flush}", *keys).start()
         dev = NbdDevice().attach(server)
         try:
             with mounted(dev, mnt):  # mounting replays the journal
@@ -80,5 +92,5 @@ def test_ext4_power_cut_keeps_every_fsynced_file(workdir: Path, write_back: str)
             server.stop()
             target.stop()
     finally:
-        region.unlink(missing_ok=True)
         image.unlink(missing_ok=True)
+        Path(f"{image}.native").unlink(missing_ok=True)
