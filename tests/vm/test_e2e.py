@@ -119,6 +119,9 @@ def test_devdax_region(workdir: Path) -> None:
 
 
 def test_fsdax_file_gets_a_clear_error(workdir: Path) -> None:
+    if os.environ.get("PMEMBLK_VM_FLAVOUR") == "current":
+        pytest.skip("the current flavour's one NVDIMM namespace is devdax: fsdax is checked in "
+                    "the stable flavour (memmap= gives it both)")
     need_pmem("/dev/pmem1")
     mnt = workdir / "dax"
     mnt.mkdir()

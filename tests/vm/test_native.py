@@ -1,0 +1,201 @@
+"""The IBTA 1.5 native verbs on a current kernel (issue 15): FLUSH and ATOMIC WRITE over rxe.
+
+They need Linux 6.2 (rxe) and rdma-core 45 (pyverbs): ``scripts/vm --flavour current``, whose
+``--pmem`` is a QEMU-emulated NVDIMM, memory the kernel calls persistent. Elsewhere each test
+skips with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pmemblk import rdma
+from pmemblk.client import Client
+from pmemblk.errors import ConfigError
+from pmemblk.protocol import FLUSH_NATIVE
+
+from ..conftest import report
+from ..procs import NbdDevice, Nbdkit, mounted, pmemblk, region_info, run
+from .harness import verbs, vm_target
+from .test_crash import power_cut_story
+from .test_e2e import BIG, check_files, fio, need_pmem, write_files
+
+DAX = "/dev/dax0.0"
+
+
+def need_native() -> None:
+    with rdma.Device("rxe0") as dev:
+        native, why = dev.native, dev.native_why
+    if native.flush_persistent and native.atomic_write:
+        return
+    if os.environ.get("PMEMBLK_VM_FLAVOUR") == "current":
+        pytest.fail(f"the current flavour's rxe should have FLUSH and ATOMIC WRITE: {why}")
+    pytest.skip(f"no native FLUSH/ATOMIC WRITE here ({why}): they run in scripts/vm "
+                "--flavour current")
+
+
+def plugin_flush(log: Path) -> str:
+    """The plugin's line saying which flush method it chose (its log=FILE, INFO and up)."""
+    lines = [x for x in log.read_text().splitlines() if "flush=" in x and "persistent" in x]
+    assert lines, log.read_text()
+    return lines[-1]
+
+
+def test_auto_chooses_native_on_nvdimm_and_ext4_survives_a_target_sigkill(workdir: Path
+                                                                          ) -> None:
+    """flush=auto on the NVDIMM devdax picks native (FLUSH_PERSISTENT), persistent; ext4 on it
+    rides out a SIGKILL of the target: fsck clean, checksums match."""
+    need_native()
+    need_pmem(DAX)
+    pmemblk("create", DAX, "--force")
+    target = vm_target(DAX, 7130, workdir).start()
+    try:
+        target.wait_log("flush native: persistent")
+        plog = workdir / "plugin.log"
+        server = Nbdkit(workdir, *target.keys, "flush=auto", f"log={plog}").start()
+        dev = NbdDevice()
+        try:
+            dev.attach(server)
+            run("mkfs.ext4", "-q", "-F", dev.dev)
+            with mounted(dev, workdir / "mnt") as mnt:
+                sums = write_files(mnt)
+                run("sync")
+            chosen = plugin_flush(plog)
+        finally:
+            dev.detach()
+            server.stop()
+        assert "flush=native: persistent" in chosen, chosen
+        target.kill()
+        assert region_info(DAX)["clean_shutdown"] is False
+        target = vm_target(DAX, 7130, workdir).start()
+        server = Nbdkit(workdir, *target.keys, "flush=native").start()
+        dev = NbdDevice()
+        try:
+            dev.attach(server)
+            run("fsck.ext4", "-fn", dev.dev)  # fails the test unless clean
+            with mounted(dev, workdir / "mnt") as mnt:
+                check_files(mnt, sums)
+        finally:
+            dev.detach()
+            server.stop()
+        report(f"ext4 on the NVDIMM {DAX}, flush=auto chose native (FLUSH_PERSISTENT): "
+               f"{len(sums)} files ({BIG >> 20} MiB largest) synced, target SIGKILLed, "
+               "restarted, fsck clean, checksums match")
+    finally:
+        target.stop()
+
+
+def test_fio_verify_with_native_flush_and_fua(workdir: Path) -> None:
+    need_native()
+    need_pmem(DAX)
+    pmemblk("create", DAX, "--force")
+    target = vm_target(DAX, 7131, workdir).start()
+    try:
+        server = Nbdkit(workdir, *target.keys, "flush=native").start()
+        dev = NbdDevice()
+        try:
+            dev.attach(server)
+            fio(dev.dev, "flush=native", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+                "--size=32M", "--fsync=32")
+            fio(dev.dev, "flush=native, FUA", "--rw=write", "--bs=64k", "--iodepth=4",
+                "--size=16M", "--offset=64M", "--sync=1")
+        finally:
+            dev.detach()
+            server.stop()
+    finally:
+        assert target.stop() == 0
+
+
+def test_flush_persistent_is_refused_on_dram_and_the_fallback_is_honest(
+        shm_region: Path, workdir: Path) -> None:
+    """A region on /dev/shm: the kernel refuses FLUSH_PERSISTENT there, so native is offered
+    as visibility only. auto falls back to gpspm (persistent), flush=native is refused with a
+    reason unless visibility only is accepted."""
+    need_native()
+    pmemblk("create", str(shm_region), "--size", "64M")
+    target = vm_target(str(shm_region), 7132, workdir).start()
+    try:
+        target.wait_log("flush native: visibility only")
+        with verbs(target) as t:
+            assert t.info.flush_methods & FLUSH_NATIVE
+            assert not t.info.durable_methods & FLUSH_NATIVE
+            c = Client(t, "auto")
+            assert (c.flush_method, c.persistent) == ("gpspm", True)
+        with verbs(target) as t, pytest.raises(ConfigError, match="only visibility") as err:
+            Client(t, "native")
+        with verbs(target) as t:
+            c = Client(t, "native", allow_visibility_only=True)
+            assert not c.persistent
+            c.pwrite(memoryview(b"v" * 4096), 0)
+            c.flush()  # FLUSH_GLOBAL: completes, and claims only visibility
+        report(f"native on /dev/shm: FLUSH_PERSISTENT refused by the kernel; auto chose gpspm; "
+               f"flush=native refused: {err.value}")
+    finally:
+        target.stop()
+
+
+READER = """
+import mmap, os, struct, sys
+path, offset, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(path, os.O_RDONLY)
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+words = memoryview(m).cast("Q")  # one 8-byte load per read
+i = offset // 8
+seen = {}
+import time
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for _ in range(1000):
+        v = words[i]
+        seen[v] = seen.get(v, 0) + 1
+print(" ".join(f"{v:x}:{n}" for v, n in seen.items()))
+"""
+
+
+def test_atomic_write_of_8_bytes_is_never_seen_torn(shm_region: Path, workdir: Path) -> None:
+    """A client alternates two 8-byte values at one offset with ATOMIC WRITE while a process
+    on the target's side loads that word in a loop: it sees only whole values, and both."""
+    need_native()
+    pmemblk("create", str(shm_region), "--size", "16M")
+    info = region_info(str(shm_region))
+    target = vm_target(str(shm_region), 7133, workdir).start()
+    a, b = struct.pack("<Q", 0x1111111111111111), struct.pack("<Q", 0x2222222222222222)
+    offset = 8 * 1000 + 8  # 8-aligned, away from anything else
+    try:
+        with verbs(target) as t:
+            assert t.info.atomic_write
+            t.atomic_write(offset, a)
+            reader = subprocess.Popen(
+                [sys.executable, "-c", READER, str(shm_region),
+                 str(int(str(info["data_offset"])) + offset), "10"],
+                stdout=subprocess.PIPE, text=True)
+            writes = 0
+            while reader.poll() is None:
+                t.atomic_write(offset, b if writes % 2 else a)
+                writes += 1
+            out = reader.communicate()[0]
+    finally:
+        target.stop()
+    seen = {int(v, 16): int(n) for v, n in (x.split(":") for x in out.split())}
+    whole = {struct.unpack("<Q", a)[0], struct.unpack("<Q", b)[0]}
+    assert set(seen) == whole, f"torn or foreign values seen: {seen}"
+    report(f"ATOMIC WRITE: {writes} alternating 8-byte writes, {sum(seen.values())} loads of "
+           "the word on the target's side, only whole values seen (both)")
+
+
+
+def test_power_cut_with_native_flush_keeps_every_fsynced_file(workdir: Path) -> None:
+    """ext4 over flush=native on the NVDIMM, power cut mid-workload with no write-back: every
+    fsynced file is intact. The emulation sees the FLUSHes only by tracing rxe (the target's
+    CPU never does): a native FLUSH that did not persist would lose files here."""
+    need_native()
+    need_pmem(DAX)
+    pmemblk("create", DAX, "--force")
+    seed = int(os.environ.get("PMEMBLK_CRASH_SEED", "20261124")) + 7
+    power_cut_story(Path(DAX), workdir, seed, "none", "native")
