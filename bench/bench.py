@@ -6,6 +6,7 @@
     python3 bench/bench.py render FILE                     # table + plots into docs/
     python3 bench/bench.py stats-cost [--quick] [--out FILE]  # pmemblk with and without stats
     python3 bench/bench.py scale-out [--quick] [--out FILE]   # VM: one target, RAID0, RAID1
+    python3 bench/bench.py native [--quick] [--out FILE]      # current VM: flush methods
 
 Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
 ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
@@ -249,6 +250,70 @@ def perftest(quick: bool) -> dict[str, float]:
     return out
 
 
+NATIVE_PROBE = """
+import json, os, sys, time
+from pmemblk.auth import load_secret
+from pmemblk.client import Client
+from pmemblk.transport.verbs import VerbsTransport
+addr, port, secret, method = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+n = int(sys.argv[5])
+c = Client(VerbsTransport(addr, port, secret=load_secret(secret)), method,
+           allow_visibility_only=True)
+assert c.flush_method == method, c.flush_method
+block = memoryview(os.urandom(4096))
+out = {"persistent": c.persistent, "flush": [], "fua": [], "write": []}
+for i in range(n):
+    off = (i * 4096) % (32 << 20)
+    t = time.perf_counter(); c.pwrite(block, off); out["write"].append(time.perf_counter() - t)
+    t = time.perf_counter(); c.flush(); out["flush"].append(time.perf_counter() - t)
+    t = time.perf_counter(); c.pwrite(block, off + (32 << 20), fua=True)
+    out["fua"].append(time.perf_counter() - t)
+c.close()
+def pct(xs, q):
+    xs = sorted(xs); return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
+print(json.dumps({"persistent": out["persistent"],
+                  **{f"{k}_p50_us": pct(v, 0.5) for k, v in out.items() if k != "persistent"},
+                  **{f"{k}_p99_us": pct(v, 0.99) for k, v in out.items() if k != "persistent"}}))
+"""
+
+
+def native_latency(quick: bool) -> dict[str, Any]:
+    """In the current flavour's VM, on its NVDIMM: a 4 KiB write then a FLUSH, and a 4 KiB FUA
+    write, per flush method, from one client (no nbdkit: the verbs themselves), interleaved
+    with perftest's ib_write_lat/ib_read_lat on the same rxe, in each repeat."""
+    repeats, n = (2, 100) if quick else (5, 400)
+    dax = "/dev/dax0.0"
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    secret = work / "secret"
+    create_secret(str(secret))
+    subprocess.run([PY, "-m", "pmemblk", "create", dax, "--force"], check=True,
+                   capture_output=True)
+    pid = work / "target.pid"
+    target = subprocess.Popen([PY, "-m", "pmemblk", "serve", dax, "--listen", f"{ADDR}:7600",
+                               "--pid-file", str(pid), "--shared", "--secret-file", str(secret)],
+                              stderr=subprocess.DEVNULL)
+    result: dict[str, Any] = {"repeats": repeats, "n": n, "methods": {}, "perftest": []}
+    try:
+        wait_for(pid, target, "the target")
+        for r in range(repeats):
+            for method in ("native", "apm", "gpspm"):
+                res = subprocess.run([PY, "-c", NATIVE_PROBE, ADDR, "7600", str(secret), method,
+                                      str(n)], capture_output=True, text=True, timeout=900)
+                if res.returncode != 0:
+                    raise RuntimeError(f"{method}: {res.stderr[-2000:]}")
+                m = json.loads(res.stdout.strip().splitlines()[-1])
+                result["methods"].setdefault(method, []).append(m)
+                log(f"native #{r + 1} {method}: flush p50 {m['flush_p50_us']:.0f} us, "
+                    f"FUA write p50 {m['fua_p50_us']:.0f} us")
+            result["perftest"].append(perftest(quick))
+            log(f"native #{r + 1} perftest: {result['perftest'][-1]}")
+    finally:
+        target.send_signal(signal.SIGTERM)
+        target.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def job_groups() -> list[tuple[int, list[tuple[str, dict[str, Any]]]]]:
     """The jobs by their number of NBD connections (each group gets its own nbdkit)."""
     groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
@@ -445,12 +510,16 @@ def free_members(devices: list[str]) -> None:
 
 
 def in_vm(command: str, quick: bool, baseline: str = "") -> dict[str, Any] | None:
-    """Run ``bench.py COMMAND`` in one VM boot; its JSON result, or None if it did not run."""
+    """Run ``bench.py COMMAND`` in one VM boot; its JSON result, or None if it did not run.
+    ``native`` runs in the current flavour (Debian 13, its python3, an NVDIMM)."""
     share = Path(tempfile.mkdtemp(prefix="pmemblk-bench-vm-"))
     out = share / "vm.json"
     if baseline:
         baseline_tree(baseline)  # made on the host: the VM sees the checkout read-only
-    cmd = [str(ROOT / "scripts" / "vm"), "--out", str(share), "--", PY, __file__, "part",
+    vm, py = [str(ROOT / "scripts" / "vm")], PY
+    if command == "native":
+        vm, py = [*vm, "--flavour", "current", "--pmem"], "python3"
+    cmd = [*vm, "--out", str(share), "--", py, __file__, "part",
            command, "--out", str(out)] + (["--quick"] if quick else []) + (
                ["--baseline", baseline] if baseline else [])
     rc = subprocess.run(cmd).returncode
@@ -471,7 +540,7 @@ def main() -> int:
     r.add_argument("--only", choices=["host", "vm"],
                    help="run one part and merge it into the existing --out file")
     p = sub.add_parser("part")
-    p.add_argument("part", choices=["host", "vm", "scale-out"])
+    p.add_argument("part", choices=["host", "vm", "scale-out", "native"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
     for each in (r, p):
@@ -479,21 +548,23 @@ def main() -> int:
                           help="also measure pmemblk as it was at this git revision")
     d = sub.add_parser("render")
     d.add_argument("file")
-    for extra in ("stats-cost", "scale-out"):
+    for extra in ("stats-cost", "scale-out", "native"):
         c = sub.add_parser(extra)
         c.add_argument("--quick", action="store_true")
         c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = ap.parse_args()
 
-    if args.cmd == "scale-out":
+    if args.cmd in ("scale-out", "native"):
         if not Path(args.out).exists():
             log(f"{args.out} does not exist: run the whole bench first")
             return 1
-        measured = in_vm("scale-out", args.quick)
+        measured = in_vm(args.cmd, args.quick)
         if measured is None:
             return 1
         saved = json.loads(Path(args.out).read_text())
-        saved["scale_out"] = measured
+        saved[args.cmd.replace("-", "_")] = measured
+        if args.cmd == "native":
+            measured["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         Path(args.out).write_text(json.dumps(saved, indent=1))
         from render import render
 
@@ -513,8 +584,12 @@ def main() -> int:
         return 0
 
     if args.cmd == "part":
-        part = scale_out(args.quick) if args.part == "scale-out" else run_part(
-            args.part, args.quick, args.baseline)
+        if args.part == "scale-out":
+            part = scale_out(args.quick)
+        elif args.part == "native":
+            part = native_latency(args.quick)
+        else:
+            part = run_part(args.part, args.quick, args.baseline)
         Path(args.out).write_text(json.dumps(part, indent=1))
         return 0
     if args.cmd == "render":
@@ -531,7 +606,7 @@ def main() -> int:
     }
     if Path(args.out).exists():
         saved = json.loads(Path(args.out).read_text())
-        for kept in ("stats_cost", "scale_out"):  # measured on their own: kept
+        for kept in ("stats_cost", "scale_out", "native"):  # measured on their own: kept
             if kept in saved:
                 results[kept] = saved[kept]
         if args.only:
