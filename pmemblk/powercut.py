@@ -15,22 +15,28 @@ region's boot id is cleared: after a power cut the machine boots again (pmemblk.
 A native FLUSH (the IBTA verb, ``flush=native``) never reaches the target's CPU, so no
 ``persist()`` call sees it. Where the target serves it, the emulation watches the kernel
 instead (``NativeFlushTrace``): Soft-RoCE executes FLUSH_PERSISTENT in
-``rxe_flush_pmem_iova(mr, iova, length)``; a kprobe on it, in a tracefs instance of the
-target's own, reports each one, and a thread copies the range into the image. Events the
-thread has not read when the target dies stay in that instance's buffer, and
-``testing-power-cut`` applies them before it cuts (``IMAGE.native`` says where they are).
+``rxe_flush_pmem_iova(mr, iova, length)``; a kprobe on it, in a tracefs instance of its own,
+reports each one, and a helper process the target starts copies the range into the image.
+The helper outlives a SIGKILLed target; ``testing-power-cut`` stops it (SIGTERM: it drains
+what the kernel buffered first) before it cuts, and applies what a helper that died left in
+the buffer (``IMAGE.native`` says where).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import random
 import re
 import select
+import signal
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +82,12 @@ class DurableImage:
     def on_persist(self, offset: int, length: int) -> None:
         start = offset // LINE * LINE
         end = min(self.region.size, -(-(offset + length) // LINE) * LINE)
-        with self._lock:
-            os.pwrite(self.fd, self.region.read(start, end - start), start)
+        with self._lock:  # and across processes (the native FLUSH tracer writes it too)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                os.pwrite(self.fd, self.region.read(start, end - start), start)
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._closed:
@@ -94,70 +104,134 @@ _EVENT = re.compile(r"iova=(0x[0-9a-fA-F]+) len=(\d+)")
 
 class NativeFlushTrace:
     """TESTING ONLY: feeds the durable image the native FLUSHes rxe executes on the region
-    (see the module's docstring). Needs root, tracefs and kprobe events (the VM has them)."""
+    (see the module's docstring). Needs root, tracefs and kprobe events (the VM has them).
 
-    def __init__(self, image: DurableImage) -> None:
+    It runs in a helper process of its own (``FlushTracer`` starts it), not in the target:
+    an event read from ``trace_pipe`` has left the kernel's buffer, and a SIGKILLed target
+    would lose the ones it had read and not yet copied. The helper is only ever stopped
+    with SIGTERM (by the target's clean stop, or by ``power_cut``), after which it drains."""
+
+    def __init__(self, image: DurableImage, base: int) -> None:
         self.image = image
-        region = image.region
+        self.base = base  # the target's address of the region: iova - base = offset
         self.group = f"pmemblk_{os.getpid()}"
         self.instance = TRACEFS / "instances" / self.group
-        self.sidecar = Path(f"{image.path}.native")
         self.flushes = 0
-        self._stop = threading.Event()
-        self._closed = False
         try:
-            with open(TRACEFS / "kprobe_events", "a") as f:
-                f.write(f"p:{self.group}/flush {FLUSH_SYMBOL} iova=%si:x64 len=%dx:u32\n")
+            _tracefs_write(TRACEFS / "kprobe_events",
+                           f"p:{self.group}/flush {FLUSH_SYMBOL} iova=%si:x64 len=%dx:u32\n")
             self.instance.mkdir()
-            (self.instance / "events" / self.group / "flush" / "enable").write_text("1")
+            _tracefs_write(self.instance / "events" / self.group / "flush" / "enable", "1")
         except OSError as exc:
-            self._remove()
+            remove_trace(self.group, self.instance)
             raise PmemError(f"cannot trace native FLUSHes (kprobe on {FLUSH_SYMBOL} in "
                             f"{TRACEFS}): {exc}") from None
-        self.sidecar.write_text(json.dumps({"instance": str(self.instance), "group": self.group,
-                                            "base": region.addr, "size": region.size}))
         self._pipe = os.open(self.instance / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._follow, name="native-flush-trace",
-                                        daemon=True)
-        self._thread.start()
-        log.warning("TESTING ONLY: native FLUSHes traced into the durable image (kprobe %s/flush"
-                    " on %s)", self.group, FLUSH_SYMBOL)
+        self._pending = ""
 
-    def _apply(self, text: str) -> None:
-        apply_flushes(self.image, self.image.region.addr, text)
-        self.flushes += len(_EVENT.findall(text))
+    def _read(self) -> bool:
+        """Apply what the kernel has buffered; False if there was nothing."""
+        try:
+            chunk = os.read(self._pipe, 1 << 16).decode(errors="replace")
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return False
+        self._pending += chunk
+        done, _, self._pending = self._pending.rpartition("\n")
+        if done:
+            self.flushes += apply_flushes(self.image, self.base, done)
+        return True
 
-    def _follow(self) -> None:
-        pending = ""
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self._pipe], [], [], 0.2)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(self._pipe, 1 << 16).decode(errors="replace")
-            except BlockingIOError:
-                continue
-            pending += chunk
-            done, _, pending = pending.rpartition("\n")
-            if done:
-                self._apply(done)
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            # trace_pipe's poll may wait for the buffer to fill (buffer_percent): read anyway.
+            select.select([self._pipe], [], [], 0.05)
+            while self._read():
+                pass
 
     def close(self) -> None:
-        """A clean stop: everything traced is applied, the kprobe removed."""
+        """Everything buffered is applied, the kprobe removed."""
+        while self._read():
+            pass
+        os.close(self._pipe)
+        remove_trace(self.group, self.instance)
+
+
+class FlushTracer:
+    """In the target: starts the ``NativeFlushTrace`` helper process, and stops it cleanly."""
+
+    def __init__(self, image: DurableImage) -> None:
+        region = image.region
+        self.sidecar = Path(f"{image.path}.native")
+        self.sidecar.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pmemblk.powercut", region.path, image.path,
+             str(region.addr)], start_new_session=True)  # outlives a SIGKILLed target
+        deadline = time.monotonic() + 60
+        while not self.sidecar.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                raise PmemError("the native FLUSH tracer did not start (see its error above)")
+            time.sleep(0.05)
+        self._closed = False
+        log.warning("TESTING ONLY: native FLUSHes traced into the durable image (kprobe on %s, "
+                    "helper PID %d)", FLUSH_SYMBOL, self.proc.pid)
+
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._thread.join()
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self._pipe, 1 << 16):
-                self._apply(chunk.decode(errors="replace"))
-        os.close(self._pipe)
-        self._remove()
-        self.sidecar.unlink(missing_ok=True)
+        self.proc.terminate()
+        self.proc.wait()
 
-    def _remove(self) -> None:
-        remove_trace(self.group, self.instance)
+
+def _helper(region_path: str, image_path: str, base: int) -> int:
+    """``python -m pmemblk.powercut REGION IMAGE BASE``: the tracer process."""
+    logging.basicConfig(level=logging.INFO, format="pmemblk flush tracer: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    sidecar = Path(f"{image_path}.native")
+    with PmemRegion.open(region_path) as region:
+        image = DurableImage(image_path, region)
+        try:
+            trace = NativeFlushTrace(image, base)
+        except PmemError as exc:
+            log.error("%s", exc)
+            image.close()
+            return 1
+        sidecar.write_text(json.dumps({"pid": os.getpid(), "instance": str(trace.instance),
+                                       "group": trace.group, "base": base}))
+        try:
+            trace.run(stop)
+        finally:
+            trace.close()
+            image.close()
+            sidecar.unlink(missing_ok=True)
+    log.info("%d native FLUSHes copied into %s", trace.flushes, image_path)
+    return 0
+
+
+def _stop_helper(image_path: str) -> None:
+    """Stop a tracer helper still running (its target was killed): SIGTERM, then wait until
+    it drained and removed its sidecar file."""
+    sidecar = Path(f"{image_path}.native")
+    try:
+        pid = int(json.loads(sidecar.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while sidecar.exists() and time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            break  # gone without cleaning up: its leftovers are applied next
+        if state == "Z":
+            break
+        time.sleep(0.05)
 
 
 def apply_flushes(image: DurableImage, base: int, text: str) -> int:
@@ -171,17 +245,27 @@ def apply_flushes(image: DurableImage, base: int, text: str) -> int:
     return n
 
 
+def _tracefs_write(path: Path, text: str) -> None:
+    """One write(2), appending (Python's append mode seeks, which tracefs refuses)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def remove_trace(group: str, instance: Path) -> None:
     with contextlib.suppress(OSError):
-        (instance / "events" / group / "flush" / "enable").write_text("0")
+        _tracefs_write(instance / "events" / group / "flush" / "enable", "0")
     with contextlib.suppress(OSError):
         instance.rmdir()
-    with contextlib.suppress(OSError), open(TRACEFS / "kprobe_events", "a") as f:
-        f.write(f"-:{group}/flush\n")
+    with contextlib.suppress(OSError):
+        _tracefs_write(TRACEFS / "kprobe_events", f"-:{group}/flush\n")
 
 
 def _leftover_native_flushes(region: PmemRegion, image_path: str) -> int:
-    """The native FLUSHes a killed target's trace thread had not applied, applied now."""
+    """The native FLUSHes a tracer helper that died without draining left in the kernel's
+    buffer, applied now (and its kprobe removed)."""
     sidecar = Path(f"{image_path}.native")
     if not sidecar.exists():
         return 0
@@ -219,6 +303,7 @@ def power_cut(region_path: str, image_path: str, keep: float = 0.0, seed: int = 
     if not os.path.isfile(image_path):
         raise PmemError(f"durable image {image_path} is not a file (serve with "
                         "--testing-durable-image PATH makes one)")
+    _stop_helper(image_path)
     with RegionLock(region_path, "emulate a power cut on it"), \
             PmemRegion.open(region_path) as region:  # mapped: a devdax region has no read()
         if os.path.getsize(image_path) != region.size:
@@ -261,3 +346,7 @@ def _cut(region: PmemRegion, image_path: str, keep: float, seed: int) -> PowerCu
     finally:
         os.close(dfd)
     return PowerCut(unpersisted, kept)
+
+
+if __name__ == "__main__":
+    sys.exit(_helper(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -33,7 +33,7 @@ from .errors import ConfigError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
-from .powercut import DurableImage, NativeFlushTrace
+from .powercut import DurableImage, FlushTracer
 from .protocol import (
     FLUSH_APM,
     FLUSH_GPSPM,
@@ -337,7 +337,7 @@ class Export:
         self.native = offer
         if self.durable is not None and offer.flush == "persistent":
             # TESTING ONLY: the power-cut emulation must see FLUSHes the CPU never does.
-            self._stack.enter_context(contextlib.closing(NativeFlushTrace(self.durable)))
+            self._stack.enter_context(contextlib.closing(FlushTracer(self.durable)))
         self.guarantees = durability.guarantees(self.region.is_pmem, self.region.persist_method,
                                                 self.config.apm_durable, offer)
 
