@@ -42,3 +42,19 @@ def test_mypy_plugin(tmp_path: Path) -> None:
     res = subprocess.run([tool("mypy"), "--strict", "--ignore-missing-imports", str(copy)],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_vm_test_file_runs_in_a_flavour() -> None:
+    """scripts/test runs a list of VM test files per flavour: a new file in neither list would
+    never run in CI."""
+    import re
+
+    script = (ROOT / "scripts" / "test").read_text()
+    listed: set[str] = set()
+    for name in ("STABLE_TESTS", "CURRENT_TESTS"):
+        match = re.search(rf"^{name}=\((.*?)\)", script, re.S | re.M)
+        assert match, f"scripts/test has no {name}"
+        listed |= {x.strip('"').split("::")[0] for x in match.group(1).split()}
+    files = {p.name for p in (ROOT / "tests" / "vm").glob("test_*.py")}
+    assert files <= listed, f"in no flavour's list: {sorted(files - listed)}"
+    assert listed <= files, f"listed but missing: {sorted(listed - files)}"
