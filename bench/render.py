@@ -184,6 +184,35 @@ def scale_table(scale: dict[str, Any]) -> list[str]:
     return lines
 
 
+def native_table(native: dict[str, Any]) -> list[str]:
+    """Flush methods on the current kernel's NVDIMM, as ratios to perftest in the same boot."""
+    perf = native["perftest"]
+    write_lat = [float(p["write_lat_us"]) for p in perf]
+    read_lat = [float(p["read_lat_us"]) for p in perf]
+    read8 = [float(p["read8_lat_us"]) for p in perf]
+    lines = [f"### Flush methods on a current kernel ({native['date']}, VM --flavour current: "
+             f"Linux 6.12 rxe, rdma-core 56, region on an emulated NVDIMM; {native['repeats']} "
+             f"repeats × {native['n']} iterations from one client, no nbdkit; perftest in the "
+             "same boot)", "",
+             f"perftest, 4 KiB: ib_write_lat {med(write_lat):.0f} µs, ib_read_lat "
+             f"{med(read_lat):.0f} µs; 8 B ib_read_lat {med(read8):.0f} µs (medians of the "
+             "typical latency per repeat).", "",
+             "| method | persistent | 4 KiB write, then FLUSH: FLUSH p50 | FLUSH / ib_read_lat 8 B "
+             "| FUA 4 KiB write p50 | FUA / ib_write_lat 4 KiB | plain write p50 |",
+             "|---|---|---|---|---|---|---|"]
+    for method, runs in native["methods"].items():
+        flush = [float(r["flush_p50_us"]) for r in runs]
+        fua = [float(r["fua_p50_us"]) for r in runs]
+        write = [float(r["write_p50_us"]) for r in runs]
+        persistent = "yes" if all(r["persistent"] for r in runs) else "visibility only"
+        lines.append(f"| {method} | {persistent} | {med(flush):.0f} µs ({spread(flush)}) | "
+                     f"{ratio(flush, read8)[0]:.1f}× ({ratio(flush, read8)[1]:.1f}–"
+                     f"{ratio(flush, read8)[2]:.1f}) | {med(fua):.0f} µs ({spread(fua)}) | "
+                     f"{ratio(fua, write_lat)[0]:.1f}× ({ratio(fua, write_lat)[1]:.1f}–"
+                     f"{ratio(fua, write_lat)[2]:.1f}) | {med(write):.0f} µs |")
+    return lines
+
+
 def render(results: dict[str, Any]) -> None:
     parts = results["parts"]
     lines = [BEGIN, "", f"Latest run: {results['date']}, {'quick' if results['quick'] else 'full'}"
@@ -202,6 +231,8 @@ def render(results: dict[str, Any]) -> None:
         lines += ["", *stats_table(results["stats_cost"])]
     if "scale_out" in results:
         lines += ["", *scale_table(results["scale_out"])]
+    if "native" in results:
+        lines += ["", *native_table(results["native"])]
     lines += ["", END]
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
