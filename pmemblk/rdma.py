@@ -124,11 +124,17 @@ def _fd_links() -> dict[int, str]:
 
 
 def open_with_fd(factory: Callable[[], T], link: str, what: str) -> tuple[T, int]:
-    """Create a pyverbs channel object and find the file descriptor it opened."""
+    """Create a pyverbs channel object and find the file descriptor it opened: its ``fd``
+    attribute where pyverbs has one (``CompChannel.fd`` from rdma-core 57; 44 and 56 have
+    none), else the one new descriptor of that kind in ``/proc/self/fd``."""
     with FD_TABLE:
         before = _fd_links()
         obj = factory()
         after = _fd_links()
+    own = getattr(obj, "fd", None)
+    if isinstance(own, int) and own >= 0:
+        fcntl.fcntl(own, fcntl.F_SETFL, fcntl.fcntl(own, fcntl.F_GETFL) | os.O_NONBLOCK)
+        return obj, own
     new = [fd for fd, target in after.items() if target == link and before.get(fd) != target]
     if len(new) != 1:
         close = getattr(obj, "close", None)
