@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,33 @@ def test_power_cut_with_native_flush_keeps_every_fsynced_file(workdir: Path) -> 
     pmemblk("create", DAX, "--force")
     seed = int(os.environ.get("PMEMBLK_CRASH_SEED", "20261124")) + 7
     power_cut_story(Path(DAX), workdir, seed, "none", "native")
+
+
+def test_a_read_only_client_cannot_flush_or_atomic_write(shm_region: Path, workdir: Path
+                                                         ) -> None:
+    """A read-only client is offered neither verb; posting them anyway on its rkey fails with a
+    remote access error (its MR has no FLUSH or write access), and the word is unchanged."""
+    need_native()
+    pmemblk("create", str(shm_region), "--size", "16M")
+    target = vm_target(str(shm_region), 7134, workdir).start()
+    try:
+        for verb in ("FLUSH", "ATOMIC WRITE"):
+            with verbs(target, readonly=True) as t:
+                assert not t.info.flush_methods & FLUSH_NATIVE and not t.info.atomic_write
+                ep, info = t.ep, t.info
+                assert ep is not None
+                if verb == "FLUSH":
+                    ep.post_flush(1, info.remote_addr, 4096, info.rkey, False)
+                else:
+                    ep.post_atomic_write(1, info.remote_addr + 64, info.rkey, b"X" * 8)
+                wcs = ep.wait(time.monotonic() + 30)
+                statuses = {rdma.WC_STATUS_NAMES.get(wc.status) for wc in wcs}
+                assert statuses == {"REM_ACCESS_ERR"}, (verb, statuses)
+        with verbs(target) as t:
+            buf = bytearray(8)
+            Client(t, "gpspm").pread(memoryview(buf), 64)
+            assert buf == bytes(8)
+        report("read-only client: FLUSH and ATOMIC WRITE on its rkey fail with a remote access "
+               "error; region unchanged")
+    finally:
+        target.stop()
