@@ -103,7 +103,7 @@ def test_fio_verify_with_native_flush_and_fua(workdir: Path) -> None:
         try:
             dev.attach(server)
             fio(dev.dev, "flush=native", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-                "--size=32M", "--fsync=32")
+                "--size=16M", "--fsync=32")
             fio(dev.dev, "flush=native, FUA", "--rw=write", "--bs=64k", "--iodepth=4",
                 "--size=16M", "--offset=64M", "--sync=1")
         finally:
