@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from . import __version__, layout
+from . import __version__, atomicblocks, layout
 from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
 from .errors import ConfigError, PmemblkError
@@ -29,15 +29,21 @@ log = logging.getLogger("pmemblk")
 #: Upper bound for --max-clients and --max-handshakes (each connection holds descriptors).
 MAX_CONNECTIONS = 65536
 
+
 def cmd_create(args: argparse.Namespace) -> None:
     path: str = args.path
     size = parse_size(args.size) if args.size is not None else None
     with progress_bar(size, f"allocating {path}") as progress:
-        made = create_region(path, size, args.block_size, args.force, progress)
-    header = made.header
-    print(f"created {path}: {human(header.data_size)} of data "
-          f"({header.data_size // header.block_size} blocks of {header.block_size} bytes), "
-          f"uuid {header.uuid}, is_pmem={int(made.is_pmem)} "
+        made = create_region(path, size, args.block_size, args.force, progress,
+                             args.lanes if args.atomic_blocks else None)
+    header, atomic = made.header, made.atomic
+    if atomic is not None:
+        what = (f"{human(atomic.export_size)} of atomic blocks ({atomic.external_blocks} "
+                f"sectors of {atomic.sector_size} bytes, {atomic.lanes} lanes)")
+    else:
+        what = (f"{human(header.data_size)} of data ({header.data_size // header.block_size} "
+                f"blocks of {header.block_size} bytes)")
+    print(f"created {path}: {what}, uuid {header.uuid}, is_pmem={int(made.is_pmem)} "
           f"(persistence by {made.persist_method})")
 
 
@@ -75,11 +81,21 @@ def region_info(path: str) -> dict[str, object]:
             "data_offset": header.data_offset,
             "data_size": header.data_size,
             "created_ns": header.created_ns,
+            **_atomic_info(region, header),
             "clean_shutdown": state.clean,
             "times_served": state.times_served,
             "loss_epoch": layout.read_loss_epoch(region),
             "locked_by_pid": path_holder(path),
         }
+
+
+def _atomic_info(region: PmemRegion, header: layout.Header) -> dict[str, object]:
+    atomic = layout.read_atomic_info(region, header)
+    if atomic is None:
+        return {"atomic_blocks": False}
+    return {"atomic_blocks": True, "sector_size": atomic.sector_size,
+            "sectors": atomic.external_blocks, "lanes": atomic.lanes,
+            "export_size": atomic.export_size}
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -96,7 +112,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if key in ("region_size", "data_size"):
+        if key in ("region_size", "data_size", "export_size"):
             assert isinstance(value, int)
             value = f"{value} ({human(value)})"
         if isinstance(value, dict):
@@ -255,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=int, default=layout.DEFAULT_BLOCK_SIZE,
                    help="block size advertised to clients (default 4096)")
     c.add_argument("--force", action="store_true", help="erase an existing file or region")
+    c.add_argument("--atomic-blocks", action="store_true",
+                   help="lay out atomic blocks: a power cut never leaves a block half written "
+                   "(docs/persistence.md); --block-size 512 or 4096")
+    c.add_argument("--lanes", type=int, default=atomicblocks.DEFAULT_LANES,
+                   help="with --atomic-blocks: free blocks for writes in flight, "
+                   f"{atomicblocks.LANES_PER_WRITER} per writer (default "
+                   f"{atomicblocks.DEFAULT_LANES})")
     c.set_defaults(func=cmd_create)
 
     i = sub.add_parser("info", help="show a region's header and state")

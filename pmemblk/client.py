@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import durability
+from .atomicblocks import BlockMap
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .flush import make_policy
 from .protocol import FLUSH_METHODS, Welcome
@@ -113,7 +114,9 @@ class Client(Closeable):
         self.policy = make_policy(method)
         #: Whether an acknowledged FLUSH/FUA survives a power cut (else: the target's memory).
         self.persistent = persistent
-        self.size = info.export_size
+        #: Atomic blocks: reads and writes go through the region's block map.
+        self.blocks = BlockMap.load(transport) if info.atomic_blocks else None
+        self.size = info.export_size if self.blocks is None else self.blocks.info.export_size
         self.block_size = info.block_size
         self.readonly = info.readonly or readonly
         self._reconnect = reconnect
@@ -390,41 +393,60 @@ class Client(Closeable):
         with self._counted("read", len(buf)):
             self._check(offset, len(buf))
             if len(buf):
-                self._io(lambda t: t.read(buf, offset))
+                blocks = self.blocks
+                if blocks is not None:
+                    self._io(lambda t: blocks.read(t, buf, offset))
+                else:
+                    self._io(lambda t: t.read(buf, offset))
 
     def pwrite(self, data: memoryview, offset: int, fua: bool = False) -> None:
         with self._counted("write", len(data)):
             self._check_writable()
             self._check(offset, len(data))
             if len(data):
-                self._write(lambda t, step: t.write(data, offset, step), offset, len(data),
-                            fua)
+                blocks = self.blocks
+                if blocks is not None:
+                    self._write(lambda t, step: blocks.write(t, data, offset, len(data),
+                                                             self.policy.persist_now),
+                                offset, len(data), fua)
+                else:
+                    self._write(lambda t, step: t.write(data, offset, step), offset,
+                                len(data), fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         with self._counted("zero", length):
             self._check_writable()
             self._check(offset, length)
             if length:
-                self._write(lambda t, step: t.write_zeroes(offset, length, step), offset,
-                            length, fua)
+                blocks = self.blocks
+                if blocks is not None:
+                    self._write(lambda t, step: blocks.write(t, None, offset, length,
+                                                             self.policy.persist_now),
+                                offset, length, fua)
+                else:
+                    self._write(lambda t, step: t.write_zeroes(offset, length, step), offset,
+                                length, fua)
 
     def _write(self, op: Callable[[Transport, Persist | None], None], offset: int, length: int,
                fua: bool) -> None:
         """A write, and with FUA its persistence step posted with it (one wait, not two).
+        With atomic blocks every block moved is persistent once the write returns: the next
+        flush has nothing of it to do.
         Once acknowledged the write is at risk until a flush: if the target loses power first,
         it may be lost. (A write whose connection broke is sent again in full, with its step,
         so it is only at risk from then on.)"""
         step = self.policy.fua_step if fua else None
+        persisted = fua or self.blocks is not None
         ch = self._take()
         try:
             with ch.lock:
                 try:
                     self._run(ch, lambda t: op(t, step))
                 except BaseException:
-                    if fua:  # maybe written, not persisted: the next flush covers it
-                        self._wrote(ch, offset, length, True, proven=False)
+                    if fua and self.blocks is None:  # maybe written, not persisted: the next
+                        self._wrote(ch, offset, length, True, proven=False)  # flush covers it
                     raise
-                self._wrote(ch, offset, length, not fua)
+                self._wrote(ch, offset, length, not persisted)
         finally:
             self._idle.put(ch)
         if fua and self.lost is not None:  # persisted on a target that may have lost others

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .ranges import RangeSet
-from .transport import Persist
+from .transport import Persist, Transport
 
 #: Orders every write completed on any channel (``True``: the flushing channel's own too)
 #: before what follows on the flushing channel.
@@ -43,6 +43,10 @@ class FlushPolicy(Protocol):
     def flush(self, barriers: Barriers, commit: Commit) -> None:
         """Make every completed write persistent. If that fails, nothing is forgotten."""
 
+    def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
+        """Make these ranges, just written on ``t``, persistent before anything follows on
+        it (an atomic-blocks write's data and flog record, before its map entry moves)."""
+
 
 class Apm:
     name = "apm"
@@ -53,6 +57,9 @@ class Apm:
 
     def flush(self, barriers: Barriers, commit: Commit) -> None:
         barriers(True)
+
+    def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
+        t.read_barrier(ranges[0][0])
 
 
 class Gpspm:
@@ -81,6 +88,9 @@ class Gpspm:
                     self._dirty.add(off, n)
             raise
 
+    def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
+        t.commit(ranges)
+
 
 class Native(Gpspm):
     """The ranges written since the last flush, each FLUSHed by the RDMA device (after a
@@ -89,6 +99,9 @@ class Native(Gpspm):
 
     name = "native"
     fua_step: Persist = "flush"
+
+    def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
+        t.native_flush(ranges)
 
 
 def make_policy(method: str) -> FlushPolicy:

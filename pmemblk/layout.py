@@ -7,7 +7,7 @@ an update leaves either the old or the new word, never a torn header. The data a
 
     offset  size  field
     0       8     magic "PMEMBLK\\0"
-    8       2     layout version (1)
+    8       2     layout version (1; 2 when features are set)
     10      2     header size (64)
     12      4     block size
     16      16    region UUID
@@ -15,7 +15,8 @@ an update leaves either the old or the new word, never a torn header. The data a
     40      8     data size
     48      8     creation time (ns since the epoch)
     56      4     CRC32 of bytes 0..55
-    60      4     reserved, zero
+    60      4     features (version 2): bit 0 = atomic blocks (pmemblk.atomicblocks: the data
+                  area holds a block map, and clients read and write through it)
     64      8     state word: bit 0 = clean shutdown, bits 8.. = times served
     72      16    boot id of the system that last opened the region to serve it (0: unknown)
     88      8     loss epoch: times the region was opened after an unclean stop in an earlier
@@ -35,11 +36,15 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
+from . import atomicblocks
 from .errors import LayoutError
 from .pmem import PmemRegion
 
 MAGIC = b"PMEMBLK\0"
 LAYOUT_VERSION = 1
+#: The version a header with features has (a pmemblk that reads only version 1 refuses it).
+FEATURES_VERSION = 2
+FEATURE_ATOMIC_BLOCKS = 1 << 0
 HEADER_STRUCT = struct.Struct("<8sHHI16sQQQII")
 HEADER_SIZE = HEADER_STRUCT.size  # 64
 STATE_OFFSET = 64
@@ -64,7 +69,15 @@ class Header:
     data_offset: int
     data_size: int
     created_ns: int
-    version: int = LAYOUT_VERSION
+    features: int = 0
+
+    @property
+    def version(self) -> int:
+        return FEATURES_VERSION if self.features else LAYOUT_VERSION
+
+    @property
+    def atomic_blocks(self) -> bool:
+        return bool(self.features & FEATURE_ATOMIC_BLOCKS)
 
     def encode(self) -> bytes:
         body = HEADER_STRUCT.pack(
@@ -72,7 +85,7 @@ class Header:
             self.data_offset, self.data_size, self.created_ns, 0, 0,
         )
         crc = zlib.crc32(body[:56])
-        return body[:56] + struct.pack("<II", crc, 0)
+        return body[:56] + struct.pack("<II", crc, self.features)
 
     @classmethod
     def decode(cls, raw: bytes, region_size: int, path: str = "REGION") -> Header:
@@ -81,13 +94,13 @@ class Header:
         if len(raw) < HEADER_SIZE:
             raise LayoutError(f"header truncated: {len(raw)} of {HEADER_SIZE} bytes")
         (magic, version, hsize, block_size, uuid_b, data_offset, data_size, created,
-         crc, reserved) = HEADER_STRUCT.unpack_from(raw)
+         crc, features) = HEADER_STRUCT.unpack_from(raw)
         if magic != MAGIC:
             raise LayoutError(f"no pmemblk header (magic is {magic!r}, expected {MAGIC!r})")
-        if version != LAYOUT_VERSION:
+        if version not in (LAYOUT_VERSION, FEATURES_VERSION):
             raise LayoutError(
-                f"layout version {version} is not supported (this pmemblk reads version "
-                f"{LAYOUT_VERSION})"
+                f"layout version {version} is not supported (this pmemblk reads versions "
+                f"{LAYOUT_VERSION} and {FEATURES_VERSION})"
             )
         if hsize != HEADER_SIZE:
             raise LayoutError(f"header size {hsize} is invalid (expected {HEADER_SIZE})")
@@ -97,8 +110,11 @@ class Header:
                 f"header checksum mismatch (stored 0x{crc:08x}, computed 0x{actual:08x}): "
                 "the header is corrupt"
             )
-        if reserved != 0:
+        if version == LAYOUT_VERSION and features != 0:
             raise LayoutError("reserved header field is not zero")
+        if version == FEATURES_VERSION and (not features or features & ~FEATURE_ATOMIC_BLOCKS):
+            raise LayoutError(f"header features 0x{features:x} are not supported (this pmemblk "
+                              f"knows 0x{FEATURE_ATOMIC_BLOCKS:x}, atomic blocks)")
         check_block_size(block_size, LayoutError)
         if data_offset < DATA_ALIGN or data_offset % DATA_ALIGN:
             raise LayoutError(f"data offset {data_offset} is not a positive multiple of 4096")
@@ -113,7 +129,7 @@ class Header:
                 f"fallocate -l {data_offset + data_size} {path} restores its length (what was "
                 "cut off reads back as zeros)"
             )
-        return cls(uuid.UUID(bytes=uuid_b), block_size, data_offset, data_size, created, version)
+        return cls(uuid.UUID(bytes=uuid_b), block_size, data_offset, data_size, created, features)
 
 
 @dataclass(frozen=True)
@@ -179,8 +195,10 @@ def data_size_for(region_size: int, block_size: int) -> int:
     return max(0, (region_size - DATA_ALIGN) // block_size * block_size)
 
 
-def format_region(region: PmemRegion, block_size: int = DEFAULT_BLOCK_SIZE) -> Header:
-    """Write a new header (the caller has decided that overwriting is wanted)."""
+def format_region(region: PmemRegion, block_size: int = DEFAULT_BLOCK_SIZE,
+                  atomic_lanes: int | None = None) -> Header:
+    """Write a new header (the caller has decided that overwriting is wanted); with
+    ``atomic_lanes``, lay out atomic blocks of ``block_size`` in the data area first."""
     check_block_size(block_size, LayoutError)
     data_size = data_size_for(region.size, block_size)
     if data_size <= 0:
@@ -188,11 +206,32 @@ def format_region(region: PmemRegion, block_size: int = DEFAULT_BLOCK_SIZE) -> H
             f"{region.path}: {region.size} bytes is too small: the header takes {DATA_ALIGN} "
             f"bytes and at least one {block_size}-byte block must follow"
         )
-    header = Header(uuid.uuid4(), block_size, DATA_ALIGN, data_size, time.time_ns())
+    features = 0
+    if atomic_lanes is not None:
+        # Before the header: a region whose layout failed has no header saying it is one.
+        atomicblocks.format_area(data_area(region, DATA_ALIGN, data_size), block_size,
+                                 atomic_lanes)
+        features = FEATURE_ATOMIC_BLOCKS
+    header = Header(uuid.uuid4(), block_size, DATA_ALIGN, data_size, time.time_ns(), features)
     region.write(0, header.encode() + bytes(DATA_ALIGN - HEADER_SIZE))
     region.store_u64(STATE_OFFSET, State(clean=True, times_served=0).encode())
     region.persist(0, DATA_ALIGN)
     return header
+
+
+def data_area(region: PmemRegion, offset: int, size: int) -> atomicblocks.Area:
+    return atomicblocks.Area(region.read, region.write, region.persist, offset, size)
+
+
+def read_atomic_info(region: PmemRegion, header: Header) -> atomicblocks.Info | None:
+    """The atomic-blocks geometry of a region that has them (None for a plain one)."""
+    if not header.atomic_blocks:
+        return None
+    area = data_area(region, header.data_offset, header.data_size)
+    try:
+        return atomicblocks.read_info(area)
+    except LayoutError as exc:
+        raise LayoutError(f"{region.path}: {exc}") from None
 
 
 def has_header(region: PmemRegion) -> bool:

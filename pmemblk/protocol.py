@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .errors import ProtocolError
 
 MAGIC = b"PMBK"
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 MSG_HELLO = 1
 MSG_WELCOME = 2
@@ -43,6 +43,7 @@ MSG_ZERO = 8
 MSG_REPLY = 9
 MSG_CHALLENGE = 10
 MSG_AUTH = 11
+MSG_CAS = 12
 _TYPE_NAMES = {
     MSG_HELLO: "HELLO",
     MSG_WELCOME: "WELCOME",
@@ -55,6 +56,7 @@ _TYPE_NAMES = {
     MSG_REPLY: "REPLY",
     MSG_CHALLENGE: "CHALLENGE",
     MSG_AUTH: "AUTH",
+    MSG_CAS: "CAS",
 }
 
 # HELLO flags
@@ -63,6 +65,8 @@ HELLO_READONLY = 1 << 0
 REGION_IS_PMEM = 1 << 0
 REGION_READONLY = 1 << 1
 REGION_ATOMIC_WRITE = 1 << 2  # the client may post 8-byte ATOMIC WRITEs into its rkey
+REGION_ATOMIC_BLOCKS = 1 << 3  # the data area holds atomic blocks (pmemblk.atomicblocks)
+REGION_FLAGS = REGION_IS_PMEM | REGION_READONLY | REGION_ATOMIC_WRITE | REGION_ATOMIC_BLOCKS
 # Flush methods (bit mask in WELCOME)
 FLUSH_APM = 1 << 0
 FLUSH_GPSPM = 1 << 1
@@ -81,12 +85,14 @@ PREAMBLE = struct.Struct("<4sHH")
 HELLO = struct.Struct("<4sHHII16s16s")  # preamble, flags, reserved, client nonce, client id
 CHALLENGE = struct.Struct("<4sHHHHI32s")  # preamble, auth method, reserved x2, target nonce
 AUTH = struct.Struct("<4sHHII32s")  # preamble, reserved x2, client MAC
-WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQQ32s")
+WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQQHHI32s")
 REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason follows
 COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
 RANGE = struct.Struct("<QQ")  # offset, length
 COMMIT_REPLY = struct.Struct("<4sHHiIQ")  # preamble, status (0 or errno), reserved, request id
-IO = struct.Struct("<4sHHQQII")  # preamble, tag, offset, length, reserved (READ/WRITE/ZERO)
+IO = struct.Struct("<4sHHQQII")  # preamble, tag, offset, length, reserved (READ/WRITE/ZERO/CAS)
+CAS = struct.Struct("<QQ")  # a CAS request's payload: expected, new (its reply's: the old value)
+CAS_WORD = 8
 REPLY = struct.Struct("<4sHHQiI")  # preamble, tag, status (0 or errno), payload length
 
 CM_CONNECT_PRIVATE_MAX = 56
@@ -238,6 +244,11 @@ class Welcome:
     #: Random for each start of the target: a client that meets another one knows the
     #: target restarted since it last saw it.
     instance: int = 0
+    #: The atomic-blocks lanes this client may write through (pmemblk.atomicblocks): the
+    #: first, how many (0: none), and which grant (new each time a writer is given lanes).
+    lane_first: int = 0
+    lane_count: int = 0
+    lane_grant: int = 0
     #: HMAC proving the target holds the shared secret (zeros without authentication).
     proof: bytes = bytes(MAC_SIZE)
 
@@ -253,12 +264,17 @@ class Welcome:
     def atomic_write(self) -> bool:
         return bool(self.region_flags & REGION_ATOMIC_WRITE)
 
+    @property
+    def atomic_blocks(self) -> bool:
+        return bool(self.region_flags & REGION_ATOMIC_BLOCKS)
+
     def encode(self) -> bytes:
         return WELCOME.pack(
             MAGIC, PROTOCOL_VERSION, MSG_WELCOME, self.export_size, self.block_size,
             self.region_flags, self.flush_methods, self.rkey, self.remote_addr,
             self.region_uuid.bytes, self.max_message_size, self.commit_depth,
-            self.durable_methods, self.loss_epoch, self.instance, self.proof,
+            self.durable_methods, self.loss_epoch, self.instance, self.lane_first,
+            self.lane_count, self.lane_grant, self.proof,
         )
 
     def unproven(self) -> bytes:
@@ -270,14 +286,14 @@ class Welcome:
         _preamble(raw, MSG_WELCOME)
         _exact(raw, WELCOME, "WELCOME")
         (_, _, _, size, bsize, rflags, methods, rkey, addr, uuid_b, max_msg, depth,
-         durable, epoch, instance, proof) = WELCOME.unpack_from(raw)
+         durable, epoch, instance, lane_first, lane_count, grant, proof) = WELCOME.unpack_from(raw)
         if size <= 0:
             raise ProtocolError(f"WELCOME export size {size} is not positive")
         if bsize < 512 or bsize > 65536 or bsize & (bsize - 1):
             raise ProtocolError(f"WELCOME block size {bsize} is not a power of two in 512..65536")
         if size % bsize:
             raise ProtocolError(f"WELCOME export size {size} is not a multiple of {bsize}")
-        if rflags & ~(REGION_IS_PMEM | REGION_READONLY | REGION_ATOMIC_WRITE):
+        if rflags & ~REGION_FLAGS:
             raise ProtocolError(f"WELCOME has unknown region flags 0x{rflags:x}")
         if methods & ~(FLUSH_APM | FLUSH_GPSPM | FLUSH_NATIVE):
             raise ProtocolError(f"WELCOME offers unknown flush methods 0x{methods:x}")
@@ -290,8 +306,11 @@ class Welcome:
         if durable & ~methods:
             raise ProtocolError(
                 f"WELCOME says methods 0x{durable:x} are durable but offers 0x{methods:x}")
+        if lane_count and not rflags & REGION_ATOMIC_BLOCKS:
+            raise ProtocolError("WELCOME grants lanes on a region without atomic blocks")
         return cls(size, bsize, rflags, methods, rkey, addr, uuid.UUID(bytes=uuid_b),
-                   max_msg, depth, durable, epoch, instance, proof)
+                   max_msg, depth, durable, epoch, instance, lane_first, lane_count, grant,
+                   proof)
 
 
 # --- REJECT --------------------------------------------------------------------------------
@@ -388,7 +407,7 @@ class CommitReply:
 
 @dataclass(frozen=True)
 class IORequest:
-    kind: int  # MSG_READ, MSG_WRITE or MSG_ZERO
+    kind: int  # MSG_READ, MSG_WRITE, MSG_ZERO or MSG_CAS (length: its payload, CAS.size)
     tag: int
     offset: int
     length: int
@@ -401,13 +420,18 @@ class IORequest:
         if len(raw) < PREAMBLE.size:
             raise ProtocolError(f"request truncated: {len(raw)} bytes")
         kind = PREAMBLE.unpack_from(raw)[2]
-        if kind not in (MSG_READ, MSG_WRITE, MSG_ZERO):
+        if kind not in (MSG_READ, MSG_WRITE, MSG_ZERO, MSG_CAS):
             kind = MSG_READ  # let _preamble name the unexpected type
         _preamble(raw, kind)
         _need(raw, IO.size, _TYPE_NAMES[kind])
         _, _, _, tag, offset, length, reserved = IO.unpack_from(raw)
         if reserved:
             raise ProtocolError(f"{_TYPE_NAMES[kind]} reserved field is not zero")
+        if kind == MSG_CAS:
+            if length != CAS.size or offset % CAS_WORD or offset + CAS_WORD > export_size:
+                raise ProtocolError(f"CAS of {length} bytes at {offset}: it takes {CAS.size} "
+                                    f"bytes for an aligned 8-byte word inside the export")
+            return cls(kind, tag, offset, length)
         if not 1 <= length <= MAX_IO:
             raise ProtocolError(f"{_TYPE_NAMES[kind]} length {length} is out of range 1..{MAX_IO}")
         if offset + length > export_size:
@@ -440,7 +464,7 @@ class Reply:
 
 
 _REQUEST_HEADERS = {MSG_HELLO: HELLO.size, MSG_AUTH: AUTH.size, MSG_COMMIT: COMMIT.size,
-                    MSG_READ: IO.size, MSG_WRITE: IO.size, MSG_ZERO: IO.size}
+                    MSG_READ: IO.size, MSG_WRITE: IO.size, MSG_ZERO: IO.size, MSG_CAS: IO.size}
 
 
 def request_header_size(preamble: bytes) -> int:
@@ -454,7 +478,7 @@ def request_header_size(preamble: bytes) -> int:
 
 
 def parse_request_header(header: bytes, export_size: int) -> tuple[int, IORequest | None]:
-    """(total frame size, the decoded READ/WRITE/ZERO request or None) from a frame's fixed
+    """(total frame size, the decoded READ/WRITE/ZERO/CAS request or None) from a frame's fixed
     part, validated first: a stream reader decodes each request header once."""
     mtype = message_type(header)
     if mtype == MSG_HELLO:
@@ -469,4 +493,4 @@ def parse_request_header(header: bytes, export_size: int) -> tuple[int, IOReques
                 f"COMMIT range count {count} is out of range 1..{MAX_COMMIT_RANGES}")
         return COMMIT.size + count * RANGE.size, None
     req = IORequest.decode(header, export_size)
-    return IO.size + (req.length if mtype == MSG_WRITE else 0), req
+    return IO.size + (req.length if mtype in (MSG_WRITE, MSG_CAS) else 0), req

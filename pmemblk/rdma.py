@@ -392,7 +392,7 @@ class Endpoint(Closeable):
                 from pyverbs.qp import QPEx, QPInitAttrEx
 
                 ops = (e.IBV_QP_EX_WITH_RDMA_WRITE | e.IBV_QP_EX_WITH_RDMA_READ
-                       | e.IBV_QP_EX_WITH_SEND)
+                       | e.IBV_QP_EX_WITH_SEND | e.IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP)
                 if self.native.flush_global or self.native.flush_persistent:
                     ops |= e.IBV_QP_EX_WITH_FLUSH
                 if self.native.atomic_write:
@@ -451,7 +451,7 @@ class Endpoint(Closeable):
 
     def _post_ex(self, wr_id: int, opcode: int, addr: int, length: int, lkey: int,
                  remote_addr: int, rkey: int, *, persistent: bool = True,
-                 value: bytes = b"") -> None:
+                 value: bytes = b"", compare: int = 0, swap: int = 0) -> None:
         """Post through the extended QP's ``ibv_wr_*`` API (one work request)."""
         qp = self.qp
         try:
@@ -471,9 +471,12 @@ class Endpoint(Closeable):
                                 e.IBV_FLUSH_RANGE)
                 elif opcode == e.IBV_WR_ATOMIC_WRITE:
                     qp.wr_atomic_write(rkey, remote_addr, value)
+                elif opcode == e.IBV_WR_ATOMIC_CMP_AND_SWP:
+                    qp.wr_atomic_cmp_swp(rkey, remote_addr, compare, swap)
                 else:
                     raise TransportError(f"cannot post opcode {opcode}")
-                if opcode in (e.IBV_WR_RDMA_WRITE, e.IBV_WR_RDMA_READ, e.IBV_WR_SEND):
+                if opcode in (e.IBV_WR_RDMA_WRITE, e.IBV_WR_RDMA_READ, e.IBV_WR_SEND,
+                              e.IBV_WR_ATOMIC_CMP_AND_SWP):
                     sge = SGE(addr, length, lkey)
                     try:
                         qp.wr_set_sge(sge)
@@ -502,6 +505,28 @@ class Endpoint(Closeable):
         if not self.native.atomic_write or len(value) != 8:
             raise TransportError("this queue pair cannot post that ATOMIC WRITE")
         self._post_ex(wr_id, e.IBV_WR_ATOMIC_WRITE, 0, 8, 0, remote_addr, rkey, value=value)
+
+    def post_compare_swap(self, wr_id: int, addr: int, lkey: int, remote_addr: int, rkey: int,
+                          compare: int, swap: int) -> None:
+        """Post one signaled 8-byte compare-and-swap; the old value lands at ``addr``."""
+        if self.native.any:
+            self._post_ex(wr_id, e.IBV_WR_ATOMIC_CMP_AND_SWP, addr, 8, lkey, remote_addr, rkey,
+                          compare=compare, swap=swap)
+            return
+        sge = SGE(addr, 8, lkey)
+        try:
+            wr = SendWR(wr_id=wr_id, opcode=e.IBV_WR_ATOMIC_CMP_AND_SWP, num_sge=1, sg=[sge],
+                        send_flags=e.IBV_SEND_SIGNALED)
+            try:
+                wr.set_wr_atomic(rkey, remote_addr, compare, swap)
+                self.qp.post_send(wr)
+            finally:
+                wr.close()
+        except PyverbsError as exc:
+            raise rdma_error(f"posting a compare-and-swap (remote 0x{remote_addr:x}, rkey "
+                             f"0x{rkey:x}) failed", exc) from None
+        finally:
+            sge.close()
 
     def post_recv(self, wr_id: int, addr: int, length: int, lkey: int) -> None:
         sge = SGE(addr, length, lkey)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from . import __version__, auth, durability, layout, stats
+from . import __version__, atomicblocks, auth, durability, layout, stats
 from .address import Address
 from .control import ControlServer
 from .errors import ConfigError, PmemblkError, PmemError
@@ -39,6 +39,7 @@ from .protocol import (
     FLUSH_GPSPM,
     FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
+    REGION_ATOMIC_BLOCKS,
     REGION_ATOMIC_WRITE,
     REGION_IS_PMEM,
     REGION_READONLY,
@@ -122,6 +123,8 @@ class Session:
     #: Its connections open now, and how many of them are read-write.
     channels: int = 0
     writers: int = 0
+    #: The atomic-blocks lanes it writes through: (first, count, grant), or None.
+    lanes: tuple[int, int, int] | None = None
 
     @property
     def readonly(self) -> bool:
@@ -185,6 +188,14 @@ class Export:
             check_backed(config.path)
             region = stack.enter_context(PmemRegion.open(config.path))
             self.header = layout.read_header(region)
+            #: The atomic-blocks geometry, or None (pmemblk.atomicblocks).
+            self.atomic = layout.read_atomic_info(region, self.header)
+            if (self.atomic is not None and config.shared and not config.readonly
+                    and len(config.transports) > 1):
+                raise ConfigError(
+                    f"{config.path} has atomic blocks: its --shared writers update the block "
+                    "map by compare-and-swap, and an RDMA one is not atomic with the target's "
+                    "own over TCP: serve one --transport")
             self.lost_reply = LostReply.parse(config.lose_reply) if config.lose_reply else None
             if config.fail_persist:
                 fault, data_range = PersistFault.parse(config.fail_persist)
@@ -218,6 +229,12 @@ class Export:
         #: Tells clients that this is a new start of the target (Welcome.instance).
         self.instance = int.from_bytes(os.urandom(8), "little")
         self.sessions: dict[int, Session] = {}
+        #: Atomic blocks: which writer holds each group of lanes, and the groups of writers
+        #: that left while others still write (recovered once none does).
+        self._lane_owner: dict[int, Session] = {}
+        self._quarantined: set[int] = set()
+        self._lane_grants = 0
+        self._cas_lock = threading.Lock()
         self._by_client_id: dict[bytes, Session] = {}
         self._session_numbers = 0
         #: Totals over every client since the target started (SESSION_COUNTS and the refusals).
@@ -237,6 +254,8 @@ class Export:
         if self.readonly:
             return
         region, path = self.region, self.config.path
+        if self.atomic is not None:
+            self._recover_lanes()
         opening = layout.open_for_serving(region)
         self.loss_epoch = opening.loss_epoch
         if not opening.continuity:
@@ -318,6 +337,12 @@ class Export:
             return Reject(
                 errno.EBUSY, "another client has this export open read-write: connect "
                 "read-only, or serve with --shared if the clients coordinate their writes")
+        lanes: tuple[int, int, int] | None = None
+        if not readonly and self.atomic is not None and (session is None or not session.writers):
+            granted = self._grant_lanes()
+            if isinstance(granted, Reject):
+                return granted
+            lanes = granted
         if session is None:
             self._session_numbers += 1
             session = Session(self._session_numbers, transport, peer, client_id)
@@ -329,8 +354,61 @@ class Export:
         if not readonly:
             self.writers += not session.writers
             session.writers += 1
+            if lanes is not None:
+                session.lanes = lanes
+                self._lane_owner[lanes[0] // atomicblocks.LANES_PER_WRITER] = session
         return Admission(greeting, proof, writer=not readonly, readonly=readonly,
                          session=session)
+
+    # -- atomic blocks ---------------------------------------------------------------------
+
+    def _grant_lanes(self) -> tuple[int, int, int] | Reject:
+        """A group of lanes no writer holds, for a new writer (under the lock)."""
+        assert self.atomic is not None
+        per = atomicblocks.LANES_PER_WRITER
+        groups = max(1, self.atomic.lanes // per)
+        for group in range(groups):
+            if group not in self._lane_owner and group not in self._quarantined:
+                self._lane_grants += 1
+                first = group * per
+                return first, min(per, self.atomic.lanes - first), self._lane_grants
+        waiting = (f" ({len(self._quarantined)} wait for their writers' recovery, when no "
+                   "writer is connected)" if self._quarantined else "")
+        return Reject(errno.EBUSY, f"every one of the {groups} lane groups of this atomic-"
+                                   f"blocks region is held by a writer{waiting}: recreate it "
+                                   "with more --lanes for more writers")
+
+    def _release_lanes(self, session: Session) -> None:
+        """A writer left (under the lock): its lanes are settled once no writer is connected,
+        so that no live writer's moves are in flight while they are decided."""
+        if session.lanes is not None:
+            group = session.lanes[0] // atomicblocks.LANES_PER_WRITER
+            self._lane_owner.pop(group, None)
+            self._quarantined.add(group)
+            session.lanes = None
+        if self.writers == 0 and self._quarantined:
+            try:
+                self._recover_lanes()
+            except PmemblkError as exc:
+                log.error("atomic-blocks recovery failed, no writer can have the lanes of the "
+                          "writers that left: %s", exc)
+                return
+            self._quarantined.clear()
+
+    def _recover_lanes(self) -> None:
+        assert self.atomic is not None
+        area = layout.data_area(self.region, self.header.data_offset, self.size)
+        atomicblocks.recover(area, self.atomic)
+
+    def compare_store(self, offset: int, expected: int, new: int) -> int:
+        """A stream client's CAS: store ``new`` at export ``offset`` (8-aligned) if it holds
+        ``expected``; the value found. One aligned 8-byte store: all or nothing."""
+        at = self.header.data_offset + offset
+        with self._cas_lock:
+            found = int.from_bytes(self.region.read(at, 8), "little")
+            if found == expected:
+                self.region.store_u64(at, new)
+        return found
 
     def offer_native(self, offer: durability.NativeOffer) -> None:
         """The verbs server's probe: its connections may use these native verbs."""
@@ -346,7 +424,10 @@ class Export:
         """The WELCOME for an admitted client, with the target's proof when authenticating.
         ``native``: the client's rkey allows the native verbs the probe found (RDMA)."""
         flags = (REGION_IS_PMEM if self.region.is_pmem else 0) | (
-            REGION_READONLY if admission.readonly else 0)
+            REGION_READONLY if admission.readonly else 0) | (
+            REGION_ATOMIC_BLOCKS if self.atomic is not None else 0)
+        lanes = admission.session.lanes if admission.writer else None
+        first, count, grant = lanes if lanes is not None else (0, 0, 0)
         methods, durable = FLUSH_APM | FLUSH_GPSPM, self.durable_methods
         offer = self.native
         if native and offer is not None and not admission.readonly:
@@ -359,7 +440,8 @@ class Export:
             flush_methods=methods, rkey=rkey, remote_addr=remote_addr,
             region_uuid=self.header.uuid, max_message_size=MAX_MESSAGE_SIZE,
             commit_depth=COMMIT_DEPTH, durable_methods=durable,
-            loss_epoch=self.loss_epoch, instance=self.instance,
+            loss_epoch=self.loss_epoch, instance=self.instance, lane_first=first,
+            lane_count=count, lane_grant=grant,
         )
         secret = self.config.secret
         if secret is None:
@@ -383,6 +465,8 @@ class Export:
             if admission.writer:
                 session.writers -= 1
                 self.writers -= not session.writers
+                if not session.writers and self.atomic is not None:
+                    self._release_lanes(session)
             session.channels -= 1
             if session.channels == 0:
                 self.clients -= 1

@@ -82,6 +82,13 @@ class MemoryTransport:
         for off, n in ranges:
             self.durable[off:off + n] = self.mem[off:off + n]
 
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        self.calls.append(("cas", (offset, expected, new)))
+        found = int.from_bytes(self.mem[offset:offset + 8], "little")
+        if found == expected:
+            self.mem[offset:offset + 8] = new.to_bytes(8, "little")
+        return found
+
     def close(self) -> None:
         self.calls.append(("close", None))
 
@@ -352,6 +359,9 @@ class RcChannel:
 
     def native_flush(self, ranges: list[tuple[int, int]]) -> None:
         self.commit(ranges)  # a FLUSH, too, orders only this channel's writes
+
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        raise AssertionError("no atomic blocks here")
 
     def close(self) -> None:
         pass

@@ -29,9 +29,12 @@ from typing import TYPE_CHECKING
 from ..errors import PmemblkError, ProtocolError
 from ..protocol import (
     AUTH,
+    CAS,
+    CAS_WORD,
     COMMIT,
     HELLO,
     IO,
+    MSG_CAS,
     MSG_COMMIT,
     MSG_HELLO,
     MSG_READ,
@@ -225,9 +228,15 @@ class DataChannel:
                                                                            req.length))
             export.count(session, "read", req.length)
         elif self.readonly:  # the export, or this client's own read-only mode
-            if mtype == MSG_WRITE:
+            if mtype in (MSG_WRITE, MSG_CAS):
                 self._discard(req.length, hsize)
             self._send(Reply(req.tag, errno.EPERM, 0).encode())
+        elif mtype == MSG_CAS:
+            payload = bytearray(CAS.size)
+            self._read(memoryview(payload), got=hsize)
+            expected, new = CAS.unpack(payload)
+            found = export.compare_store(req.offset, expected, new)
+            self._send(Reply(req.tag, 0, CAS_WORD).encode() + found.to_bytes(8, "little"))
         else:
             if mtype == MSG_WRITE:
                 # Received into the region itself: a client that leaves mid-payload leaves

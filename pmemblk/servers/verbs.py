@@ -181,6 +181,8 @@ class VerbsServer:
         access = e.IBV_ACCESS_REMOTE_READ
         if not readonly:
             access |= e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | self.flush_access
+            if export.atomic is not None:  # its map entries move by compare-and-swap
+                access |= e.IBV_ACCESS_REMOTE_ATOMIC
         try:
             return rdma.MR(self.device.pd, export.size, access, address=export.data_addr)
         except rdma.PyverbsError as exc:
@@ -274,8 +276,11 @@ class VerbsServer:
         conn = _Connection(self._number, child, ep, bufs, greeting)
         challenge = greeting.challenge.encode()
         try:
-            # FLUSH is checked against the QP's access flags too, and the CM never sets them.
-            ep.connect_qp(child, access=self.flush_access)
+            # FLUSH and atomics are checked against the QP's access flags too, and the CM
+            # never sets them (the MR decides what each client may do).
+            atomic = self.export is not None and self.export.atomic is not None
+            atomics = rdma.e.IBV_ACCESS_REMOTE_ATOMIC if atomic else 0
+            ep.connect_qp(child, access=self.flush_access | atomics)
             for slot in range(self.depth):
                 self._post_recv(conn, slot)
             rd = self.device.rd_atom

@@ -58,6 +58,11 @@ class Transport(Protocol):
         """native: the FLUSH verb on each range (on this channel, so after its own writes),
         all posted, then waited for. Only where the WELCOME offers flush method native."""
 
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        """Store ``new`` in the aligned 8-byte word at export ``offset`` if it holds
+        ``expected``, atomically (RDMA compare-and-swap, or the target's own over a stream);
+        the value it held. Ordered after this channel's earlier writes."""
+
     def close(self) -> None:
         """Disconnect and free every resource; safe to call twice."""
 

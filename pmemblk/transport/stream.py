@@ -17,11 +17,14 @@ from ..address import Address, parse_address
 from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import (
+    CAS,
+    CAS_WORD,
     CHALLENGE,
     COMMIT_REPLY,
     IO,
     MAGIC,
     MAX_IO,
+    MSG_CAS,
     MSG_CHALLENGE,
     MSG_READ,
     MSG_REJECT,
@@ -267,6 +270,25 @@ class StreamTransport(Channel):
 
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO, commit=persist == "commit")
+
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        self._usable()
+        tag = self._tag()
+        try:
+            self._send(IORequest(MSG_CAS, tag, offset, CAS.size).encode(),
+                       CAS.pack(expected, new))
+            reply = Reply.decode(self._recv(REPLY.size))
+            if reply.tag != tag:
+                raise ProtocolError(f"REPLY for unknown tag {reply.tag}")
+            if not reply.status and reply.length != CAS_WORD:
+                raise ProtocolError(f"CAS reply of {reply.length} bytes, not {CAS_WORD}")
+            found = int.from_bytes(self._recv(CAS_WORD), "little") if not reply.status else 0
+        except (TransportError, ProtocolError) as exc:
+            raise self._fail(exc) from None
+        if reply.status:
+            raise RemoteError(f"the target failed a CAS: {os.strerror(reply.status)}",
+                              reply.status)
+        return found
 
     #: The target replies to a WRITE or ZERO only once the data is in the region's memory (it
     #: receives it there), so the reply is the proof a READ barrier would give. Placement,

@@ -2,7 +2,7 @@
 
 Buffer layout (one registration per connection, made at connect time)::
 
-    [ slot 0 | slot 1 | ... | slot depth-1 | zero chunk | send message | receive message ]
+    [ slot 0 | ... | slot depth-1 | zero chunk | send message | receive message | atomic ]
 
 Each data slot is ``chunk_size`` bytes. A request is split into chunks and pipelined with up to
 ``depth`` work requests in flight, each in its own slot; a slot is reused only after its
@@ -102,7 +102,8 @@ class VerbsTransport(Channel):
         self._zero_off = self.depth * self.chunk_size
         self._send_off = self._zero_off + self.chunk_size
         self._recv_off = self._send_off + MAX_MESSAGE_SIZE
-        self.buffers = RegisteredBuffer(self.device.pd, self._recv_off + MAX_MESSAGE_SIZE)
+        self._atomic_off = self._recv_off + MAX_MESSAGE_SIZE
+        self.buffers = RegisteredBuffer(self.device.pd, self._atomic_off + 8)
         self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
                            recv_depth=2, native=self.device.native)
 
@@ -312,14 +313,7 @@ class VerbsTransport(Channel):
         wr_id, remote, n = self._barrier
         self._barrier = None
         try:
-            while True:
-                for wc in self._wait(ep):
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, "RDMA READ (flush)", remote, self.info.rkey,
-                                              n)
-                    if wc.wr_id == wr_id:
-                        return
-                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
+            self._wait_for(ep, wr_id, "RDMA READ (flush)", remote, n)
         except TransportError as exc:
             raise self._fail(exc) from None
 
@@ -355,28 +349,50 @@ class VerbsTransport(Channel):
         except TransportError as exc:
             raise self._fail(exc) from None
 
+    def _wait_for(self, ep: Endpoint, wr_id: int, what: str, remote: int, length: int) -> None:
+        """Wait for the one work request in flight, ``wr_id``: a failed or unknown
+        completion is an error (the caller marks the connection broken)."""
+        while True:
+            for wc in self._wait(ep):
+                if wc.status != rdma.e.IBV_WC_SUCCESS:
+                    raise rdma.wc_failure(wc, what, remote, self.info.rkey, length)
+                if wc.wr_id == wr_id:
+                    return
+                raise TransportError(f"completion for unknown work request {wc.wr_id}")
+
+    def _check_word(self, offset: int, what: str) -> int:
+        if offset % 8 or not 0 <= offset <= self.info.export_size - 8:
+            raise TransportError(f"{what} is on an aligned 8-byte word inside the export, not "
+                                 f"at {offset}")
+        return self.info.remote_addr + offset
+
     def atomic_write(self, offset: int, value: bytes) -> None:
         """An 8-byte ATOMIC WRITE at export ``offset`` (8-aligned): a reader sees the old
         eight bytes or the new ones, never a mix. Where the WELCOME allows it."""
         ep, _ = self._usable()
         if not self.info.atomic_write:
             raise TransportError(f"{self.peer} offers no ATOMIC WRITE on this connection")
-        if len(value) != 8 or offset % 8 or not 0 <= offset <= self.info.export_size - 8:
-            raise TransportError(f"an ATOMIC WRITE is 8 aligned bytes inside the export, not "
-                                 f"{len(value)} at {offset}")
-        remote = self.info.remote_addr + offset
+        if len(value) != 8:
+            raise TransportError(f"an ATOMIC WRITE is 8 bytes, not {len(value)}")
+        remote = self._check_word(offset, "an ATOMIC WRITE")
         wr_id = self._wr_id()
         try:
             ep.post_atomic_write(wr_id, remote, self.info.rkey, value)
-            while True:
-                for wc in self._wait(ep):
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, "ATOMIC WRITE", remote, self.info.rkey, 8)
-                    if wc.wr_id == wr_id:
-                        return
-                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
+            self._wait_for(ep, wr_id, "ATOMIC WRITE", remote, 8)
         except TransportError as exc:
             raise self._fail(exc) from None
+
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        ep, bufs = self._usable()
+        remote = self._check_word(offset, "a compare-and-swap")
+        wr_id = self._wr_id()
+        try:
+            ep.post_compare_swap(wr_id, bufs.addr + self._atomic_off, bufs.lkey, remote,
+                                 self.info.rkey, expected, new)
+            self._wait_for(ep, wr_id, "compare-and-swap", remote, 8)
+        except TransportError as exc:
+            raise self._fail(exc) from None
+        return int.from_bytes(bufs.view[self._atomic_off:self._atomic_off + 8], "little")
 
     def _exchange(self, msg: bytes, what: str) -> bytes:
         """SEND ``msg`` and return the message the target answers with."""

@@ -86,6 +86,9 @@ CASES = {
     "reply-type frame": (False, p.CommitReply(1, 0).encode(), "unexpected message"),
     "truncated mid-write": (False, io(p.MSG_WRITE, 0, 1 << 20) + b"x" * 1000,
                             "middle of a frame"),
+    "CAS on an unaligned word": (False, io(p.MSG_CAS, 4, 16) + bytes(16), "aligned 8-byte"),
+    "CAS past the end": (False, io(p.MSG_CAS, EXPORT - 4, 16) + bytes(16), "aligned 8-byte"),
+    "CAS of the wrong size": (False, io(p.MSG_CAS, 0, 8) + bytes(8), "aligned 8-byte"),
 }
 
 

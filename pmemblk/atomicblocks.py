@@ -1,0 +1,585 @@
+"""Atomic blocks: a BTT-like layout in which every sector write is all or nothing.
+
+Memory has no sector atomicity: a power cut in the middle of a 4 KiB write can leave a block
+half old and half new. On a region made with ``pmemblk create --atomic-blocks`` a block is never
+written in place. The client writes the new data to a free block of its own, makes it
+persistent, records the move in its lane's log (the *flog*), makes that persistent, and only
+then points the block's map entry at the new data with one 8-byte atomic update (RDMA
+compare-and-swap, or the target's own compare-and-store over TCP). The block it replaced is the
+lane's next free block. A reader follows the map, so it sees the old block or the new one,
+never a mix. This is the design of the kernel's ``nd_btt`` and PMDK's libpmemblk, done over
+one-sided RDMA.
+
+Layout of the data area (offsets from its start; all little-endian; docs/protocol.md)::
+
+    0            info block (INFO, CRC32)                 4 KiB
+    flog_offset  lanes x 2 slots of FLOG_SLOT bytes        rounded up to 4 KiB
+    map_offset   external blocks x 8-byte map entries      rounded up to 4 KiB
+    data_offset  internal blocks (external + lanes) x sector size
+
+A map entry is ``seq << 32 | block``: the physical block holding the logical one, and a count
+of the times it was moved, so that a reader that reads an entry, the block, then the same entry
+again knows that the block did not change under it. A flog slot records one move (logical
+block, old entry, new entry) with a sequence number and a CRC; a lane's current record is its
+valid slot with the newer sequence, and a new one is written to the other slot, so a torn flog
+write leaves the previous record. A lane's free block is the new entry's block when the move
+did not happen, else the old one's.
+
+Recovery (``recover``) runs where the region is mapped, when no writer is connected: when the
+target starts and when its last writer leaves. It decides each lane's free block and writes it
+back as a *settled* record (old = new = the free block), so it is idempotent. Each writer gets
+lanes of its own (``LANES_PER_WRITER``) in its WELCOME, so writers never share a free block.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import LayoutError, RemoteError, RequestError
+
+if TYPE_CHECKING:
+    from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+INFO_MAGIC = b"PMBATOM\0"
+INFO_VERSION = 1
+INFO = struct.Struct("<8sHHIIIQQQQQII")
+INFO_SIZE = INFO.size
+FLOG_SLOT = struct.Struct("<QQQII")  # logical block, old entry, new entry, seq, CRC32
+FLOG_LANE = 2 * FLOG_SLOT.size
+ENTRY = 8
+PAGE = 4096
+#: Lanes a region has unless ``create --lanes`` says otherwise, and each writer's share.
+DEFAULT_LANES = 64
+LANES_PER_WRITER = 8
+MAX_LANES = 4096
+BLOCK_MASK = 0xFFFF_FFFF
+SECTOR_SIZES = (512, 4096)
+
+assert INFO_SIZE == 72 and FLOG_SLOT.size == 32
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def entry(block: int, seq: int) -> int:
+    return ((seq & BLOCK_MASK) << 32) | block
+
+
+def entry_block(raw: int) -> int:
+    return raw & BLOCK_MASK
+
+
+def next_entry(old: int, block: int) -> int:
+    """The entry that moves a logical block from ``old`` to physical ``block``."""
+    seq = (old >> 32) + 1
+    return entry(block, seq if seq <= BLOCK_MASK else 1)
+
+
+@dataclass(frozen=True)
+class Info:
+    """The geometry, from the info block at the start of the data area."""
+
+    sector_size: int
+    lanes: int
+    external_blocks: int
+    flog_offset: int
+    map_offset: int
+    data_offset: int
+
+    @property
+    def internal_blocks(self) -> int:
+        return self.external_blocks + self.lanes
+
+    @property
+    def export_size(self) -> int:
+        return self.external_blocks * self.sector_size
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.internal_blocks * self.sector_size
+
+    def map_at(self, lba: int) -> int:
+        return self.map_offset + lba * ENTRY
+
+    def block_at(self, block: int) -> int:
+        return self.data_offset + block * self.sector_size
+
+    def slot_at(self, lane: int, slot: int) -> int:
+        return self.flog_offset + lane * FLOG_LANE + slot * FLOG_SLOT.size
+
+    def encode(self) -> bytes:
+        body = INFO.pack(INFO_MAGIC, INFO_VERSION, INFO_SIZE, self.sector_size, self.lanes, 0,
+                         self.external_blocks, self.internal_blocks, self.flog_offset,
+                         self.map_offset, self.data_offset, 0, 0)
+        return body[:64] + struct.pack("<II", zlib.crc32(body[:64]), 0)
+
+    @classmethod
+    def decode(cls, raw: bytes, area_size: int) -> Info:
+        """Parse and check an info block against the data area it describes."""
+        if len(raw) < INFO_SIZE:
+            raise LayoutError(f"atomic-blocks info truncated: {len(raw)} of {INFO_SIZE} bytes")
+        (magic, version, size, sector, lanes, reserved, external, internal, flog, map_off,
+         data, crc, reserved2) = INFO.unpack_from(raw)
+        if magic != INFO_MAGIC:
+            raise LayoutError(f"no atomic-blocks info (magic is {magic!r})")
+        if version != INFO_VERSION or size != INFO_SIZE:
+            raise LayoutError(f"atomic-blocks info version {version} (size {size}) is not "
+                              f"supported (this pmemblk reads version {INFO_VERSION})")
+        if zlib.crc32(raw[:64]) != crc:
+            raise LayoutError("atomic-blocks info checksum mismatch: the info block is corrupt")
+        if reserved or reserved2:
+            raise LayoutError("atomic-blocks info reserved field is not zero")
+        if sector not in SECTOR_SIZES and not (512 <= sector <= 65536
+                                               and sector & (sector - 1) == 0):
+            raise LayoutError(f"atomic-blocks sector size {sector} is invalid")
+        if not 1 <= lanes <= MAX_LANES or internal != external + lanes:
+            raise LayoutError(f"atomic-blocks lanes {lanes} (blocks {external}/{internal}) "
+                              "are inconsistent")
+        info = cls(sector, lanes, external, flog, map_off, data)
+        if not (external >= 1 and internal <= BLOCK_MASK and flog == PAGE
+                and map_off >= flog + lanes * FLOG_LANE and map_off % PAGE == 0
+                and data >= map_off + external * ENTRY and data % PAGE == 0
+                and data % sector == 0 and info.end <= area_size):
+            raise LayoutError(f"atomic-blocks geometry does not fit the {area_size}-byte data "
+                              "area: the info block is corrupt")
+        return info
+
+
+def geometry(area_size: int, sector_size: int, lanes: int = DEFAULT_LANES) -> Info:
+    """The largest layout of ``sector_size`` blocks with ``lanes`` lanes in ``area_size``."""
+    if sector_size not in SECTOR_SIZES:
+        raise LayoutError(f"--atomic-blocks sector size {sector_size} is invalid: use "
+                          f"{' or '.join(map(str, SECTOR_SIZES))} (--block-size)")
+    if not 1 <= lanes <= MAX_LANES:
+        raise LayoutError(f"--lanes {lanes} is out of range 1..{MAX_LANES}")
+    flog = PAGE
+    map_off = _round_up(flog + lanes * FLOG_LANE, PAGE)
+    align = max(PAGE, sector_size)
+    external = max(0, (area_size - map_off - lanes * sector_size - 2 * align)
+                   // (sector_size + ENTRY))
+    while external > 0:
+        data = _round_up(map_off + external * ENTRY, align)
+        if data + (external + lanes) * sector_size <= area_size:
+            break
+        external -= 1
+    if external <= 0:
+        raise LayoutError(f"{area_size} bytes is too small for atomic blocks of {sector_size} "
+                          f"bytes with {lanes} lanes")
+    external = min(external, BLOCK_MASK - lanes)
+    return Info(sector_size, lanes, external, flog, map_off,
+                _round_up(map_off + external * ENTRY, align))
+
+
+@dataclass(frozen=True)
+class FlogRecord:
+    lba: int
+    old: int
+    new: int
+    seq: int
+
+    @property
+    def settled(self) -> bool:
+        return self.old == self.new
+
+    def encode(self) -> bytes:
+        body = FLOG_SLOT.pack(self.lba, self.old, self.new, self.seq, 0)[:28]
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @staticmethod
+    def decode(raw: bytes) -> FlogRecord | None:
+        """The record in one slot, or None if it is empty or torn."""
+        lba, old, new, seq, crc = FLOG_SLOT.unpack_from(raw)
+        if seq == 0 or zlib.crc32(raw[:28]) != crc:
+            return None
+        return FlogRecord(lba, old, new, seq)
+
+
+def newer(a: int, b: int) -> bool:
+    """Whether sequence ``a`` comes after ``b`` (32-bit, wrapping)."""
+    return 0 < (a - b) & BLOCK_MASK < 1 << 31
+
+
+def current_record(raw_lane: bytes) -> tuple[int, FlogRecord] | None:
+    """(slot, record) of a lane's current flog record, from its two slots' bytes."""
+    found = [(i, r) for i in (0, 1)
+             if (r := FlogRecord.decode(raw_lane[i * FLOG_SLOT.size:])) is not None]
+    if not found:
+        return None
+    if len(found) == 2 and newer(found[0][1].seq, found[1][1].seq):
+        return found[0]
+    return found[-1]
+
+
+def next_seq(seq: int) -> int:
+    return seq + 1 if seq < BLOCK_MASK else 1
+
+
+@dataclass
+class Lane:
+    """A lane as a writer uses it: its free block and where its next record goes."""
+
+    index: int
+    free: int
+    slot: int  # the slot holding the current record: the next one goes to the other
+    seq: int
+    grant: int
+    #: A move whose outcome is unknown (the connection failed in it): (lba, old, new).
+    pending: tuple[int, int, int] | None = None
+
+    def record(self, lba: int, old: int, new: int) -> tuple[int, bytes]:
+        """The next record's (offset in the flog's lane, bytes), made current by the caller
+        once written."""
+        seq = next_seq(self.seq)
+        return 1 - self.slot, FlogRecord(lba, old, new, seq).encode()
+
+    def recorded(self) -> None:
+        self.slot, self.seq = 1 - self.slot, next_seq(self.seq)
+
+
+def lane_from(info: Info, index: int, raw_lane: bytes, grant: int) -> Lane:
+    """A writer's lane from its flog bytes, which recovery settled (old = new)."""
+    cur = current_record(raw_lane)
+    if cur is None or not cur[1].settled or entry_block(cur[1].new) >= info.internal_blocks:
+        raise LayoutError(f"atomic-blocks lane {index} was not recovered (its flog record is "
+                          f"{'torn' if cur is None else 'unsettled or out of range'})")
+    slot, rec = cur
+    return Lane(index, entry_block(rec.new), slot, rec.seq, grant)
+
+
+# -- formatting and recovery, where the region is mapped --------------------------------------
+
+class Area:
+    """The data area of a mapped region, as ``format_area`` and ``recover`` use it: the
+    region's read, write and persist, at offsets from ``base``."""
+
+    def __init__(self, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None],
+                 persist: Callable[[int, int], None], base: int, size: int) -> None:
+        self._read, self._write, self._persist = read, write, persist
+        self.base, self.size = base, size
+
+    def read(self, off: int, n: int) -> bytes:
+        return self._read(self.base + off, n)
+
+    def write(self, off: int, data: bytes) -> None:
+        self._write(self.base + off, data)
+
+    def persist(self, off: int, n: int) -> None:
+        self._persist(self.base + off, n)
+
+
+def format_area(area: Area, sector_size: int, lanes: int = DEFAULT_LANES) -> Info:
+    """Lay out atomic blocks in an area: identity map, one settled free block per lane."""
+    info = geometry(area.size, sector_size, lanes)
+    flog = bytearray(info.map_offset - info.flog_offset)
+    for lane in range(lanes):
+        free = entry(info.external_blocks + lane, 0)
+        rec = FlogRecord(0, free, free, 1).encode()
+        flog[lane * FLOG_LANE:lane * FLOG_LANE + len(rec)] = rec
+    area.write(info.flog_offset, bytes(flog))
+    step = 1 << 17
+    for first in range(0, info.external_blocks, step):
+        last = min(first + step, info.external_blocks)
+        area.write(info.map_at(first), array.array("Q", range(first, last)).tobytes())
+    area.persist(info.flog_offset, info.data_offset - info.flog_offset)
+    area.write(0, info.encode().ljust(PAGE, b"\0"))
+    area.persist(0, PAGE)
+    return info
+
+
+def read_info(area: Area) -> Info:
+    return Info.decode(area.read(0, INFO_SIZE), area.size)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    lanes: int
+    #: Lanes whose last move was found done (its old block freed) or not (its new one).
+    completed: int
+    rolled_back: int
+
+
+def recover(area: Area, info: Info | None = None) -> Recovery:
+    """Settle every lane: decide its free block from its current record and the map, and
+    write that back as a settled record. Only while no writer is connected. Idempotent."""
+    info = read_info(area) if info is None else info
+    raw = area.read(info.flog_offset, info.lanes * FLOG_LANE)
+    records: list[tuple[int, FlogRecord]] = []
+    for lane in range(info.lanes):
+        cur = current_record(raw[lane * FLOG_LANE:(lane + 1) * FLOG_LANE])
+        if cur is None:
+            raise LayoutError(f"atomic-blocks lane {lane}: both flog slots are corrupt")
+        rec = cur[1]
+        if (rec.lba >= info.external_blocks or entry_block(rec.old) >= info.internal_blocks
+                or entry_block(rec.new) >= info.internal_blocks):
+            raise LayoutError(f"atomic-blocks lane {lane}: flog record out of range: {rec}")
+        records.append(cur)
+    mapped: bytes | None = None
+    done = undone = 0
+    frees: list[int] = []
+    for lane, (slot, rec) in enumerate(records):
+        new_b, old_b = entry_block(rec.new), entry_block(rec.old)
+        if rec.settled:
+            free = new_b
+        else:
+            now = int.from_bytes(area.read(info.map_at(rec.lba), ENTRY), "little")
+            if now == rec.new:
+                happened = True
+            elif now == rec.old:
+                happened = False
+            else:
+                # Someone moved the logical block since. Blocks a lane's record names are that
+                # lane's: found in another's, or in the map, our new block was moved into the
+                # map and out again (so our move happened); found nowhere, it never was.
+                others = [ln for ln, (_, r) in enumerate(records) if ln != lane
+                          and new_b in (entry_block(r.old), entry_block(r.new))]
+                if others:
+                    happened = True
+                else:
+                    if mapped is None:
+                        mapped = area.read(info.map_offset, info.external_blocks * ENTRY)
+                    happened = _in_map(mapped, new_b)
+            free = old_b if happened else new_b
+            done += happened
+            undone += not happened
+        frees.append(free)
+        if not rec.settled:
+            settled = FlogRecord(rec.lba, entry(free, 0), entry(free, 0), next_seq(rec.seq))
+            off = info.slot_at(lane, 1 - slot)
+            area.write(off, settled.encode())
+            area.persist(off, FLOG_SLOT.size)
+    if len(set(frees)) != len(frees):
+        raise LayoutError("atomic-blocks recovery found two lanes with the same free block: "
+                          "the flog is corrupt")
+    result = Recovery(info.lanes, done, undone)
+    if done or undone:
+        log.info("atomic blocks: %d lanes settled after their last move, %d moves that never "
+                 "happened rolled back (interrupted writes)", done, undone)
+    return result
+
+
+def _in_map(mapped: bytes, block: int) -> bool:
+    """Whether any 8-byte entry of ``mapped`` points at ``block`` (a search in C)."""
+    pattern = block.to_bytes(4, "little")
+    pos = mapped.find(pattern)
+    while pos >= 0:
+        if pos % ENTRY == 0:
+            return True
+        pos = mapped.find(pattern, pos + 1)
+    return False
+
+
+
+# -- the client's side: reads and writes through the map, over a transport ------------------
+
+#: Makes ranges just written on a channel persistent, by the client's flush method.
+Persister = Callable[["Transport", list[tuple[int, int]]], None]
+#: Reads that find the map moved under them this many times in a row give up (EIO).
+READ_RETRIES = 1000
+
+
+class BlockMap:
+    """A client's reads and writes of logical blocks through the map, on any transport.
+
+    A read takes the map entries of its blocks, reads the blocks, then the entries again: a
+    block whose entry changed meanwhile is read again, so each block is one write's data,
+    whole. A write takes one of the client's lanes for the whole request and, per block,
+    writes the lane's free block, records the move in the lane's flog, persists both (the
+    flush method's step), then moves the map entry by compare-and-swap. If another writer
+    moved that entry first, the move is recorded again against what it found (a partial
+    block is merged again), so concurrent writers never lose a block or share one.
+    """
+
+    def __init__(self, info: Info) -> None:
+        self.info = info
+        self._cond = threading.Condition()
+        self._grant: int | None = None  # the grant the lanes below came with
+        self._free: list[Lane] = []
+        self._usable = 0  # lanes of that grant not retired
+
+    @classmethod
+    def load(cls, t: Transport) -> BlockMap:
+        """The layout of the export ``t`` reaches (which says it has atomic blocks)."""
+        raw = bytearray(INFO_SIZE)
+        t.read(memoryview(raw), 0)
+        try:
+            return cls(Info.decode(bytes(raw), t.info.export_size))
+        except LayoutError as exc:
+            raise RemoteError(f"the target's region: {exc}", errno.EIO) from None
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _entries(self, t: Transport, first: int, count: int) -> array.array[int]:
+        raw = bytearray(count * ENTRY)
+        t.read(memoryview(raw), self.info.map_at(first))
+        entries = array.array("Q", bytes(raw))
+        bad = [i for i, v in enumerate(entries) if entry_block(v) >= self.info.internal_blocks]
+        if bad:
+            raise RemoteError(f"the block map entry of block {first + bad[0]} points past the "
+                              f"last block: the region's map is corrupt", errno.EIO)
+        return entries
+
+    def read(self, t: Transport, buf: memoryview, offset: int) -> None:
+        size = self.info.sector_size
+        first = offset // size
+        count = (offset + len(buf) - 1) // size - first + 1
+        entries = self._entries(t, first, count)
+        todo = list(range(count))
+        for _ in range(READ_RETRIES):
+            self._read_blocks(t, buf, offset, first, entries, todo)
+            again = self._entries(t, first, count)
+            todo = [i for i in todo if again[i] != entries[i]]
+            if not todo:
+                return
+            entries = again
+        raise RemoteError(f"blocks {first}..{first + count - 1} kept moving while read "
+                          f"({READ_RETRIES} times)", errno.EIO)
+
+    def _read_blocks(self, t: Transport, buf: memoryview, offset: int, first: int,
+                     entries: array.array[int], todo: list[int]) -> None:
+        """Read the blocks ``todo`` (indexes from ``first``) into ``buf``, runs of blocks that
+        are consecutive in both spaces in one read."""
+        size, end = self.info.sector_size, offset + len(buf)
+        i = 0
+        while i < len(todo):
+            j = i
+            while (j + 1 < len(todo) and todo[j + 1] == todo[j] + 1
+                   and entry_block(entries[todo[j + 1]]) == entry_block(entries[todo[j]]) + 1):
+                j += 1
+            lba = first + todo[i]
+            lo = max(offset, lba * size)
+            hi = min(end, (first + todo[j] + 1) * size)
+            start = self.info.block_at(entry_block(entries[todo[i]])) + lo - lba * size
+            t.read(buf[lo - offset:hi - offset], start)
+            i = j + 1
+
+    # -- lanes -----------------------------------------------------------------------------
+
+    def _take(self, t: Transport, persist: Persister) -> Lane:
+        while True:
+            with self._cond:
+                while True:
+                    if t.info.lane_grant != self._grant:
+                        self._load_lanes(t)
+                    if self._free:
+                        lane = self._free.pop()
+                        break
+                    if not self._usable:
+                        raise RemoteError("every lane of this client was retired after failed "
+                                          "writes: reconnect to get new ones", errno.EIO)
+                    self._cond.wait(1.0)
+            if lane.pending is None or self._resolve(t, lane, persist):
+                return lane
+
+    def _load_lanes(self, t: Transport) -> None:
+        """The lanes of ``t``'s grant (a new writer session), as recovery left them."""
+        welcome = t.info
+        if not welcome.lane_count:
+            raise RequestError("the target gave this client no lanes to write through",
+                               errno.EPERM)
+        raw = bytearray(welcome.lane_count * FLOG_LANE)
+        t.read(memoryview(raw), self.info.slot_at(welcome.lane_first, 0))
+        try:
+            lanes = [lane_from(self.info, welcome.lane_first + i,
+                               bytes(raw[i * FLOG_LANE:(i + 1) * FLOG_LANE]),
+                               welcome.lane_grant) for i in range(welcome.lane_count)]
+        except LayoutError as exc:
+            raise RemoteError(f"the target's region: {exc}", errno.EIO) from None
+        self._free, self._grant, self._usable = lanes, welcome.lane_grant, len(lanes)
+        self._cond.notify_all()
+
+    def _give(self, lane: Lane) -> None:
+        with self._cond:
+            if lane.grant == self._grant:
+                self._free.append(lane)
+                self._cond.notify()
+
+    def _resolve(self, t: Transport, lane: Lane, persist: Persister) -> bool:
+        """A lane whose last move failed midway: done if the map holds its new entry (made
+        persistent again before its old block is reused), not done if the old; retired
+        (False) if neither (it cannot tell which block is free)."""
+        assert lane.pending is not None
+        lba, old, new = lane.pending
+        now = self._entries(t, lba, 1)[0]
+        if now == new:
+            persist(t, [(self.info.map_at(lba), ENTRY)])
+            lane.free = entry_block(old)
+        elif now != old:
+            log.warning("atomic-blocks lane %d is retired until the target recovers it (its "
+                        "interrupted move of block %d was overtaken)", lane.index, lba)
+            with self._cond:
+                if lane.grant == self._grant:
+                    self._usable -= 1
+            return False
+        lane.pending = None
+        return True
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(self, t: Transport, data: memoryview | None, offset: int, length: int,
+              persist: Persister) -> None:
+        """Write ``data`` (None: zeros) at logical ``offset``, block by block, each all or
+        nothing and persistent (by ``persist``) when this returns."""
+        size = self.info.sector_size
+        first = offset // size
+        count = (offset + length - 1) // size - first + 1
+        entries = self._entries(t, first, count)
+        lane = self._take(t, persist)
+        try:
+            for i in range(count):
+                lba = first + i
+                lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
+                piece = None if data is None else data[lo - offset:hi - offset]
+                self._write_block(t, lane, lba, entries[i], lo - lba * size, hi - lo, piece,
+                                  persist)
+        finally:
+            self._give(lane)
+
+    def _write_block(self, t: Transport, lane: Lane, lba: int, old: int, at: int, n: int,
+                     piece: memoryview | None, persist: Persister) -> None:
+        size = self.info.sector_size
+        while True:  # until the move succeeds; again with what another writer moved it to
+            if n == size:
+                block: bytes | memoryview = bytes(size) if piece is None else piece
+            else:
+                merged = bytearray(size)
+                t.read(memoryview(merged), self.info.block_at(entry_block(old)))
+                merged[at:at + n] = bytes(n) if piece is None else piece
+                block = memoryview(merged)
+            free_at = self.info.block_at(lane.free)
+            t.write(memoryview(block), free_at)
+            while True:
+                new = next_entry(old, lane.free)
+                slot, record = lane.record(lba, old, new)
+                lane.pending = (lba, old, new)
+                slot_at = self.info.slot_at(lane.index, slot)
+                t.write(memoryview(record), slot_at)
+                lane.recorded()  # in place: the next record goes to the other slot
+                # The data and the record persistent before the map moves: a crash then
+                # finds the record and decides from the map which block is free.
+                persist(t, [(free_at, size), (slot_at, FLOG_SLOT.size)])
+                found = t.compare_swap(self.info.map_at(lba), old, new)
+                if found == old:
+                    # The old block is free only once the move is persistent: written to
+                    # before, a power cut could bring back a map entry pointing at it.
+                    persist(t, [(self.info.map_at(lba), ENTRY)])
+                    lane.free = entry_block(old)
+                    lane.pending = None
+                    return
+                lane.pending = None
+                if entry_block(found) >= self.info.internal_blocks:
+                    raise RemoteError(f"the block map entry of block {lba} points past the "
+                                      "last block: the region's map is corrupt", errno.EIO)
+                old = found
+                if n != size:
+                    break  # merge the part into what the other writer wrote

@@ -1,0 +1,148 @@
+"""Atomic blocks over TCP: several writers on one --shared region never corrupt the block
+map, a region's lanes are shared out and given back, read-only clients cannot move blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import random
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from pmemblk import atomicblocks as ab
+from pmemblk import layout
+from pmemblk.address import parse_address
+from pmemblk.client import Client
+from pmemblk.errors import ConfigError, RemoteError
+from pmemblk.pmem import PmemRegion
+from pmemblk.target import Export, ServeConfig
+from pmemblk.transport.stream import StreamTransport
+
+from ..procs import Target, pmemblk
+from .conftest import read
+
+BLOCK = 4096
+STAMP = struct.Struct("<II")
+
+
+def stamp(writer: int, n: int) -> bytes:
+    return STAMP.pack(writer, n) * (BLOCK // STAMP.size)
+
+
+@pytest.fixture
+def atomic_region(tmp_path: Path) -> str:
+    path = str(tmp_path / "atomic.img")
+    pmemblk("create", path, "--size", "4M", "--atomic-blocks", "--lanes", "16")
+    return path
+
+
+def serve(region: str, tmp_path: Path, *extra: str) -> Target:
+    return Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, *extra,
+                  transport="tcp").start()
+
+
+def client(target: Target, readonly: bool = False) -> Client:
+    return Client(StreamTransport(target.listen, readonly=readonly), "gpspm",
+                  reconnect=lambda: StreamTransport(target.listen, readonly=readonly),
+                  reconnect_timeout=5)
+
+
+def check_map(region: str) -> None:
+    """Stopped target: every physical block mapped once or one lane's free block."""
+    with PmemRegion.open(region) as r:
+        header = layout.read_header(r)
+        area = layout.data_area(r, header.data_offset, header.data_size)
+        info = ab.read_info(area)
+        raw = area.read(info.map_offset, info.external_blocks * 8)
+        mapped = [ab.entry_block(v) for v in struct.unpack(f"<{info.external_blocks}Q", raw)]
+        frees = []
+        for lane in range(info.lanes):
+            cur = ab.current_record(area.read(info.slot_at(lane, 0), ab.FLOG_LANE))
+            assert cur is not None and cur[1].settled, f"lane {lane} is not settled"
+            frees.append(ab.entry_block(cur[1].new))
+    assert sorted(mapped + frees) == list(range(info.internal_blocks))
+
+
+def test_shared_writers_racing_on_the_same_blocks_keep_the_map_whole(
+        atomic_region: str, tmp_path: Path) -> None:
+    """Two writers, two threads each, write the same 8 blocks (whole and in part): every
+    block ends as one write's data, and no block is lost or mapped twice."""
+    target = serve(atomic_region, tmp_path, "--shared")
+    clients = [client(target), client(target)]
+    errors: list[BaseException] = []
+
+    def hammer(c: Client, writer: int) -> None:
+        rng = random.Random(writer)
+        try:
+            for n in range(1, 120):
+                lba = rng.randrange(8)
+                if rng.random() < 0.7:
+                    c.pwrite(memoryview(stamp(writer, n)), lba * BLOCK)
+                else:  # half a block: merged into whatever is there
+                    half = rng.choice((0, BLOCK // 2))
+                    c.pwrite(memoryview(stamp(writer, n)[:BLOCK // 2]), lba * BLOCK + half)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(clients[i % 2], i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for lba in range(8):
+        data = read(clients[0], lba * BLOCK, BLOCK)
+        for half in (data[:BLOCK // 2], data[BLOCK // 2:]):  # each half one write's data
+            assert len({half[i:i + 8] for i in range(0, len(half), 8)}) == 1
+    for c in clients:
+        c.close()
+    target.stop()
+    check_map(atomic_region)
+
+
+def test_lanes_run_out_for_writers_and_come_back(atomic_region: str, tmp_path: Path) -> None:
+    """16 lanes: two writers. A third is refused with the reason; once one leaves (and the
+    region is recovered when no writer is left) it gets lanes, and a reader never needs any."""
+    target = serve(atomic_region, tmp_path, "--shared")
+    first, second = client(target), client(target)
+    second.pwrite(memoryview(stamp(2, 1)), 0)
+    with pytest.raises(RemoteError, match="lane groups of this atomic-blocks region") as exc:
+        StreamTransport(target.listen)
+    assert exc.value.errno == errno.EBUSY
+    with client(target, readonly=True) as reader:
+        assert read(reader, 0, BLOCK) == stamp(2, 1)
+    second.close()
+    first.close()
+    target.wait_log("client 2 (unix socket) disconnected")
+    with client(target) as third:
+        third.pwrite(memoryview(stamp(3, 1)), BLOCK)
+        assert read(third, 0, 2 * BLOCK) == stamp(2, 1) + stamp(3, 1)
+    target.stop()
+    check_map(atomic_region)
+
+
+def test_a_read_only_client_cannot_move_a_block(atomic_region: str, tmp_path: Path) -> None:
+    target = serve(atomic_region, tmp_path)
+    with StreamTransport(target.listen, readonly=True) as t:
+        assert t.info.atomic_blocks and t.info.lane_count == 0
+        info = ab.BlockMap.load(t).info
+        with pytest.raises(RemoteError) as exc:
+            t.compare_swap(info.map_at(0), 0, 5)
+        assert exc.value.errno == errno.EPERM
+    target.stop()
+    check_map(atomic_region)
+
+
+def test_serving_both_transports_to_shared_writers_is_refused(atomic_region: str) -> None:
+    config = ServeConfig(path=atomic_region, listen=parse_address("192.0.2.1:7000", "--listen"),
+                         transports=("verbs", "tcp"), shared=True)
+    with pytest.raises(ConfigError, match="an RDMA one is not atomic with the target's own"):
+        Export(config)
+    export = Export(dataclasses.replace(config, transports=("tcp",)))
+    try:
+        assert export.atomic is not None
+    finally:
+        export.close()
