@@ -324,6 +324,71 @@ def native_latency(quick: bool) -> dict[str, Any]:
     return result
 
 
+ATOMIC_PROBE = """
+import json, os, random, sys, time
+from pmemblk.auth import load_secret
+from pmemblk.client import Client
+from pmemblk.transport.verbs import VerbsTransport
+addr, port, secret, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+c = Client(VerbsTransport(addr, port, secret=load_secret(secret)), "gpspm")
+rng = random.Random(1)
+block, buf = memoryview(os.urandom(4096)), memoryview(bytearray(4096))
+blocks = c.size // 4096
+out = {"write": [], "read": []}
+for i in range(n):
+    off = rng.randrange(blocks) * 4096
+    t = time.perf_counter(); c.pwrite(block, off); out["write"].append(time.perf_counter() - t)
+    t = time.perf_counter(); c.pread(buf, off); out["read"].append(time.perf_counter() - t)
+c.close()
+def pct(xs, q):
+    xs = sorted(xs); return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
+print(json.dumps({**{f"{k}_p50_us": pct(v, 0.5) for k, v in out.items()},
+                  **{f"{k}_p99_us": pct(v, 0.99) for k, v in out.items()},
+                  **{f"{k}_iops": len(v) / sum(v) for k, v in out.items()}}))
+"""
+
+
+def atomic_cost(quick: bool) -> dict[str, Any]:
+    """In the VM, over rxe with flush=gpspm: 4 KiB random writes and reads, one at a time from
+    one client (no nbdkit), on a plain region and on an atomic-blocks one, in turns."""
+    repeats, n = (2, 100) if quick else (5, 400)
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    secret = work / "secret"
+    create_secret(str(secret))
+    targets = []
+    result: dict[str, Any] = {"repeats": repeats, "n": n, "layouts": {}}
+    try:
+        for port, layout in ((7610, "plain"), (7611, "atomic blocks")):
+            region = f"/dev/shm/pmemblk-bench-{port}.img"
+            subprocess.run([PY, "-m", "pmemblk", "create", region, "--size", "64M", "--force",
+                            *(["--atomic-blocks"] if layout != "plain" else [])],
+                           check=True, capture_output=True)
+            pid = work / f"target-{port}.pid"
+            targets.append(subprocess.Popen(
+                [PY, "-m", "pmemblk", "serve", region, "--listen", f"{ADDR}:{port}",
+                 "--pid-file", str(pid), "--secret-file", str(secret)],
+                stderr=subprocess.DEVNULL))
+            wait_for(pid, targets[-1], "the target")
+        for r in range(repeats):
+            for port, layout in ((7610, "plain"), (7611, "atomic blocks")):
+                res = subprocess.run([PY, "-c", ATOMIC_PROBE, ADDR, str(port), str(secret),
+                                      str(n)], capture_output=True, text=True, timeout=900)
+                if res.returncode != 0:
+                    raise RuntimeError(f"{layout}: {res.stderr[-2000:]}")
+                m = json.loads(res.stdout.strip().splitlines()[-1])
+                result["layouts"].setdefault(layout, []).append(m)
+                log(f"atomic #{r + 1} {layout}: write p50 {m['write_p50_us']:.0f} us "
+                    f"({m['write_iops']:.0f} IOPS), read p50 {m['read_p50_us']:.0f} us")
+    finally:
+        for t in targets:
+            t.send_signal(signal.SIGTERM)
+            t.wait()
+        for port in (7610, 7611):
+            Path(f"/dev/shm/pmemblk-bench-{port}.img").unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def job_groups() -> list[tuple[int, list[tuple[str, dict[str, Any]]]]]:
     """The jobs by their number of NBD connections (each group gets its own nbdkit)."""
     groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
@@ -550,7 +615,7 @@ def main() -> int:
     r.add_argument("--only", choices=["host", "vm"],
                    help="run one part and merge it into the existing --out file")
     p = sub.add_parser("part")
-    p.add_argument("part", choices=["host", "vm", "scale-out", "native"])
+    p.add_argument("part", choices=["host", "vm", "scale-out", "native", "atomic"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", required=True)
     for each in (r, p):
@@ -558,13 +623,13 @@ def main() -> int:
                           help="also measure pmemblk as it was at this git revision")
     d = sub.add_parser("render")
     d.add_argument("file")
-    for extra in ("stats-cost", "scale-out", "native"):
+    for extra in ("stats-cost", "scale-out", "native", "atomic"):
         c = sub.add_parser(extra)
         c.add_argument("--quick", action="store_true")
         c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     args = ap.parse_args()
 
-    if args.cmd in ("scale-out", "native"):
+    if args.cmd in ("scale-out", "native", "atomic"):
         if not Path(args.out).exists():
             log(f"{args.out} does not exist: run the whole bench first")
             return 1
@@ -573,7 +638,7 @@ def main() -> int:
             return 1
         saved = json.loads(Path(args.out).read_text())
         saved[args.cmd.replace("-", "_")] = measured
-        if args.cmd == "native":
+        if args.cmd in ("native", "atomic"):
             measured["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         Path(args.out).write_text(json.dumps(saved, indent=1))
         from render import render
@@ -598,6 +663,8 @@ def main() -> int:
             part = scale_out(args.quick)
         elif args.part == "native":
             part = native_latency(args.quick)
+        elif args.part == "atomic":
+            part = atomic_cost(args.quick)
         else:
             part = run_part(args.part, args.quick, args.baseline)
         Path(args.out).write_text(json.dumps(part, indent=1))

@@ -213,6 +213,29 @@ def native_table(native: dict[str, Any]) -> list[str]:
     return lines
 
 
+def atomic_table(atomic: dict[str, Any]) -> list[str]:
+    """What atomic blocks cost per 4 KiB write and read, as ratios to a plain region."""
+    runs = atomic["layouts"]
+    plain = runs["plain"]
+    lines = [f"### Atomic blocks ({atomic['date']}, VM --flavour stable: Linux 6.1 rxe, "
+             f"flush=gpspm, regions on /dev/shm; {atomic['repeats']} repeats × {atomic['n']} "
+             "random 4 KiB writes and reads, one at a time from one client, no nbdkit)", "",
+             "| layout | write p50 | write IOPS | write latency / plain | write IOPS / plain "
+             "| read p50 | read latency / plain |", "|---|---|---|---|---|---|---|"]
+    for layout, rs in runs.items():
+        w = [float(r["write_p50_us"]) for r in rs]
+        wi = [float(r["write_iops"]) for r in rs]
+        rd = [float(r["read_p50_us"]) for r in rs]
+        pw = [float(r["write_p50_us"]) for r in plain]
+        pwi = [float(r["write_iops"]) for r in plain]
+        prd = [float(r["read_p50_us"]) for r in plain]
+        lines.append(f"| {layout} | {med(w):.0f} µs ({spread(w)}) | {med(wi):.0f} | "
+                     f"{ratio(w, pw)[0]:.2f}× ({ratio(w, pw)[1]:.2f}–{ratio(w, pw)[2]:.2f}) | "
+                     f"{ratio(wi, pwi)[0]:.2f}× | {med(rd):.0f} µs | "
+                     f"{ratio(rd, prd)[0]:.2f}× |")
+    return lines
+
+
 def render(results: dict[str, Any]) -> None:
     parts = results["parts"]
     lines = [BEGIN, "", f"Latest run: {results['date']}, {'quick' if results['quick'] else 'full'}"
@@ -233,6 +256,8 @@ def render(results: dict[str, Any]) -> None:
         lines += ["", *scale_table(results["scale_out"])]
     if "native" in results:
         lines += ["", *native_table(results["native"])]
+    if "atomic" in results:
+        lines += ["", *atomic_table(results["atomic"])]
     lines += ["", END]
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

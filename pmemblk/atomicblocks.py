@@ -34,6 +34,7 @@ lanes of its own (``LANES_PER_WRITER``) in its WELCOME, so writers never share a
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import struct
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING
 from .errors import LayoutError, RemoteError, RequestError
 
 if TYPE_CHECKING:
-    from .transport import Transport
+    from .transport import Persist, Transport
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,8 @@ def _in_map(mapped: bytes, block: int) -> bool:
 Persister = Callable[["Transport", list[tuple[int, int]]], None]
 #: Reads that find the map moved under them this many times in a row give up (EIO).
 READ_RETRIES = 1000
+#: A sole writer's locks, by logical block: one move of a block at a time (ATOMIC WRITE).
+BLOCK_LOCKS = 64
 
 
 class BlockMap:
@@ -398,10 +401,16 @@ class BlockMap:
     flush method's step), then moves the map entry by compare-and-swap. If another writer
     moved that entry first, the move is recorded again against what it found (a partial
     block is merged again), so concurrent writers never lose a block or share one.
+
+    A sole writer (the export is not ``--shared``) whose connection offers the ATOMIC WRITE
+    verb moves the entry with it instead: no other client moves entries, and its own threads
+    move one block at a time (``BLOCK_LOCKS``), so the entry it read is the one it replaces.
     """
 
     def __init__(self, info: Info) -> None:
         self.info = info
+        self._locks = [threading.Lock() for _ in range(BLOCK_LOCKS)]
+        self.mover: str | None = None  # how the last write moved entries (for the log)
         self._cond = threading.Condition()
         self._grant: int | None = None  # the grant the lanes below came with
         self._free: list[Lane] = []
@@ -465,21 +474,25 @@ class BlockMap:
 
     # -- lanes -----------------------------------------------------------------------------
 
-    def _take(self, t: Transport, persist: Persister) -> Lane:
+    def _take(self, t: Transport, persist: Persister, most: int) -> list[Lane]:
+        """One lane (waiting for it if need be), and up to ``most`` in all if they are free
+        now: a write of several blocks moves one per lane, all at once."""
         while True:
             with self._cond:
                 while True:
                     if t.info.lane_grant != self._grant:
                         self._load_lanes(t)
                     if self._free:
-                        lane = self._free.pop()
+                        n = min(most, len(self._free))
+                        taken, self._free = self._free[-n:], self._free[:-n]
                         break
                     if not self._usable:
                         raise RemoteError("every lane of this client was retired after failed "
                                           "writes: reconnect to get new ones", errno.EIO)
                     self._cond.wait(1.0)
-            if lane.pending is None or self._resolve(t, lane, persist):
-                return lane
+            usable = [ln for ln in taken if ln.pending is None or self._resolve(t, ln, persist)]
+            if usable:
+                return usable
 
     def _load_lanes(self, t: Transport) -> None:
         """The lanes of ``t``'s grant (a new writer session), as recovery left them."""
@@ -527,59 +540,129 @@ class BlockMap:
     # -- writes ----------------------------------------------------------------------------
 
     def write(self, t: Transport, data: memoryview | None, offset: int, length: int,
-              persist: Persister) -> None:
+              persist: Persister, step: Persist) -> None:
         """Write ``data`` (None: zeros) at logical ``offset``, block by block, each all or
-        nothing and persistent (by ``persist``) when this returns."""
+        nothing and persistent (by ``persist``, or ``step`` posted behind writes) when this
+        returns. Blocks move in rounds, one per lane taken, each step of a round in flight at
+        once: about four round trips a round."""
         size = self.info.sector_size
         first = offset // size
         count = (offset + length - 1) // size - first + 1
-        entries = self._entries(t, first, count)
-        lane = self._take(t, persist)
+        store = t.info.atomic_write and not t.info.shared
+        mover = "ATOMIC WRITE (sole writer)" if store else "compare-and-swap"
+        if mover != self.mover:
+            self.mover = mover
+            log.info("atomic blocks: map entries move by %s", mover)
+        lanes = self._take(t, persist, min(count, LANES_PER_WRITER))
         try:
-            for i in range(count):
-                lba = first + i
+            done = 0
+            while done < count:
+                n = min(len(lanes), count - done)
+                lbas = range(first + done, first + done + n)
+                if store:  # one move of a block at a time: then the entry read is current
+                    with contextlib.ExitStack() as held:
+                        for i in sorted({lba % BLOCK_LOCKS for lba in lbas}):
+                            held.enter_context(self._locks[i])
+                        self._round(t, lanes, lbas, data, offset, length, persist, step, store)
+                else:
+                    self._round(t, lanes, lbas, data, offset, length, persist, step, store)
+                done += n
+        finally:
+            for lane in lanes:
+                self._give(lane)
+
+    def _round(self, t: Transport, lanes: list[Lane], lbas: range, data: memoryview | None,
+               offset: int, length: int, persist: Persister, step: Persist,
+               store: bool) -> None:
+        """Move ``lbas`` (one per lane): new data into the lanes' free blocks, the records,
+        the map entries, the entries persisted; blocks whose entry another writer moved
+        first are moved again, one by one."""
+        size, info = self.info.sector_size, self.info
+        olds = self._entries(t, lbas[0], len(lbas))
+        blocks: list[memoryview] = []
+        for i, lba in enumerate(lbas):
+            lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
+            piece = None if data is None else data[lo - offset:hi - offset]
+            blocks.append(self._merged(t, olds[i], lo - lba * size, hi - lo, piece))
+        # The data and the records persistent before the map moves: a crash then finds the
+        # record and decides from the map which block is free.
+        t.write_many([(info.block_at(lanes[i].free), blocks[i]) for i in range(len(lbas))],
+                     step)
+        news = [next_entry(olds[i], lanes[i].free) for i in range(len(lbas))]
+        records = []
+        for i, lba in enumerate(lbas):
+            slot, record = lanes[i].record(lba, olds[i], news[i])
+            lanes[i].pending = (lba, olds[i], news[i])
+            records.append((info.slot_at(lanes[i].index, slot), memoryview(record)))
+        t.write_many(records, step)
+        for i in range(len(lbas)):
+            lanes[i].recorded()  # in place: the next record goes to the other slot
+        if store:
+            t.atomic_write_many([(info.map_at(lba), news[i]) for i, lba in enumerate(lbas)])
+            found = list(olds)
+        else:
+            found = t.compare_swap_many([(info.map_at(lba), olds[i], news[i])
+                                         for i, lba in enumerate(lbas)])
+        moved = [i for i in range(len(lbas)) if found[i] == olds[i]]
+        if moved:
+            # The old blocks are free only once the moves are persistent: written to before,
+            # a power cut could bring back a map entry pointing at one.
+            persist(t, [(info.map_at(lbas[i]), ENTRY) for i in moved])
+        for i in moved:
+            lanes[i].free = entry_block(olds[i])
+            lanes[i].pending = None
+        for i in range(len(lbas)):
+            if found[i] != olds[i]:
+                lanes[i].pending = None
+                lba = lbas[i]
                 lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
                 piece = None if data is None else data[lo - offset:hi - offset]
-                self._write_block(t, lane, lba, entries[i], lo - lba * size, hi - lo, piece,
+                self._check_entry(found[i], lba)
+                self._write_block(t, lanes[i], lba, found[i], lo - lba * size, hi - lo, piece,
                                   persist)
-        finally:
-            self._give(lane)
+
+    def _merged(self, t: Transport, old: int, at: int, n: int,
+                piece: memoryview | None) -> memoryview:
+        """A whole block: ``piece`` (None: zeros) at ``at``, the rest from the block ``old``
+        maps to (read only for a part of a block)."""
+        size = self.info.sector_size
+        if n == size:
+            return memoryview(bytes(size)) if piece is None else piece
+        merged = bytearray(size)
+        t.read(memoryview(merged), self.info.block_at(entry_block(old)))
+        merged[at:at + n] = bytes(n) if piece is None else piece
+        return memoryview(merged)
+
+    def _check_entry(self, raw: int, lba: int) -> None:
+        if entry_block(raw) >= self.info.internal_blocks:
+            raise RemoteError(f"the block map entry of block {lba} points past the last "
+                              "block: the region's map is corrupt", errno.EIO)
 
     def _write_block(self, t: Transport, lane: Lane, lba: int, old: int, at: int, n: int,
                      piece: memoryview | None, persist: Persister) -> None:
+        """One block whose entry another writer moved first, moved by compare-and-swap
+        until it moves (a part of a block merged again into what the other wrote)."""
         size = self.info.sector_size
-        while True:  # until the move succeeds; again with what another writer moved it to
-            if n == size:
-                block: bytes | memoryview = bytes(size) if piece is None else piece
-            else:
-                merged = bytearray(size)
-                t.read(memoryview(merged), self.info.block_at(entry_block(old)))
-                merged[at:at + n] = bytes(n) if piece is None else piece
-                block = memoryview(merged)
+        while True:
+            block = self._merged(t, old, at, n, piece)
             free_at = self.info.block_at(lane.free)
-            t.write(memoryview(block), free_at)
+            t.write(block, free_at)
             while True:
                 new = next_entry(old, lane.free)
                 slot, record = lane.record(lba, old, new)
                 lane.pending = (lba, old, new)
                 slot_at = self.info.slot_at(lane.index, slot)
                 t.write(memoryview(record), slot_at)
-                lane.recorded()  # in place: the next record goes to the other slot
-                # The data and the record persistent before the map moves: a crash then
-                # finds the record and decides from the map which block is free.
+                lane.recorded()
                 persist(t, [(free_at, size), (slot_at, FLOG_SLOT.size)])
                 found = t.compare_swap(self.info.map_at(lba), old, new)
                 if found == old:
-                    # The old block is free only once the move is persistent: written to
-                    # before, a power cut could bring back a map entry pointing at it.
                     persist(t, [(self.info.map_at(lba), ENTRY)])
                     lane.free = entry_block(old)
                     lane.pending = None
                     return
                 lane.pending = None
-                if entry_block(found) >= self.info.internal_blocks:
-                    raise RemoteError(f"the block map entry of block {lba} points past the "
-                                      "last block: the region's map is corrupt", errno.EIO)
+                self._check_entry(found, lba)
                 old = found
                 if n != size:
                     break  # merge the part into what the other writer wrote

@@ -33,9 +33,13 @@ MAX_CONNECTIONS = 65536
 def cmd_create(args: argparse.Namespace) -> None:
     path: str = args.path
     size = parse_size(args.size) if args.size is not None else None
+    if args.lanes is not None and not args.atomic_blocks:
+        raise ConfigError("--lanes is for --atomic-blocks regions only")
+    lanes = None
+    if args.atomic_blocks:
+        lanes = atomicblocks.DEFAULT_LANES if args.lanes is None else args.lanes
     with progress_bar(size, f"allocating {path}") as progress:
-        made = create_region(path, size, args.block_size, args.force, progress,
-                             args.lanes if args.atomic_blocks else None)
+        made = create_region(path, size, args.block_size, args.force, progress, lanes)
     header, atomic = made.header, made.atomic
     if atomic is not None:
         what = (f"{human(atomic.export_size)} of atomic blocks ({atomic.external_blocks} "
@@ -274,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--atomic-blocks", action="store_true",
                    help="lay out atomic blocks: a power cut never leaves a block half written "
                    "(docs/persistence.md); --block-size 512 or 4096")
-    c.add_argument("--lanes", type=int, default=atomicblocks.DEFAULT_LANES,
+    c.add_argument("--lanes", type=int,
                    help="with --atomic-blocks: free blocks for writes in flight, "
                    f"{atomicblocks.LANES_PER_WRITER} per writer (default "
                    f"{atomicblocks.DEFAULT_LANES})")

@@ -407,7 +407,8 @@ class Client(Closeable):
                 blocks = self.blocks
                 if blocks is not None:
                     self._write(lambda t, step: blocks.write(t, data, offset, len(data),
-                                                             self.policy.persist_now),
+                                                             self.policy.persist_now,
+                                                             self.policy.fua_step),
                                 offset, len(data), fua)
                 else:
                     self._write(lambda t, step: t.write(data, offset, step), offset,
@@ -421,7 +422,8 @@ class Client(Closeable):
                 blocks = self.blocks
                 if blocks is not None:
                     self._write(lambda t, step: blocks.write(t, None, offset, length,
-                                                             self.policy.persist_now),
+                                                             self.policy.persist_now,
+                                                             self.policy.fua_step),
                                 offset, length, fua)
                 else:
                     self._write(lambda t, step: t.write_zeroes(offset, length, step), offset,

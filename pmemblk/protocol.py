@@ -66,7 +66,9 @@ REGION_IS_PMEM = 1 << 0
 REGION_READONLY = 1 << 1
 REGION_ATOMIC_WRITE = 1 << 2  # the client may post 8-byte ATOMIC WRITEs into its rkey
 REGION_ATOMIC_BLOCKS = 1 << 3  # the data area holds atomic blocks (pmemblk.atomicblocks)
-REGION_FLAGS = REGION_IS_PMEM | REGION_READONLY | REGION_ATOMIC_WRITE | REGION_ATOMIC_BLOCKS
+REGION_SHARED = 1 << 4  # other read-write clients may be connected (serve --shared)
+REGION_FLAGS = (REGION_IS_PMEM | REGION_READONLY | REGION_ATOMIC_WRITE | REGION_ATOMIC_BLOCKS
+                | REGION_SHARED)
 # Flush methods (bit mask in WELCOME)
 FLUSH_APM = 1 << 0
 FLUSH_GPSPM = 1 << 1
@@ -267,6 +269,10 @@ class Welcome:
     @property
     def atomic_blocks(self) -> bool:
         return bool(self.region_flags & REGION_ATOMIC_BLOCKS)
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.region_flags & REGION_SHARED)
 
     def encode(self) -> bytes:
         return WELCOME.pack(

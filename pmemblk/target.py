@@ -43,6 +43,7 @@ from .protocol import (
     REGION_ATOMIC_WRITE,
     REGION_IS_PMEM,
     REGION_READONLY,
+    REGION_SHARED,
     Auth,
     Challenge,
     Commit,
@@ -425,7 +426,8 @@ class Export:
         ``native``: the client's rkey allows the native verbs the probe found (RDMA)."""
         flags = (REGION_IS_PMEM if self.region.is_pmem else 0) | (
             REGION_READONLY if admission.readonly else 0) | (
-            REGION_ATOMIC_BLOCKS if self.atomic is not None else 0)
+            REGION_ATOMIC_BLOCKS if self.atomic is not None else 0) | (
+            REGION_SHARED if self.config.shared else 0)
         lanes = admission.session.lanes if admission.writer else None
         first, count, grant = lanes if lanes is not None else (0, 0, 0)
         methods, durable = FLUSH_APM | FLUSH_GPSPM, self.durable_methods

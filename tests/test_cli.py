@@ -46,6 +46,24 @@ def test_create_info_and_no_silent_reformat(tmp_path: Path,
     assert json.loads(capsys.readouterr().out)["uuid"] != uuid1
 
 
+def test_create_atomic_blocks_and_info_reports_them(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "a.img")
+    assert main(["create", path, "--size", "8M", "--atomic-blocks", "--block-size", "512",
+                 "--lanes", "16"]) == 0
+    assert "sectors of 512 bytes, 16 lanes" in capsys.readouterr().out
+    assert main(["info", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["atomic_blocks"] is True and info["layout_version"] == 2
+    assert info["sector_size"] == 512 and info["lanes"] == 16
+    assert 0 < info["export_size"] < info["data_size"] and info["export_size"] % 512 == 0
+    assert main(["create", path, "--force"]) == 0  # plain again: version 1
+    capsys.readouterr()
+    main(["info", path, "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["atomic_blocks"] is False and info["layout_version"] == 1
+
+
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"\xff" * 65536)
@@ -76,6 +94,13 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
           str(tmp_path / "nope")], "No such file"),
         (["secret", str(open_secret)], "already exists"),
         (["serve", str(junk), "--listen", "nocolon"], "HOST:PORT"),
+        (["create", str(tmp_path / "n.img"), "--size", "1M", "--lanes", "8"],
+         "--atomic-blocks regions only"),
+        (["create", str(tmp_path / "n.img"), "--size", "1M", "--atomic-blocks", "--lanes", "0"],
+         "--lanes 0 is out of range"),
+        (["create", str(tmp_path / "n.img"), "--size", "1M", "--atomic-blocks", "--block-size",
+          "1024"], "--block-size 512 or 4096"),
+        (["create", str(tmp_path / "n.img"), "--size", "64K", "--atomic-blocks"], "too small"),
     ]
     for args, message in cases:
         res = run(*args)

@@ -82,6 +82,10 @@ class MemoryTransport:
         for off, n in ranges:
             self.durable[off:off + n] = self.mem[off:off + n]
 
+    def atomic_write(self, offset: int, value: bytes) -> None:
+        self.calls.append(("atomic write", (offset, value)))
+        self.mem[offset:offset + 8] = value
+
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
         self.calls.append(("cas", (offset, expected, new)))
         found = int.from_bytes(self.mem[offset:offset + 8], "little")
@@ -361,6 +365,9 @@ class RcChannel:
         self.commit(ranges)  # a FLUSH, too, orders only this channel's writes
 
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        raise AssertionError("no atomic blocks here")
+
+    def atomic_write(self, offset: int, value: bytes) -> None:
         raise AssertionError("no atomic blocks here")
 
     def close(self) -> None:

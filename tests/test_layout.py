@@ -98,6 +98,27 @@ def test_reserved_must_be_zero() -> None:
         layout.Header.decode(bytes(raw), SIZE)
 
 
+def test_features_need_version_2_and_must_be_known() -> None:
+    h = layout.Header(uuid.uuid4(), 4096, 4096, SIZE - 4096, 123, layout.FEATURE_ATOMIC_BLOCKS)
+    raw = bytearray(h.encode())
+    assert struct.unpack_from("<H", raw, 8)[0] == 2
+    assert layout.Header.decode(bytes(raw), SIZE).atomic_blocks
+    struct.pack_into("<I", raw, 60, 0b110)
+    with pytest.raises(LayoutError, match="features 0x6 are not supported"):
+        layout.Header.decode(bytes(raw), SIZE)
+    struct.pack_into("<I", raw, 60, 0)  # version 2 with no feature: not written by anyone
+    with pytest.raises(LayoutError, match="features 0x0"):
+        layout.Header.decode(bytes(raw), SIZE)
+
+
+def test_an_atomic_region_keeps_its_header_out_of_the_layout(region: PmemRegion) -> None:
+    header = layout.format_region(region, 512, atomic_lanes=8)
+    info = layout.read_atomic_info(region, header)
+    assert info is not None and info.lanes == 8 and info.sector_size == 512
+    assert info.end <= header.data_size
+    assert layout.read_header(region) == header
+
+
 def test_region_too_small(region_path: object) -> None:
     with PmemRegion.create(str(region_path), 4096) as r, pytest.raises(LayoutError, match="small"):
         layout.format_region(r)

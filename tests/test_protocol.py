@@ -135,7 +135,7 @@ def test_challenge_and_auth_checks() -> None:
         ({"export_size": 0}, "not positive"),
         ({"block_size": 1000}, "block size"),
         ({"export_size": 4097}, "not a multiple"),
-        ({"region_flags": 0x10}, "unknown region flags"),
+        ({"region_flags": 0x20}, "unknown region flags"),
         ({"lane_count": 8}, "grants lanes on a region without atomic blocks"),
         ({"flush_methods": 0x8}, "unknown flush methods"),
         ({"flush_methods": 0x3, "durable_methods": 0x4}, "are durable but offers"),

@@ -58,10 +58,26 @@ class Transport(Protocol):
         """native: the FLUSH verb on each range (on this channel, so after its own writes),
         all posted, then waited for. Only where the WELCOME offers flush method native."""
 
+    def atomic_write(self, offset: int, value: bytes) -> None:
+        """The 8-byte ATOMIC WRITE verb at export ``offset`` (8-aligned), where the WELCOME
+        offers it (``info.atomic_write``), waited for."""
+
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
         """Store ``new`` in the aligned 8-byte word at export ``offset`` if it holds
         ``expected``, atomically (RDMA compare-and-swap, or the target's own over a stream);
         the value it held. Ordered after this channel's earlier writes."""
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        """``compare_swap`` of each (offset, expected, new), all in flight at once where the
+        transport can; the values found, in order."""
+
+    def atomic_write_many(self, items: list[tuple[int, int]]) -> None:
+        """``atomic_write`` of each (offset, value as a little-endian integer)."""
+
+    def write_many(self, items: list[tuple[int, memoryview]],
+                   persist: Persist | None = None) -> None:
+        """``write`` of each (offset, data), all in flight at once where the transport can,
+        with ``persist`` the step covering them all, posted behind them (one wait)."""
 
     def close(self) -> None:
         """Disconnect and free every resource; safe to call twice."""
@@ -94,6 +110,39 @@ class Channel(Closeable):
 
     def native_flush(self, ranges: list[tuple[int, int]]) -> None:
         raise TransportError("flush=native needs an RDMA connection with the FLUSH verb")
+
+    def atomic_write(self, offset: int, value: bytes) -> None:
+        raise TransportError("ATOMIC WRITE needs an RDMA connection with that verb")
+
+    # One at a time where a transport has nothing better (a stream pipelines its frames).
+
+    def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
+        raise NotImplementedError
+
+    def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        raise NotImplementedError
+
+    def read_barrier(self, offset: int) -> None:
+        raise NotImplementedError
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        return [self.compare_swap(*item) for item in items]
+
+    def atomic_write_many(self, items: list[tuple[int, int]]) -> None:
+        for offset, value in items:
+            self.atomic_write(offset, value.to_bytes(8, "little"))
+
+    def write_many(self, items: list[tuple[int, memoryview]],
+                   persist: Persist | None = None) -> None:
+        for offset, data in items:
+            self.write(data, offset)
+        ranges = [(offset, len(data)) for offset, data in items]
+        if persist == "commit":
+            self.commit(ranges)
+        elif persist == "flush":
+            self.native_flush(ranges)
+        elif persist == "barrier":
+            self.read_barrier(ranges[0][0])
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its replies."""

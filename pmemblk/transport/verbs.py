@@ -2,7 +2,9 @@
 
 Buffer layout (one registration per connection, made at connect time)::
 
-    [ slot 0 | ... | slot depth-1 | zero chunk | send message | receive message | atomic ]
+    [ slot 0 | ... | slot depth-1 | zero chunk | send message | receive message | atomics ]
+
+The atomics area holds one 8-byte word per compare-and-swap in flight (``depth`` of them).
 
 Each data slot is ``chunk_size`` bytes. A request is split into chunks and pipelined with up to
 ``depth`` work requests in flight, each in its own slot; a slot is reused only after its
@@ -40,6 +42,8 @@ from . import Channel, Persist, check_commit_reply, refused
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 8
+#: (export offset, length, data to write or None, buffer to read into or None)
+Segment = tuple[int, int, "memoryview | None", "memoryview | None"]
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
@@ -103,7 +107,7 @@ class VerbsTransport(Channel):
         self._send_off = self._zero_off + self.chunk_size
         self._recv_off = self._send_off + MAX_MESSAGE_SIZE
         self._atomic_off = self._recv_off + MAX_MESSAGE_SIZE
-        self.buffers = RegisteredBuffer(self.device.pd, self._atomic_off + 8)
+        self.buffers = RegisteredBuffer(self.device.pd, self._atomic_off + 8 * self.depth)
         self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
                            recv_depth=2, native=self.device.native)
 
@@ -198,40 +202,49 @@ class VerbsTransport(Channel):
         """Move ``length`` bytes at export ``offset`` in chunks, ``depth`` in flight. With
         ``persist``, its step is posted right behind the last chunk, on the same queue pair
         (which orders it after the writes), and the whole is one wait: librpma's way."""
+        self._transfer(opcode, [(offset, length, src, dst)], persist)
+
+    def _transfer(self, opcode: int, segments: list[Segment],
+                  persist: Persist | None = None) -> None:
+        """``_pipeline`` over several segments (offset, length, source, destination), all
+        posted before any is waited for, the persistence step covering every one of them."""
         ep, bufs = self._usable()
         chunk = self.chunk_size
-        remote = self.info.remote_addr + offset
-        rkey = self.info.rkey
+        base, rkey = self.info.remote_addr, self.info.rkey
         free = list(range(self.depth))
-        inflight: dict[int, tuple[int, int, int]] = {}
-        pos = 0
+        inflight: dict[int, tuple[int, int, int, memoryview | None]] = {}
+        pieces = ((off + pos, min(chunk, n - pos), None if src is None else src[pos:],
+                   None if dst is None else dst[pos:])
+                  for off, n, src, dst in segments for pos in range(0, n, chunk))
+        piece = next(pieces, None)
         name = rdma.OPCODE_NAMES.get(opcode, str(opcode))
         steps: dict[int, str] = {}  # the persistence step's work requests, until complete
         commit_id = 0
         answer: bytes | None = None
+        ranges = [(off, n) for off, n, _, _ in segments]
         try:
-            while pos < length or inflight or steps:
-                while pos < length and free:
-                    n = min(chunk, length - pos)
+            while piece is not None or inflight or steps:
+                while piece is not None and free:
+                    off, n, src, dst = piece
                     slot = free.pop()
                     if src is None and dst is None:
                         laddr = bufs.addr + self._zero_off
                     else:
                         laddr = bufs.addr + slot * chunk
                         if src is not None:
-                            bufs.view[slot * chunk:slot * chunk + n] = src[pos:pos + n]
+                            bufs.view[slot * chunk:slot * chunk + n] = src[:n]
                     wr_id = self._wr_id()
-                    ep.post(wr_id, opcode, laddr, n, bufs.lkey, remote + pos, rkey)
-                    inflight[wr_id] = (slot, pos, n)
-                    pos += n
-                if persist is not None and pos >= length and commit_id == 0:
+                    ep.post(wr_id, opcode, laddr, n, bufs.lkey, base + off, rkey)
+                    inflight[wr_id] = (slot, off, n, dst)
+                    piece = next(pieces, None)
+                if persist is not None and piece is None and commit_id == 0:
                     # Behind the last chunk, before waiting: one wait for the whole.
-                    commit_id = self._post_persist(ep, bufs, persist, offset, length, steps)
+                    commit_id = self._post_persist(ep, bufs, persist, ranges, steps)
                 for wc in self._wait(ep):
                     step = steps.pop(wc.wr_id, None)
                     if step is not None:
                         if wc.status != rdma.e.IBV_WC_SUCCESS:
-                            raise rdma.wc_failure(wc, step, remote, rkey)
+                            raise rdma.wc_failure(wc, step, base + ranges[0][0], rkey)
                         if step == "COMMIT reply":
                             answer = bytes(bufs.view[self._recv_off:
                                                      self._recv_off + wc.byte_len])
@@ -239,28 +252,31 @@ class VerbsTransport(Channel):
                     item = inflight.pop(wc.wr_id, None)
                     if item is None:
                         raise TransportError(f"completion for unknown work request {wc.wr_id}")
-                    slot, p, n = item
+                    slot, off, n, dst = item
                     if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, f"RDMA {name}", remote + p, rkey, n)
+                        raise rdma.wc_failure(wc, f"RDMA {name}", base + off, rkey, n)
                     if dst is not None:
-                        dst[p:p + n] = bufs.view[slot * chunk:slot * chunk + n]
+                        dst[:n] = bufs.view[slot * chunk:slot * chunk + n]
                     free.append(slot)
             if persist == "commit":
                 assert answer is not None
-                check_commit_reply(answer, commit_id, 1)  # a bad status: RemoteError
+                check_commit_reply(answer, commit_id, len(ranges))  # a bad status: RemoteError
         except (TransportError, ProtocolError) as exc:
             raise self._fail(exc) from None
 
     def _post_persist(self, ep: Endpoint, bufs: RegisteredBuffer, persist: Persist,
-                      offset: int, length: int, steps: dict[int, str]) -> int:
-        """Post a FUA write's persistence step behind it; its COMMIT's request id (or -1)."""
+                      ranges: list[tuple[int, int]], steps: dict[int, str]) -> int:
+        """Post a persistence step behind the writes to ``ranges``; its COMMIT's request id
+        (or -1)."""
         if persist == "flush":  # the FLUSH verb: executed after this QP's writes
-            wr_id = self._wr_id()
-            ep.post_flush(wr_id, self.info.remote_addr + offset, length, self.info.rkey,
-                          self._flush_persistent)
-            steps[wr_id] = "native FLUSH (FUA)"
+            for offset, length in ranges:
+                wr_id = self._wr_id()
+                ep.post_flush(wr_id, self.info.remote_addr + offset, length, self.info.rkey,
+                              self._flush_persistent)
+                steps[wr_id] = "native FLUSH (FUA)"
             return -1
         if persist == "barrier":  # a small READ: cannot complete before the writes are placed
+            offset = ranges[0][0]
             n = min(8, self.info.export_size - offset)
             wr_id = self._wr_id()
             ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
@@ -268,7 +284,7 @@ class VerbsTransport(Channel):
             steps[wr_id] = "RDMA READ (FUA)"
             return -1
         request_id = self._wr_id()
-        msg = Commit(request_id, ((offset, length),)).encode()
+        msg = Commit(request_id, tuple(ranges)).encode()
         recv_id, send_id = self._wr_id(), self._wr_id()
         ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
         bufs.view[self._send_off:self._send_off + len(msg)] = msg
@@ -286,6 +302,11 @@ class VerbsTransport(Channel):
 
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
         self._pipeline(rdma.e.IBV_WR_RDMA_WRITE, offset, length, persist=persist)
+
+    def write_many(self, items: list[tuple[int, memoryview]],
+                   persist: Persist | None = None) -> None:
+        self._transfer(rdma.e.IBV_WR_RDMA_WRITE,
+                       [(off, len(data), data, None) for off, data in items], persist)
 
     #: An RDMA WRITE completes once the remote NIC acknowledged it, which does not order it
     #: before what arrives later on another queue pair: a barrier READ does.
@@ -383,16 +404,53 @@ class VerbsTransport(Channel):
             raise self._fail(exc) from None
 
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
+        return self.compare_swap_many([(offset, expected, new)])[0]
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        """Compare-and-swaps of (offset, expected, new), up to ``depth`` in flight; the values
+        found, in order."""
+        return self._atomics(items, store=False)
+
+    def atomic_write_many(self, items: list[tuple[int, int]]) -> None:
+        """ATOMIC WRITEs of (offset, 8-byte value as an integer), up to ``depth`` in flight."""
+        if not self.info.atomic_write:
+            raise TransportError(f"{self.peer} offers no ATOMIC WRITE on this connection")
+        self._atomics([(offset, 0, value) for offset, value in items], store=True)
+
+    def _atomics(self, items: list[tuple[int, int, int]], store: bool) -> list[int]:
         ep, bufs = self._usable()
-        remote = self._check_word(offset, "a compare-and-swap")
-        wr_id = self._wr_id()
+        what = "ATOMIC WRITE" if store else "compare-and-swap"
+        found = [0] * len(items)
+        todo = list(enumerate(items))
+        inflight: dict[int, tuple[int, int, int]] = {}  # wr_id: item, slot, remote
+        slots = list(range(self.depth))
         try:
-            ep.post_compare_swap(wr_id, bufs.addr + self._atomic_off, bufs.lkey, remote,
-                                 self.info.rkey, expected, new)
-            self._wait_for(ep, wr_id, "compare-and-swap", remote, 8)
+            while todo or inflight:
+                while todo and slots:
+                    i, (offset, expected, new) = todo.pop()
+                    remote = self._check_word(offset, f"an {what}")
+                    slot = slots.pop()
+                    wr_id = self._wr_id()
+                    if store:
+                        ep.post_atomic_write(wr_id, remote, self.info.rkey,
+                                             new.to_bytes(8, "little"))
+                    else:
+                        ep.post_compare_swap(wr_id, bufs.addr + self._atomic_off + 8 * slot,
+                                             bufs.lkey, remote, self.info.rkey, expected, new)
+                    inflight[wr_id] = (i, slot, remote)
+                for wc in self._wait(ep):
+                    item = inflight.pop(wc.wr_id, None)
+                    if item is None:
+                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
+                    i, slot, remote = item
+                    if wc.status != rdma.e.IBV_WC_SUCCESS:
+                        raise rdma.wc_failure(wc, what, remote, self.info.rkey, 8)
+                    at = self._atomic_off + 8 * slot
+                    found[i] = int.from_bytes(bufs.view[at:at + 8], "little")
+                    slots.append(slot)
         except TransportError as exc:
             raise self._fail(exc) from None
-        return int.from_bytes(bufs.view[self._atomic_off:self._atomic_off + 8], "little")
+        return found
 
     def _exchange(self, msg: bytes, what: str) -> bytes:
         """SEND ``msg`` and return the message the target answers with."""
