@@ -133,8 +133,9 @@ def get_size(h: Client) -> int:
 
 
 def block_size(h: Client) -> tuple[int, int, int]:
-    # RDMA is byte-addressable: any alignment works; the region's block size is preferred.
-    return (1, h.block_size, 32 * 1024 * 1024)
+    # RDMA is byte-addressable: any alignment works; the region's block size is preferred. On
+    # atomic blocks the sector is the unit (a part of one is merged into it, still atomic).
+    return (1 if h.blocks is None else h.block_size, h.block_size, 32 * 1024 * 1024)
 
 
 def export_description(h: Client) -> str:

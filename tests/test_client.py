@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from pmemblk import atomicblocks as ab
 from pmemblk import protocol as p
 from pmemblk.client import Client
 from pmemblk.errors import (
@@ -85,6 +86,18 @@ class MemoryTransport:
     def atomic_write(self, offset: int, value: bytes) -> None:
         self.calls.append(("atomic write", (offset, value)))
         self.mem[offset:offset + 8] = value
+
+    def atomic_write_many(self, items: list[tuple[int, int]]) -> None:
+        for offset, value in items:
+            self.atomic_write(offset, value.to_bytes(8, "little"))
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        return [self.compare_swap(*item) for item in items]
+
+    def write_many(self, items: list[tuple[int, memoryview]],
+                   persist: Persist | None = None) -> None:
+        for offset, data in items:
+            self.write(data, offset, persist)
 
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
         self.calls.append(("cas", (offset, expected, new)))
@@ -370,6 +383,16 @@ class RcChannel:
     def atomic_write(self, offset: int, value: bytes) -> None:
         raise AssertionError("no atomic blocks here")
 
+    def atomic_write_many(self, items: list[tuple[int, int]]) -> None:
+        raise AssertionError("no atomic blocks here")
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        raise AssertionError("no atomic blocks here")
+
+    def write_many(self, items: list[tuple[int, memoryview]],
+                   persist: Persist | None = None) -> None:
+        raise AssertionError("no atomic blocks here")
+
     def close(self) -> None:
         pass
 
@@ -475,3 +498,55 @@ def test_native_visibility_only_is_refused_unless_accepted() -> None:
     with pytest.raises(ConfigError, match="flush=native gives only visibility"):
         Client(t, "native")
     assert not Client(t, "native", allow_visibility_only=True).persistent
+
+
+def atomic_transport(*, shared: bool, atomic_write: bool) -> MemoryTransport:
+    """An in-memory transport whose export holds a fresh atomic-blocks layout (8 lanes,
+    all granted), persisted."""
+    t = MemoryTransport()
+
+    def put(off: int, data: bytes) -> None:
+        t.mem[off:off + len(data)] = data
+
+    ab.format_area(ab.Area(lambda o, n: bytes(t.mem[o:o + n]), put, lambda o, n: None, 0,
+                           SIZE), 4096, lanes=8)
+    t.durable[:] = t.mem
+    flags = (t.info.region_flags | p.REGION_ATOMIC_BLOCKS
+             | (p.REGION_SHARED if shared else 0) | (p.REGION_ATOMIC_WRITE if atomic_write else 0))
+    t.info = dataclasses.replace(t.info, region_flags=flags, lane_first=0, lane_count=8,
+                                 lane_grant=1)
+    return t
+
+
+def durable_block(t: MemoryTransport, info: ab.Info, lba: int) -> bytes:
+    """A logical block as the durable copy holds it (what a power cut would leave)."""
+    entry = int.from_bytes(t.durable[info.map_at(lba):info.map_at(lba) + 8], "little")
+    at = info.block_at(ab.entry_block(entry))
+    return bytes(t.durable[at:at + info.sector_size])
+
+
+@pytest.mark.parametrize(("shared", "atomic_write", "mover"), [
+    (False, True, "atomic write"), (True, True, "cas"), (False, False, "cas")])
+def test_atomic_blocks_writes_are_persistent_when_acknowledged(
+        shared: bool, atomic_write: bool, mover: str) -> None:
+    """Without any FLUSH, every block written is in the durable copy through the durable
+    map; the map moves by ATOMIC WRITE only for a sole writer that has it."""
+    t = atomic_transport(shared=shared, atomic_write=atomic_write)
+    c = Client(t, "gpspm")
+    assert c.blocks is not None
+    info = c.blocks.info
+    assert c.size == info.export_size < SIZE
+    data = bytes(range(256)) * (5 * 4096 // 256)
+    c.pwrite(memoryview(data[:4096 * 5]), 4096 * 3)  # five blocks: one round of five lanes
+    c.pwrite(memoryview(b"x" * 100), 4096 * 3 + 50)  # part of one: merged, still atomic
+    expect = bytearray(data[:4096 * 5])
+    expect[50:150] = b"x" * 100
+    buf = bytearray(4096 * 5)
+    c.pread(memoryview(buf), 4096 * 3)
+    assert buf == expect
+    assert b"".join(durable_block(t, info, lba) for lba in range(3, 8)) == expect
+    movers = {name for name, _ in t.calls if name in ("atomic write", "cas")}
+    assert movers == {mover}
+    before = len(t.calls)
+    c.flush()  # nothing left to persist
+    assert [name for name, _ in t.calls[before:]] == []
