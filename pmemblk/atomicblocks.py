@@ -325,7 +325,6 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
                 or entry_block(rec.new) >= info.internal_blocks):
             raise LayoutError(f"atomic-blocks lane {lane}: flog record out of range: {rec}")
         records.append(cur)
-    mapped: bytes | None = None
     done = undone = 0
     frees: list[int] = []
     for lane, (slot, rec) in enumerate(records):
@@ -344,12 +343,7 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
                 # map and out again (so our move happened); found nowhere, it never was.
                 others = [ln for ln, (_, r) in enumerate(records) if ln != lane
                           and new_b in (entry_block(r.old), entry_block(r.new))]
-                if others:
-                    happened = True
-                else:
-                    if mapped is None:
-                        mapped = area.read(info.map_offset, info.external_blocks * ENTRY)
-                    happened = _in_map(mapped, new_b)
+                happened = bool(others) or _in_map(area, info, new_b)
             free = old_b if happened else new_b
             done += happened
             undone += not happened
@@ -369,14 +363,21 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
     return result
 
 
-def _in_map(mapped: bytes, block: int) -> bool:
-    """Whether any 8-byte entry of ``mapped`` points at ``block`` (a search in C)."""
+#: How much of the map recovery reads at a time when it searches it.
+MAP_CHUNK = 8 << 20
+
+
+def _in_map(area: Area, info: Info, block: int) -> bool:
+    """Whether any map entry points at ``block`` (a search in C, a chunk at a time)."""
     pattern = block.to_bytes(4, "little")
-    pos = mapped.find(pattern)
-    while pos >= 0:
-        if pos % ENTRY == 0:
-            return True
-        pos = mapped.find(pattern, pos + 1)
+    total = info.external_blocks * ENTRY
+    for start in range(0, total, MAP_CHUNK):
+        mapped = area.read(info.map_offset + start, min(MAP_CHUNK, total - start))
+        pos = mapped.find(pattern)
+        while pos >= 0:
+            if pos % ENTRY == 0:
+                return True
+            pos = mapped.find(pattern, pos + 1)
     return False
 
 

@@ -63,6 +63,16 @@ def render_client(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _atomic_line(atomic: dict[str, Any] | None) -> list[str]:
+    if not atomic:
+        return []
+    groups = atomic["lane_groups"]
+    return [f"  atomic blocks: {atomic['sectors']} sectors of {atomic['sector_size']} bytes; "
+            f"{atomic['lane_groups_held']} of {groups} writer lane groups held, "
+            f"{atomic['lane_groups_waiting_for_recovery']} waiting for recovery (when no "
+            "writer is connected)"]
+
+
 def render_target(st: dict[str, Any]) -> str:
     t = st["totals"]
     lines = [
@@ -73,6 +83,7 @@ def render_target(st: dict[str, Any]) -> str:
         f"  listening:    {st['listen']} over {', '.join(st['transports'])}, "
         f"authentication {'on' if st['authentication'] else 'off'}",
         f"  uptime:       {st['uptime_s']:g} s, PID {st['pid']}",
+        *_atomic_line(st.get("atomic_blocks")),
         f"  clients:      {len(st['clients'])} now, {t['admitted']} admitted and "
         f"{t['refused']} refused since start, {st['handshakes']} in their handshake",
         f"  commits:      {t['commits']} ({human(t['commit_bytes'])} persisted), "

@@ -530,6 +530,13 @@ class Export:
             sessions = [dataclasses.replace(c, counts=dict(c.counts))
                         for c in self.sessions.values()]
             totals, handshakes = dict(self.totals), self.handshakes
+            atomic = None if self.atomic is None else {
+                "sector_size": self.atomic.sector_size, "sectors": self.atomic.external_blocks,
+                "lanes": self.atomic.lanes,
+                "lane_groups": max(1, self.atomic.lanes // atomicblocks.LANES_PER_WRITER),
+                "lane_groups_held": len(self._lane_owner),
+                "lane_groups_waiting_for_recovery": len(self._quarantined),
+            }
         return {
             "pid": os.getpid(), "version": __version__, "region": region.path,
             "kind": "devdax" if is_devdax(region.path) else "file",
@@ -548,6 +555,7 @@ class Export:
             } for c in sessions],
             "handshakes": handshakes,
             "totals": totals,
+            "atomic_blocks": atomic,
         }
 
     def metrics(self) -> bytes:

@@ -152,10 +152,13 @@ def test_a_move_overtaken_by_another_lane_is_told_from_its_record(
     check_consistent(area, info)
 
 
+@pytest.mark.parametrize("chunk", [ab.MAP_CHUNK, 16])
 def test_a_move_overtaken_and_its_block_mapped_elsewhere_is_found_in_the_map(
-        fresh: tuple[MemArea, ab.Info]) -> None:
+        fresh: tuple[MemArea, ab.Info], chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lane 0 moved block 9; lane 1 moved it again (freeing lane 0's new block), wrote block
-    20 into that block, then block 30 elsewhere: it is found only in the map."""
+    20 into that block, then block 30 elsewhere: it is found only in the map (searched a
+    chunk at a time)."""
+    monkeypatch.setattr(ab, "MAP_CHUNK", chunk)
     area, info = fresh
     old0, new0 = move(area, info, 0, 9)
     move(area, info, 1, 9)

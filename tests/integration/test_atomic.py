@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import random
 import struct
 import threading
@@ -106,12 +107,17 @@ def test_shared_writers_racing_on_the_same_blocks_keep_the_map_whole(
 def test_lanes_run_out_for_writers_and_come_back(atomic_region: str, tmp_path: Path) -> None:
     """16 lanes: two writers. A third is refused with the reason; once one leaves (and the
     region is recovered when no writer is left) it gets lanes, and a reader never needs any."""
-    target = serve(atomic_region, tmp_path, "--shared")
+    control = tmp_path / "control.sock"
+    target = serve(atomic_region, tmp_path, "--shared", "--control", str(control))
     first, second = client(target), client(target)
     second.pwrite(memoryview(stamp(2, 1)), 0)
     with pytest.raises(RemoteError, match="lane groups of this atomic-blocks region") as exc:
         StreamTransport(target.listen)
     assert exc.value.errno == errno.EBUSY
+    st = json.loads(pmemblk("status", "--target", str(control), "--json").stdout)
+    assert st["atomic_blocks"]["lane_groups_held"] == st["atomic_blocks"]["lane_groups"] == 2
+    assert "2 of 2 writer lane groups held" in pmemblk("status", "--target",
+                                                        str(control)).stdout
     with client(target, readonly=True) as reader:
         assert read(reader, 0, BLOCK) == stamp(2, 1)
     second.close()
