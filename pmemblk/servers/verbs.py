@@ -349,6 +349,9 @@ class VerbsServer:
             if conn.timer is not None:
                 self.reactor.cancel(conn.timer)
                 conn.timer = None
+            # Its queue pair and registration go first: once it has left (and atomic blocks
+            # are recovered, if it was the last writer) nothing of it may still land.
+            conn.close(disconnect)
             if conn.admission is not None and self.export is not None:
                 self.export.client_left(conn.admission)
             self._end_handshake(conn)

@@ -108,7 +108,8 @@ class VerbsTransport(Channel):
         self._recv_off = self._send_off + MAX_MESSAGE_SIZE
         self._atomic_off = self._recv_off + MAX_MESSAGE_SIZE
         self.buffers = RegisteredBuffer(self.device.pd, self._atomic_off + 8 * self.depth)
-        self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self.depth + 2,
+        self._send_depth = self.depth + 2  # the data slots, and a COMMIT or READ behind them
+        self.ep = Endpoint(self.device.ctx, self.device.pd, send_depth=self._send_depth,
                            recv_depth=2, native=self.device.native)
 
         hello = hs.hello.encode()
@@ -222,8 +223,9 @@ class VerbsTransport(Channel):
         commit_id = 0
         answer: bytes | None = None
         ranges = [(off, n) for off, n, _, _ in segments]
+        flushes: list[tuple[int, int]] = []  # FLUSHes to post as the send queue has room
         try:
-            while piece is not None or inflight or steps:
+            while piece is not None or inflight or steps or flushes:
                 while piece is not None and free:
                     off, n, src, dst = piece
                     slot = free.pop()
@@ -239,7 +241,16 @@ class VerbsTransport(Channel):
                     piece = next(pieces, None)
                 if persist is not None and piece is None and commit_id == 0:
                     # Behind the last chunk, before waiting: one wait for the whole.
-                    commit_id = self._post_persist(ep, bufs, persist, ranges, steps)
+                    if persist == "flush":  # one per range: as many as the queue takes
+                        flushes, commit_id = list(ranges), -1
+                    else:
+                        commit_id = self._post_persist(ep, bufs, persist, ranges[0][0],
+                                                       ranges, steps)
+                while flushes and len(inflight) + len(steps) < self._send_depth:
+                    off, n = flushes.pop()
+                    wr_id = self._wr_id()  # the FLUSH verb: executed after this QP's writes
+                    ep.post_flush(wr_id, base + off, n, rkey, self._flush_persistent)
+                    steps[wr_id] = "native FLUSH (FUA)"
                 for wc in self._wait(ep):
                     step = steps.pop(wc.wr_id, None)
                     if step is not None:
@@ -265,18 +276,10 @@ class VerbsTransport(Channel):
             raise self._fail(exc) from None
 
     def _post_persist(self, ep: Endpoint, bufs: RegisteredBuffer, persist: Persist,
-                      ranges: list[tuple[int, int]], steps: dict[int, str]) -> int:
-        """Post a persistence step behind the writes to ``ranges``; its COMMIT's request id
-        (or -1)."""
-        if persist == "flush":  # the FLUSH verb: executed after this QP's writes
-            for offset, length in ranges:
-                wr_id = self._wr_id()
-                ep.post_flush(wr_id, self.info.remote_addr + offset, length, self.info.rkey,
-                              self._flush_persistent)
-                steps[wr_id] = "native FLUSH (FUA)"
-            return -1
+                      offset: int, ranges: list[tuple[int, int]], steps: dict[int, str]) -> int:
+        """Post a barrier READ (at ``offset``) or a COMMIT of ``ranges`` behind the writes;
+        the COMMIT's request id (or -1)."""
         if persist == "barrier":  # a small READ: cannot complete before the writes are placed
-            offset = ranges[0][0]
             n = min(8, self.info.export_size - offset)
             wr_id = self._wr_id()
             ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
