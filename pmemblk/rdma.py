@@ -123,14 +123,17 @@ def _fd_links() -> dict[int, str]:
     return links
 
 
-def open_with_fd(factory: Callable[[], T], link: str, what: str) -> tuple[T, int]:
-    """Create a pyverbs channel object and find the file descriptor it opened: its ``fd``
-    attribute where pyverbs has one (``CompChannel.fd`` from rdma-core 57; 44 and 56 have
-    none), else the one new descriptor of that kind in ``/proc/self/fd``."""
-    with FD_TABLE:
-        before = _fd_links()
+def open_with_fd(factory: Callable[[], T], link: str, what: str,
+                 kind: type | None = None) -> tuple[T, int]:
+    """Create a pyverbs channel object (of class ``kind``) and find the file descriptor it
+    opened: its ``fd`` attribute where pyverbs has one (``CompChannel.fd`` from rdma-core 57;
+    44 and 56 have none), else the one new descriptor of that kind in ``/proc/self/fd`` (only
+    then is that searched, twice)."""
+    has_fd = hasattr(kind if kind is not None else factory, "fd")
+    with FD_TABLE:  # held either way: a search in another thread must not see ours
+        before = {} if has_fd else _fd_links()
         obj = factory()
-        after = _fd_links()
+        after = {} if has_fd else _fd_links()
     own = getattr(obj, "fd", None)
     if isinstance(own, int) and own >= 0:
         fcntl.fcntl(own, fcntl.F_SETFL, fcntl.fcntl(own, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -380,7 +383,7 @@ class Endpoint(Closeable):
         self._closed = False
         self.native = native if native is not None and native.any else Native()
         self.channel, self.fd = open_with_fd(lambda: CompChannel(ctx), COMP_CHANNEL_LINK,
-                                             "completion channel")
+                                             "completion channel", CompChannel)
         self.cq: Any = None
         self.qp: Any = None
         try:
