@@ -203,6 +203,40 @@ def test_power_cut_with_native_flush_keeps_every_fsynced_file(workdir: Path) -> 
     power_cut_story(Path(DAX), workdir, seed, "none", "native")
 
 
+def test_a_writers_flush_or_atomics_past_its_region_fail_with_a_remote_access_error(
+        shm_region: Path, workdir: Path) -> None:
+    """A read-write client posting FLUSH or ATOMIC WRITE past the end of its registration,
+    or a compare-and-swap on a plain region (whose registration has no atomic access): the
+    device refuses each with a remote access error, and the target serves the next client."""
+    need_native()
+    pmemblk("create", str(shm_region), "--size", "16M")
+    target = vm_target(str(shm_region), 7135, workdir).start()
+    try:
+        for verb in ("FLUSH", "ATOMIC WRITE", "compare-and-swap"):
+            with verbs(target) as t:
+                ep, info, bufs = t.ep, t.info, t.buffers
+                assert ep is not None and bufs is not None
+                end = info.remote_addr + info.export_size
+                if verb == "FLUSH":
+                    ep.post_flush(1, end, 4096, info.rkey, False)
+                elif verb == "ATOMIC WRITE":
+                    ep.post_atomic_write(1, end, info.rkey, b"X" * 8)
+                else:
+                    ep.post_compare_swap(1, bufs.addr, bufs.lkey, info.remote_addr, info.rkey,
+                                         0, 1)
+                wcs = ep.wait(time.monotonic() + 30)
+                statuses = {rdma.WC_STATUS_NAMES.get(wc.status) for wc in wcs}
+                assert statuses == {"REM_ACCESS_ERR"}, (verb, statuses)
+        with verbs(target) as t:
+            buf = bytearray(8)
+            Client(t, "gpspm").pread(memoryview(buf), 0)
+            assert buf == bytes(8)
+        report("a writer's FLUSH and ATOMIC WRITE past its region, and a compare-and-swap on "
+               "a plain region, fail with a remote access error; region unchanged")
+    finally:
+        target.stop()
+
+
 def test_atomic_blocks_over_native_verbs_survive_a_power_cut(workdir: Path) -> None:
     """An atomic-blocks region on the NVDIMM, its sole writer moving map entries by ATOMIC
     WRITE and persisting by FLUSH: ext4 through a power cut that keeps a random share of the
