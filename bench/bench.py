@@ -334,10 +334,12 @@ c = Client(VerbsTransport(addr, port, secret=load_secret(secret)), "gpspm")
 rng = random.Random(1)
 block, buf = memoryview(os.urandom(4096)), memoryview(bytearray(4096))
 blocks = c.size // 4096
-out = {"write": [], "read": []}
+out = {"write": [], "fua": [], "read": []}
 for i in range(n):
     off = rng.randrange(blocks) * 4096
     t = time.perf_counter(); c.pwrite(block, off); out["write"].append(time.perf_counter() - t)
+    t = time.perf_counter(); c.pwrite(block, off, fua=True)
+    out["fua"].append(time.perf_counter() - t)
     t = time.perf_counter(); c.pread(buf, off); out["read"].append(time.perf_counter() - t)
 c.close()
 def pct(xs, q):
@@ -349,8 +351,9 @@ print(json.dumps({**{f"{k}_p50_us": pct(v, 0.5) for k, v in out.items()},
 
 
 def atomic_cost(quick: bool) -> dict[str, Any]:
-    """In the VM, over rxe with flush=gpspm: 4 KiB random writes and reads, one at a time from
-    one client (no nbdkit), on a plain region and on an atomic-blocks one, in turns."""
+    """In the VM, over rxe with flush=gpspm: 4 KiB random writes (plain, and FUA: persistent
+    when acknowledged, as every write on atomic blocks is) and reads, one at a time from one
+    client (no nbdkit), on a plain region and on an atomic-blocks one, in turns."""
     repeats, n = (2, 100) if quick else (5, 400)
     work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
     secret = work / "secret"

@@ -545,7 +545,8 @@ class BlockMap:
         """Write ``data`` (None: zeros) at logical ``offset``, block by block, each all or
         nothing and persistent (by ``persist``, or ``step`` posted behind writes) when this
         returns. Blocks move in rounds, one per lane taken, each step of a round in flight at
-        once: about four round trips a round."""
+        once: four round trips a round (the map entries read; the data and the records
+        written and persisted; the entries moved; the entries persisted)."""
         size = self.info.sector_size
         first = offset // size
         count = (offset + length - 1) // size - first + 1
@@ -585,17 +586,17 @@ class BlockMap:
             lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
             piece = None if data is None else data[lo - offset:hi - offset]
             blocks.append(self._merged(t, olds[i], lo - lba * size, hi - lo, piece))
-        # The data and the records persistent before the map moves: a crash then finds the
-        # record and decides from the map which block is free.
-        t.write_many([(info.block_at(lanes[i].free), blocks[i]) for i in range(len(lbas))],
-                     step)
         news = [next_entry(olds[i], lanes[i].free) for i in range(len(lbas))]
         records = []
         for i, lba in enumerate(lbas):
             slot, record = lanes[i].record(lba, olds[i], news[i])
             lanes[i].pending = (lba, olds[i], news[i])
             records.append((info.slot_at(lanes[i].index, slot), memoryview(record)))
-        t.write_many(records, step)
+        # The data and the records persistent before the map moves (in any order between
+        # them, so in one step): a crash then finds the record and decides from the map
+        # which block is free.
+        t.write_many([(info.block_at(lanes[i].free), blocks[i]) for i in range(len(lbas))]
+                     + records, step)
         for i in range(len(lbas)):
             lanes[i].recorded()  # in place: the next record goes to the other slot
         if store:
