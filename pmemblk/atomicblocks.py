@@ -381,7 +381,6 @@ def _in_map(area: Area, info: Info, block: int) -> bool:
     return False
 
 
-
 # -- the client's side: reads and writes through the map, over a transport ------------------
 
 #: Makes ranges just written on a channel persistent, by the client's flush method.
@@ -397,11 +396,12 @@ class BlockMap:
 
     A read takes the map entries of its blocks, reads the blocks, then the entries again: a
     block whose entry changed meanwhile is read again, so each block is one write's data,
-    whole. A write takes one of the client's lanes for the whole request and, per block,
-    writes the lane's free block, records the move in the lane's flog, persists both (the
-    flush method's step), then moves the map entry by compare-and-swap. If another writer
-    moved that entry first, the move is recorded again against what it found (a partial
-    block is merged again), so concurrent writers never lose a block or share one.
+    whole. A write takes up to 8 of the client's lanes and moves its blocks in rounds, one
+    per lane: each block's data into its lane's free block and the move into the lane's flog,
+    both persisted (the flush method's step), then the map entries moved by compare-and-swap,
+    then persisted. If another writer moved an entry first, that block's move is recorded
+    again against what it found (a partial block is merged again), so concurrent writers
+    never lose a block or share one.
 
     A sole writer (the export is not ``--shared``) whose connection offers the ATOMIC WRITE
     verb moves the entry with it instead: no other client moves entries, and its own threads
@@ -491,7 +491,18 @@ class BlockMap:
                         raise RemoteError("every lane of this client was retired after failed "
                                           "writes: reconnect to get new ones", errno.EIO)
                     self._cond.wait(1.0)
-            usable = [ln for ln in taken if ln.pending is None or self._resolve(t, ln, persist)]
+            usable, retired = [], []
+            try:
+                for lane in taken:
+                    if lane.pending is None or self._resolve(t, lane, persist):
+                        usable.append(lane)
+                    else:
+                        retired.append(lane)
+            except BaseException:  # back to the pool, a lane not yet resolved still pending
+                for lane in taken:
+                    if lane not in retired:
+                        self._give(lane)
+                raise
             if usable:
                 return usable
 

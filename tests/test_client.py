@@ -550,3 +550,43 @@ def test_atomic_blocks_writes_are_persistent_when_acknowledged(
     before = len(t.calls)
     c.flush()  # nothing left to persist
     assert [name for name, _ in t.calls[before:]] == []
+
+
+class LosesAMoveReply(MemoryTransport):
+    """Its first batch of map moves fails like a lost connection, after (``applied``) or
+    before the target carried them out."""
+
+    def __init__(self, applied: bool) -> None:
+        super().__init__()
+        self.applied, self.failed = applied, False
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        if not self.failed:
+            self.failed = True
+            if self.applied:
+                super().compare_swap_many(items)
+            raise ConnectionLost("lost in the middle of moving the map")
+        return super().compare_swap_many(items)
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_lane_whose_move_was_cut_short_is_resolved_from_the_map(applied: bool) -> None:
+    """The write fails; the next one resolves the lanes it held from the map (moved: the old
+    block is free; not moved: the new one is) and every block stays mapped once or free once."""
+    t = LosesAMoveReply(applied)
+    base = atomic_transport(shared=True, atomic_write=False)
+    t.mem, t.durable, t.info = base.mem, base.durable, base.info
+    c = Client(t, "gpspm")
+    assert c.blocks is not None
+    info = c.blocks.info
+    with pytest.raises(TransportError):
+        c.pwrite(memoryview(b"A" * 4096 * 3), 0)
+    c.pwrite(memoryview(b"B" * 4096 * 4), 4096 * 2)  # takes the lanes again: resolved first
+    buf = bytearray(4096 * 6)
+    c.pread(memoryview(buf), 0)
+    first = b"A" * 8192 if applied else bytes(8192)
+    assert buf == first + b"B" * 4096 * 4
+    mapped = [ab.entry_block(int.from_bytes(t.mem[info.map_at(i):info.map_at(i) + 8], "little"))
+              for i in range(info.external_blocks)]
+    frees = [lane.free for lane in c.blocks._free]
+    assert len(frees) == 8 and sorted(mapped + frees) == list(range(info.internal_blocks))
