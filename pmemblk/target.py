@@ -29,7 +29,7 @@ from prometheus_client.core import Metric
 from . import __version__, atomicblocks, auth, durability, layout, stats
 from .address import Address
 from .control import ControlServer
-from .errors import ConfigError, PmemblkError, PmemError
+from .errors import ConfigError, LayoutError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
@@ -256,7 +256,12 @@ class Export:
             return
         region, path = self.region, self.config.path
         if self.atomic is not None:
-            self._recover_lanes()
+            try:
+                self._recover_lanes()
+            except LayoutError as exc:
+                raise LayoutError(
+                    f"{path}: {exc}. Its writes cannot be made safe to continue; its data can "
+                    "still be read: serve it --readonly to copy it out") from None
         opening = layout.open_for_serving(region)
         self.loss_epoch = opening.loss_epoch
         if not opening.continuity:

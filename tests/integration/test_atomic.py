@@ -152,3 +152,30 @@ def test_serving_both_transports_to_shared_writers_is_refused(atomic_region: str
         assert export.atomic is not None
     finally:
         export.close()
+
+
+def test_a_corrupt_flog_stops_serve_with_the_way_out(atomic_region: str,
+                                                      tmp_path: Path) -> None:
+    """Both log slots of a lane corrupt: serve refuses in one line naming the lane and
+    saying how to get the data out, and --readonly serves it (no recovery needed to read)."""
+    target = serve(atomic_region, tmp_path)
+    with client(target) as c:
+        c.pwrite(memoryview(stamp(1, 1)), 0)
+    target.stop()
+    with PmemRegion.open(atomic_region) as r:
+        header = layout.read_header(r)
+        area = layout.data_area(r, header.data_offset, header.data_size)
+        info = ab.read_info(area)
+        for slot in (0, 1):
+            at = info.slot_at(3, slot)
+            area.write(at, bytes(x ^ 0xFF for x in area.read(at, 8)))
+    res = pmemblk("serve", atomic_region, "--listen", f"unix:{tmp_path / 'u.sock'}",
+                  "--transport", "tcp", check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "lane 3: both flog slots are corrupt" in res.stderr
+    assert "serve it --readonly to copy it out" in res.stderr
+    reader = Target(atomic_region, f"unix:{tmp_path / 'r.sock'}", tmp_path, "--readonly",
+                    transport="tcp").start()
+    with client(reader, readonly=True) as c:
+        assert read(c, 0, BLOCK) == stamp(1, 1)
+    reader.stop()
