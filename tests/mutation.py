@@ -31,6 +31,9 @@ AUTH = "tests/integration/test_auth.py"
 DAYTWO = "tests/integration/test_daytwo.py"
 MULTICONN = "tests/integration/test_multiconn.py"
 CLIENT = "tests/test_client.py"
+ATOMIC = "tests/test_atomicblocks.py"
+TORN = "tests/crash/test_torn.py"
+ATOMIC_IT = "tests/integration/test_atomic.py"
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,42 @@ MUTANTS = (
            "        return pid if str(self.nbd_socket).encode() in cmdline.split(b\"\\0\") "
            "else None", "        return pid",
            (DAYTWO + "::test_detach_after_nbdkit_died",)),
+    # -- atomic blocks (pmemblk/atomicblocks.py, the target's lanes)
+    Mutant("atomic blocks reuse a freed block before its map move is persistent",
+           "pmemblk/atomicblocks.py",
+           "            persist(t, [(info.map_at(lbas[i]), ENTRY) for i in moved])",
+           "            pass", (TORN,), select="never_torn"),
+    Mutant("atomic blocks move the map before the data and record are persistent",
+           "pmemblk/atomicblocks.py", "                     + records, step)",
+           "                     + records, None)", (TORN,), select="never_torn"),
+    Mutant("recovery takes an overtaken move named in another lane's record as not done",
+           "pmemblk/atomicblocks.py",
+           "                happened = bool(others) or _in_map(area, info, new_b)",
+           "                happened = _in_map(area, info, new_b)", (ATOMIC,)),
+    Mutant("recovery never searches the map", "pmemblk/atomicblocks.py",
+           "                happened = bool(others) or _in_map(area, info, new_b)",
+           "                happened = bool(others)", (ATOMIC,)),
+    Mutant("recovery frees the new block of a finished move", "pmemblk/atomicblocks.py",
+           "            free = old_b if happened else new_b", "            free = new_b",
+           (ATOMIC,)),
+    Mutant("a lane cut short mid-move is reused without asking the map",
+           "pmemblk/atomicblocks.py",
+           "                    if lane.pending is None or self._resolve(t, lane, persist):",
+           "                    if True:", (CLIENT,), select="cut_short"),
+    Mutant("a read does not check that its blocks did not move under it",
+           "pmemblk/atomicblocks.py",
+           "            todo = [i for i in todo if again[i] != entries[i]]",
+           "            todo = []", (ATOMIC_IT,), select="racing",
+           equivalent="a reader racing a writer to a block reused in between is a timing "
+           "window no host test can open on demand; the VM's racing writers cover it only by "
+           "chance"),
+    Mutant("a writer's lanes are not given back when it leaves", "pmemblk/target.py",
+           "            self._lane_owner.pop(group, None)", "            pass",
+           (ATOMIC_IT,), select="lanes_run_out"),
+    Mutant("two writers get the same lanes", "pmemblk/target.py",
+           "            if group not in self._lane_owner and group not in self._quarantined:",
+           "            if group not in self._quarantined:", (ATOMIC_IT,),
+           select="lanes_run_out"),
 )
 
 

@@ -167,11 +167,16 @@ class Nbdkit:
         return f"nbd+unix:///?socket={self.sock}"
 
     def start(self) -> Nbdkit:
+        # The plugin imports an installed pmemblk first, and nbdkit's Python is the venv's when
+        # its bin/ is on PATH (an activated venv): this checkout's pmemblk must come first,
+        # or a copy of the tree (scripts/mutants) would test the installed code instead.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 ["nbdkit", "-f", "-U", str(self.sock), *self.filters, "python", PLUGIN,
                  *self.keys],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         proc = self.proc
         wait_until(lambda: self.sock.exists() or proc.poll() is not None, "nbdkit's socket")
         if proc.poll() is not None:
