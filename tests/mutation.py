@@ -57,13 +57,13 @@ MUTANTS = (
     Mutant("COMMIT logs a failed persist and replies success", "pmemblk/target.py",
            "                status = exc.errno", "                status = 0", (FAULTS,)),
     Mutant("WELCOME carries a stale loss epoch", "pmemblk/target.py",
-           "commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,\n"
+           "commit_depth=COMMIT_DEPTH, durable_methods=durable,\n"
            "            loss_epoch=self.loss_epoch,",
-           "commit_depth=COMMIT_DEPTH, durable_methods=self.durable_methods,\n"
+           "commit_depth=COMMIT_DEPTH, durable_methods=durable,\n"
            "            loss_epoch=0,", (FAULTS,)),
     Mutant("a second read-write client is admitted", "pmemblk/target.py",
-           "if not readonly and self.writers and not self.config.shared:",
-           "if False:", (WIRE + "::test_one_writer_unless_shared",)),
+           "if (not readonly and self.writers and not self.config.shared",
+           "if (False", (WIRE + "::test_one_writer_unless_shared",)),
     Mutant("a clean stop marks clean before it persists", "pmemblk/target.py",
            "                try:\n                    self.region.persist(self.header.data_offset, "
            "self.size)",
@@ -88,21 +88,20 @@ MUTANTS = (
            (HOSTILE + "::test_connections_in_their_handshake_are_capped",)),
     # -- client core (pmemblk/client.py, pmemblk/flush.py)
     Mutant("a failed COMMIT drops its dirty ranges", "pmemblk/flush.py",
-           "            for off, n in ranges:  # not persisted: a later flush must try them "
-           "again\n                self._dirty.add(off, n)",
-           "            pass", (FAULTS,)),
+           "                for off, n in ranges:  # not persisted: a later flush must try them "
+           "again\n                    self._dirty.add(off, n)",
+           "                pass", (FAULTS,)),
     Mutant("a failed FUA write is not retried by the next flush", "pmemblk/client.py",
-           "                self.policy.wrote(offset, length)\n            raise",
-           "                pass\n            raise", (FAULTS,)),
+           "                        self._wrote(ch, offset, length, True, proven=False)",
+           "                        pass", (FAULTS,)),
     Mutant("FUA ignored on zero", "pmemblk/client.py",
            "t.write_zeroes(offset, length, step), offset,\n"
-           "                            length, fua)",
-           "t.write_zeroes(offset, length, step), offset,\n                            length, "
-           "False)", (FAULTS,)),
+           "                                length, fua)",
+           "t.write_zeroes(offset, length, step), offset,\n"
+           "                                length, False)", (FAULTS,)),
     Mutant("the loss epoch is checked against the dirty ranges", "pmemblk/client.py",
-           "if new.loss_epoch != old.loss_epoch and self._unflushed and self.lost is None:",
-           "if new.loss_epoch != old.loss_epoch and self.policy.__dict__.get('_dirty') "
-           "and self.lost is None:",
+           "                if self._writes > self._flushed and self.lost is None:",
+           "                if self.policy.__dict__.get('_dirty') and self.lost is None:",
            (FAULTS,)),
     Mutant("a reconnect to another region is accepted", "pmemblk/client.py",
            "if new.region_uuid != old.region_uuid:", "if False:",
@@ -129,7 +128,7 @@ MUTANTS = (
            "if False:", (MULTICONN + "::test_writes_on_three_connections_a_flush_on_a_fourth"
                          "_survive_a_power_cut",)),
     Mutant("every thread that lost the target looks for it", "pmemblk/client.py",
-           "first=self._generation == seen)", "first=True)",
+           "first = self._generation == seen", "first = True",
            (MULTICONN + "::test_a_lost_target_is_noticed_once",)),
     Mutant("unflushed means unflushed on this channel", "pmemblk/client.py",
            "if self._writes > self._flushed and self.lost is None:",
@@ -192,7 +191,8 @@ MUTANTS = (
     # -- power-cut emulation, provisioning
     Mutant("create leaves the file sparse", "pmemblk/provision.py",
            "            allocate(lock.fd, path, size, progress)\n            return _format(path, "
-           "block_size)\n    except", "            return _format(path, block_size)\n    except",
+           "block_size, lanes)\n    except",
+           "            return _format(path, block_size, lanes)\n    except",
            (HOSTILE + "::test_create_on_a_full_filesystem_fails_in_one_line_and_leaves_nothing",)),
     # -- day two: attach, status (issue 13)
     Mutant("a failed attach leaves its directory behind", "pmemblk/attach.py",
