@@ -233,10 +233,7 @@ MUTANTS = (
     Mutant("a read does not check that its blocks did not move under it",
            "pmemblk/atomicblocks.py",
            "            todo = [i for i in todo if again[i] != entries[i]]",
-           "            todo = []", (ATOMIC_IT,), select="racing",
-           equivalent="a reader racing a writer to a block reused in between is a timing "
-           "window no host test can open on demand; the VM's racing writers cover it only by "
-           "chance"),
+           "            todo = []", (CLIENT,), select="moved_under"),
     Mutant("a writer's lanes are not given back when it leaves", "pmemblk/target.py",
            "            self._lane_owner.pop(group, None)", "            pass",
            (ATOMIC_IT,), select="lanes_run_out"),

@@ -590,3 +590,40 @@ def test_a_lane_whose_move_was_cut_short_is_resolved_from_the_map(applied: bool)
               for i in range(info.external_blocks)]
     frees = [lane.free for lane in c.blocks._free]
     assert len(frees) == 8 and sorted(mapped + frees) == list(range(info.internal_blocks))
+
+
+class MovesUnderARead(MemoryTransport):
+    """The first read of physical block ``victim`` happens just as another writer moves its
+    logical block elsewhere and reuses the block for something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.victim: int | None = None
+        self.move: tuple[int, bytes, int, bytes] | None = None  # map at, entry, block at, data
+
+    def read(self, buf: memoryview, offset: int) -> None:
+        if self.victim is not None and offset == self.victim and self.move is not None:
+            map_at, entry, block_at, data = self.move
+            self.mem[block_at:block_at + len(data)] = data  # the new block, whole
+            self.mem[map_at:map_at + 8] = entry  # the logical block moved there
+            self.mem[offset:offset + 4096] = b"?" * 4096  # and the old one reused
+            self.victim = None
+        super().read(buf, offset)
+
+
+def test_a_read_rereads_a_block_that_moved_under_it() -> None:
+    t = MovesUnderARead()
+    base = atomic_transport(shared=True, atomic_write=False)
+    t.mem, t.durable, t.info = base.mem, base.durable, base.info
+    c = Client(t, "gpspm")
+    assert c.blocks is not None
+    info = c.blocks.info
+    c.pwrite(memoryview(b"o" * 4096), 4096 * 7)
+    old = int.from_bytes(t.mem[info.map_at(7):info.map_at(7) + 8], "little")
+    spare = info.external_blocks  # lane 0's free block (unused): where the other moved it
+    t.victim = info.block_at(ab.entry_block(old))
+    t.move = (info.map_at(7), ab.next_entry(old, spare).to_bytes(8, "little"),
+              info.block_at(spare), b"n" * 4096)
+    buf = bytearray(4096)
+    c.pread(memoryview(buf), 4096 * 7)
+    assert buf == b"n" * 4096  # the new data, whole: never the reused block's
