@@ -287,6 +287,16 @@ print(json.dumps({"persistent": out["persistent"],
 """
 
 
+def probe(script: str, what: str, *args: str) -> dict[str, Any]:
+    """Run a probe script (one client, its own process); the JSON of its last line."""
+    res = subprocess.run([PY, "-c", script, *args], capture_output=True, text=True,
+                         timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what}: {res.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return result
+
+
 def native_latency(quick: bool) -> dict[str, Any]:
     """In the current flavour's VM, on its NVDIMM: a 4 KiB write then a FLUSH, and a 4 KiB FUA
     write, per flush method, from one client (no nbdkit: the verbs themselves), interleaved
@@ -307,11 +317,7 @@ def native_latency(quick: bool) -> dict[str, Any]:
         wait_for(pid, target, "the target")
         for r in range(repeats):
             for method in ("native", "apm", "gpspm"):
-                res = subprocess.run([PY, "-c", NATIVE_PROBE, ADDR, "7600", str(secret), method,
-                                      str(n)], capture_output=True, text=True, timeout=900)
-                if res.returncode != 0:
-                    raise RuntimeError(f"{method}: {res.stderr[-2000:]}")
-                m = json.loads(res.stdout.strip().splitlines()[-1])
+                m = probe(NATIVE_PROBE, method, ADDR, "7600", str(secret), method, str(n))
                 result["methods"].setdefault(method, []).append(m)
                 log(f"native #{r + 1} {method}: flush p50 {m['flush_p50_us']:.0f} us, "
                     f"FUA write p50 {m['fua_p50_us']:.0f} us")
@@ -374,11 +380,7 @@ def atomic_cost(quick: bool) -> dict[str, Any]:
             wait_for(pid, targets[-1], "the target")
         for r in range(repeats):
             for port, layout in ((7610, "plain"), (7611, "atomic blocks")):
-                res = subprocess.run([PY, "-c", ATOMIC_PROBE, ADDR, str(port), str(secret),
-                                      str(n)], capture_output=True, text=True, timeout=900)
-                if res.returncode != 0:
-                    raise RuntimeError(f"{layout}: {res.stderr[-2000:]}")
-                m = json.loads(res.stdout.strip().splitlines()[-1])
+                m = probe(ATOMIC_PROBE, layout, ADDR, str(port), str(secret), str(n))
                 result["layouts"].setdefault(layout, []).append(m)
                 log(f"atomic #{r + 1} {layout}: write p50 {m['write_p50_us']:.0f} us "
                     f"({m['write_iops']:.0f} IOPS), read p50 {m['read_p50_us']:.0f} us")

@@ -22,6 +22,7 @@ from pmemblk.pmem import PmemRegion
 from pmemblk.target import Export, ServeConfig
 from pmemblk.transport.stream import StreamTransport
 
+from ..blockmap import check_map
 from ..procs import Target, pmemblk
 from .conftest import read
 
@@ -49,22 +50,6 @@ def client(target: Target, readonly: bool = False) -> Client:
     return Client(StreamTransport(target.listen, readonly=readonly), "gpspm",
                   reconnect=lambda: StreamTransport(target.listen, readonly=readonly),
                   reconnect_timeout=5)
-
-
-def check_map(region: str) -> None:
-    """Stopped target: every physical block mapped once or one lane's free block."""
-    with PmemRegion.open(region) as r:
-        header = layout.read_header(r)
-        area = layout.data_area(r, header.data_offset, header.data_size)
-        info = ab.read_info(area)
-        raw = area.read(info.map_offset, info.external_blocks * 8)
-        mapped = [ab.entry_block(v) for v in struct.unpack(f"<{info.external_blocks}Q", raw)]
-        frees = []
-        for lane in range(info.lanes):
-            cur = ab.current_record(area.read(info.slot_at(lane, 0), ab.FLOG_LANE))
-            assert cur is not None and cur[1].settled, f"lane {lane} is not settled"
-            frees.append(ab.entry_block(cur[1].new))
-    assert sorted(mapped + frees) == list(range(info.internal_blocks))
 
 
 def test_shared_writers_racing_on_the_same_blocks_keep_the_map_whole(

@@ -15,35 +15,16 @@ from pathlib import Path
 import pytest
 
 from pmemblk import atomicblocks as ab
-from pmemblk import layout
 from pmemblk.client import Client
 from pmemblk.errors import TransportError
-from pmemblk.pmem import PmemRegion
 
+from ..blockmap import check_map
 from ..conftest import report
 from ..procs import mounted, pmemblk, region_info, run, served
 from .harness import verbs, vm_target
 from .test_e2e import fio
 
 BLOCK = 4096
-
-
-def check_map(region: str) -> int:
-    """Stopped target: every physical block mapped once or one lane's free block."""
-    with PmemRegion.open(region) as r:
-        header = layout.read_header(r)
-        area = layout.data_area(r, header.data_offset, header.data_size)
-        info = ab.read_info(area)
-        raw = area.read(info.map_offset, info.external_blocks * 8)
-        mapped = [ab.entry_block(int.from_bytes(raw[i:i + 8], "little"))
-                  for i in range(0, len(raw), 8)]
-        frees = []
-        for lane in range(info.lanes):
-            cur = ab.current_record(area.read(info.slot_at(lane, 0), ab.FLOG_LANE))
-            assert cur is not None and cur[1].settled, f"lane {lane} is not settled"
-            frees.append(ab.entry_block(cur[1].new))
-    assert sorted(mapped + frees) == list(range(info.internal_blocks))
-    return sum(1 for lba, b in enumerate(mapped) if b != lba)
 
 
 def test_ext4_on_atomic_blocks_survives_a_target_sigkill(shm_region: Path,

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,13 @@ import pytest
 from pmemblk import rdma
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError
-from pmemblk.protocol import FLUSH_NATIVE
+from pmemblk.protocol import FLUSH_NATIVE, Welcome
+from pmemblk.rdma import Endpoint, RegisteredBuffer
 
+from ..blockmap import check_map
 from ..conftest import report
-from ..procs import NbdDevice, Nbdkit, mounted, pmemblk, region_info, run
+from ..procs import NbdDevice, Nbdkit, Target, mounted, pmemblk, region_info, run
 from .harness import verbs, vm_target
-from .test_atomic import check_map
 from .test_crash import power_cut_story
 from .test_e2e import BIG, check_files, fio, need_pmem, write_files
 
@@ -203,6 +205,29 @@ def test_power_cut_with_native_flush_keeps_every_fsynced_file(workdir: Path) -> 
     power_cut_story(Path(DAX), workdir, seed, "none", "native")
 
 
+Post = Callable[[Endpoint, Welcome, RegisteredBuffer], None]
+
+
+def refused_by_the_device(target: Target, verb: str, post: Post, readonly: bool = False
+                          ) -> None:
+    """``post`` one work request on a fresh connection: the device answers it with a remote
+    access error (which also ends that connection)."""
+    with verbs(target, readonly=readonly) as t:
+        ep, bufs = t.ep, t.buffers
+        assert ep is not None and bufs is not None
+        post(ep, t.info, bufs)
+        statuses = {rdma.WC_STATUS_NAMES.get(wc.status)
+                    for wc in ep.wait(time.monotonic() + 30)}
+        assert statuses == {"REM_ACCESS_ERR"}, (verb, statuses)
+
+
+def zeros_at(target: Target, offset: int) -> bool:
+    with verbs(target) as t:
+        buf = bytearray(8)
+        Client(t, "gpspm").pread(memoryview(buf), offset)
+        return buf == bytes(8)
+
+
 def test_a_writers_flush_or_atomics_past_its_region_fail_with_a_remote_access_error(
         shm_region: Path, workdir: Path) -> None:
     """A read-write client posting FLUSH or ATOMIC WRITE past the end of its registration,
@@ -211,26 +236,18 @@ def test_a_writers_flush_or_atomics_past_its_region_fail_with_a_remote_access_er
     need_native()
     pmemblk("create", str(shm_region), "--size", "16M")
     target = vm_target(str(shm_region), 7135, workdir).start()
+    posts: dict[str, Post] = {
+        "FLUSH": lambda ep, info, bufs: ep.post_flush(
+            1, info.remote_addr + info.export_size, 4096, info.rkey, False),
+        "ATOMIC WRITE": lambda ep, info, bufs: ep.post_atomic_write(
+            1, info.remote_addr + info.export_size, info.rkey, b"X" * 8),
+        "compare-and-swap": lambda ep, info, bufs: ep.post_compare_swap(
+            1, bufs.addr, bufs.lkey, info.remote_addr, info.rkey, 0, 1),
+    }
     try:
-        for verb in ("FLUSH", "ATOMIC WRITE", "compare-and-swap"):
-            with verbs(target) as t:
-                ep, info, bufs = t.ep, t.info, t.buffers
-                assert ep is not None and bufs is not None
-                end = info.remote_addr + info.export_size
-                if verb == "FLUSH":
-                    ep.post_flush(1, end, 4096, info.rkey, False)
-                elif verb == "ATOMIC WRITE":
-                    ep.post_atomic_write(1, end, info.rkey, b"X" * 8)
-                else:
-                    ep.post_compare_swap(1, bufs.addr, bufs.lkey, info.remote_addr, info.rkey,
-                                         0, 1)
-                wcs = ep.wait(time.monotonic() + 30)
-                statuses = {rdma.WC_STATUS_NAMES.get(wc.status) for wc in wcs}
-                assert statuses == {"REM_ACCESS_ERR"}, (verb, statuses)
-        with verbs(target) as t:
-            buf = bytearray(8)
-            Client(t, "gpspm").pread(memoryview(buf), 0)
-            assert buf == bytes(8)
+        for verb, post in posts.items():
+            refused_by_the_device(target, verb, post)
+        assert zeros_at(target, 0)
         report("a writer's FLUSH and ATOMIC WRITE past its region, and a compare-and-swap on "
                "a plain region, fail with a remote access error; region unchanged")
     finally:
@@ -258,23 +275,18 @@ def test_a_read_only_client_cannot_flush_or_atomic_write(shm_region: Path, workd
     need_native()
     pmemblk("create", str(shm_region), "--size", "16M")
     target = vm_target(str(shm_region), 7134, workdir).start()
+    posts: dict[str, Post] = {
+        "FLUSH": lambda ep, info, bufs: ep.post_flush(1, info.remote_addr, 4096, info.rkey,
+                                                      False),
+        "ATOMIC WRITE": lambda ep, info, bufs: ep.post_atomic_write(
+            1, info.remote_addr + 64, info.rkey, b"X" * 8),
+    }
     try:
-        for verb in ("FLUSH", "ATOMIC WRITE"):
-            with verbs(target, readonly=True) as t:
-                assert not t.info.flush_methods & FLUSH_NATIVE and not t.info.atomic_write
-                ep, info = t.ep, t.info
-                assert ep is not None
-                if verb == "FLUSH":
-                    ep.post_flush(1, info.remote_addr, 4096, info.rkey, False)
-                else:
-                    ep.post_atomic_write(1, info.remote_addr + 64, info.rkey, b"X" * 8)
-                wcs = ep.wait(time.monotonic() + 30)
-                statuses = {rdma.WC_STATUS_NAMES.get(wc.status) for wc in wcs}
-                assert statuses == {"REM_ACCESS_ERR"}, (verb, statuses)
-        with verbs(target) as t:
-            buf = bytearray(8)
-            Client(t, "gpspm").pread(memoryview(buf), 64)
-            assert buf == bytes(8)
+        with verbs(target, readonly=True) as t:
+            assert not t.info.flush_methods & FLUSH_NATIVE and not t.info.atomic_write
+        for verb, post in posts.items():
+            refused_by_the_device(target, verb, post, readonly=True)
+        assert zeros_at(target, 64)
         report("read-only client: FLUSH and ATOMIC WRITE on its rkey fail with a remote access "
                "error; region unchanged")
     finally:
