@@ -164,3 +164,29 @@ def test_a_corrupt_flog_stops_serve_with_the_way_out(atomic_region: str,
     with client(reader, readonly=True) as c:
         assert read(c, 0, BLOCK) == stamp(1, 1)
     reader.stop()
+
+
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_random_writes_of_any_size_and_alignment_match_a_model(sector: int,
+                                                               tmp_path: Path) -> None:
+    """Through the map, with parts of sectors merged: what is read back is what a flat model
+    holds, for both sector sizes, and the map stays whole."""
+    path = str(tmp_path / f"a{sector}.img")
+    pmemblk("create", path, "--size", "2M", "--atomic-blocks", "--block-size", str(sector))
+    target = serve(path, tmp_path)
+    rng = random.Random(sector)
+    with client(target) as c:
+        assert c.block_size == sector
+        model = bytearray(c.size)
+        for _ in range(200):
+            n = rng.randint(1, 5 * sector)
+            off = rng.randrange(0, c.size - n)
+            data = bytes(n) if rng.random() < 0.2 else rng.randbytes(n)
+            if any(data):
+                c.pwrite(memoryview(data), off, fua=rng.random() < 0.2)
+            else:
+                c.zero(off, n)
+            model[off:off + n] = data
+        assert read(c, 0, c.size) == model
+    target.stop()
+    assert check_map(path) > 0
