@@ -627,3 +627,25 @@ def test_a_read_rereads_a_block_that_moved_under_it() -> None:
     buf = bytearray(4096)
     c.pread(memoryview(buf), 4096 * 7)
     assert buf == b"n" * 4096  # the new data, whole: never the reused block's
+
+
+def test_a_lane_whose_cut_move_was_overtaken_is_retired_not_guessed() -> None:
+    """The move failed before it happened, and another writer moved the block since: the map
+    holds neither entry the lane knows, so which block is free cannot be told. The lane is
+    retired (until the target recovers it) and the writes go on through the others."""
+    t = LosesAMoveReply(applied=False)
+    base = atomic_transport(shared=True, atomic_write=False)
+    t.mem, t.durable, t.info = base.mem, base.durable, base.info
+    c = Client(t, "gpspm")
+    assert c.blocks is not None
+    info = c.blocks.info
+    with pytest.raises(TransportError):
+        c.pwrite(memoryview(b"A" * 4096), 0)
+    at = info.map_at(0)
+    old = int.from_bytes(t.mem[at:at + 8], "little")
+    t.mem[at:at + 8] = ab.next_entry(old, ab.entry_block(old)).to_bytes(8, "little")  # moved
+    c.pwrite(memoryview(b"B" * 4096 * 2), 4096)
+    assert c.blocks._usable == 7
+    buf = bytearray(4096 * 3)
+    c.pread(memoryview(buf), 0)
+    assert buf == bytes(4096) + b"B" * 8192
