@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import uuid
+from typing import TypeVar
 
 import pytest
 
@@ -500,10 +501,12 @@ def test_native_visibility_only_is_refused_unless_accepted() -> None:
     assert not Client(t, "native", allow_visibility_only=True).persistent
 
 
-def atomic_transport(*, shared: bool, atomic_write: bool) -> MemoryTransport:
-    """An in-memory transport whose export holds a fresh atomic-blocks layout (8 lanes,
-    all granted), persisted."""
-    t = MemoryTransport()
+M = TypeVar("M", bound=MemoryTransport)
+
+
+def atomic_transport(*, shared: bool, atomic_write: bool, t: M) -> M:
+    """The in-memory transport ``t``, its export holding a fresh atomic-blocks layout (8
+    lanes, all granted), persisted."""
 
     def put(off: int, data: bytes) -> None:
         t.mem[off:off + len(data)] = data
@@ -516,6 +519,12 @@ def atomic_transport(*, shared: bool, atomic_write: bool) -> MemoryTransport:
     t.info = dataclasses.replace(t.info, region_flags=flags, lane_first=0, lane_count=8,
                                  lane_grant=1)
     return t
+
+
+def atomic_client(t: MemoryTransport) -> tuple[Client, ab.Info]:
+    c = Client(t, "gpspm")
+    assert c.blocks is not None
+    return c, c.blocks.info
 
 
 def durable_block(t: MemoryTransport, info: ab.Info, lba: int) -> bytes:
@@ -531,7 +540,7 @@ def test_atomic_blocks_writes_are_persistent_when_acknowledged(
         shared: bool, atomic_write: bool, mover: str) -> None:
     """Without any FLUSH, every block written is in the durable copy through the durable
     map; the map moves by ATOMIC WRITE only for a sole writer that has it."""
-    t = atomic_transport(shared=shared, atomic_write=atomic_write)
+    t = atomic_transport(shared=shared, atomic_write=atomic_write, t=MemoryTransport())
     c = Client(t, "gpspm")
     assert c.blocks is not None
     info = c.blocks.info
@@ -573,12 +582,8 @@ class LosesAMoveReply(MemoryTransport):
 def test_a_lane_whose_move_was_cut_short_is_resolved_from_the_map(applied: bool) -> None:
     """The write fails; the next one resolves the lanes it held from the map (moved: the old
     block is free; not moved: the new one is) and every block stays mapped once or free once."""
-    t = LosesAMoveReply(applied)
-    base = atomic_transport(shared=True, atomic_write=False)
-    t.mem, t.durable, t.info = base.mem, base.durable, base.info
-    c = Client(t, "gpspm")
-    assert c.blocks is not None
-    info = c.blocks.info
+    t = atomic_transport(shared=True, atomic_write=False, t=LosesAMoveReply(applied))
+    c, info = atomic_client(t)
     with pytest.raises(TransportError):
         c.pwrite(memoryview(b"A" * 4096 * 3), 0)
     c.pwrite(memoryview(b"B" * 4096 * 4), 4096 * 2)  # takes the lanes again: resolved first
@@ -588,6 +593,7 @@ def test_a_lane_whose_move_was_cut_short_is_resolved_from_the_map(applied: bool)
     assert buf == first + b"B" * 4096 * 4
     mapped = [ab.entry_block(int.from_bytes(t.mem[info.map_at(i):info.map_at(i) + 8], "little"))
               for i in range(info.external_blocks)]
+    assert c.blocks is not None
     frees = [lane.free for lane in c.blocks._free]
     assert len(frees) == 8 and sorted(mapped + frees) == list(range(info.internal_blocks))
 
@@ -612,12 +618,8 @@ class MovesUnderARead(MemoryTransport):
 
 
 def test_a_read_rereads_a_block_that_moved_under_it() -> None:
-    t = MovesUnderARead()
-    base = atomic_transport(shared=True, atomic_write=False)
-    t.mem, t.durable, t.info = base.mem, base.durable, base.info
-    c = Client(t, "gpspm")
-    assert c.blocks is not None
-    info = c.blocks.info
+    t = atomic_transport(shared=True, atomic_write=False, t=MovesUnderARead())
+    c, info = atomic_client(t)
     c.pwrite(memoryview(b"o" * 4096), 4096 * 7)
     old = int.from_bytes(t.mem[info.map_at(7):info.map_at(7) + 8], "little")
     spare = info.external_blocks  # lane 0's free block (unused): where the other moved it
@@ -633,19 +635,15 @@ def test_a_lane_whose_cut_move_was_overtaken_is_retired_not_guessed() -> None:
     """The move failed before it happened, and another writer moved the block since: the map
     holds neither entry the lane knows, so which block is free cannot be told. The lane is
     retired (until the target recovers it) and the writes go on through the others."""
-    t = LosesAMoveReply(applied=False)
-    base = atomic_transport(shared=True, atomic_write=False)
-    t.mem, t.durable, t.info = base.mem, base.durable, base.info
-    c = Client(t, "gpspm")
-    assert c.blocks is not None
-    info = c.blocks.info
+    t = atomic_transport(shared=True, atomic_write=False, t=LosesAMoveReply(applied=False))
+    c, info = atomic_client(t)
     with pytest.raises(TransportError):
         c.pwrite(memoryview(b"A" * 4096), 0)
     at = info.map_at(0)
     old = int.from_bytes(t.mem[at:at + 8], "little")
     t.mem[at:at + 8] = ab.next_entry(old, ab.entry_block(old)).to_bytes(8, "little")  # moved
     c.pwrite(memoryview(b"B" * 4096 * 2), 4096)
-    assert c.blocks._usable == 7
+    assert c.blocks is not None and c.blocks._usable == 7
     buf = bytearray(4096 * 3)
     c.pread(memoryview(buf), 0)
     assert buf == bytes(4096) + b"B" * 8192
