@@ -239,8 +239,7 @@ class Lane:
     pending: tuple[int, int, int] | None = None
 
     def record(self, lba: int, old: int, new: int) -> tuple[int, bytes]:
-        """The next record's (offset in the flog's lane, bytes), made current by the caller
-        once written."""
+        """The next record: (the slot it goes to, its bytes); ``recorded()`` once written."""
         seq = next_seq(self.seq)
         return 1 - self.slot, FlogRecord(lba, old, new, seq).encode()
 
@@ -327,35 +326,35 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
         records.append(cur)
     done = undone = 0
     frees: list[int] = []
-    for lane, (slot, rec) in enumerate(records):
+    for lane, (_, rec) in enumerate(records):
         new_b, old_b = entry_block(rec.new), entry_block(rec.old)
         if rec.settled:
-            free = new_b
+            frees.append(new_b)
+            continue
+        now = int.from_bytes(area.read(info.map_at(rec.lba), ENTRY), "little")
+        if now == rec.new:
+            happened = True
+        elif now == rec.old:
+            happened = False
         else:
-            now = int.from_bytes(area.read(info.map_at(rec.lba), ENTRY), "little")
-            if now == rec.new:
-                happened = True
-            elif now == rec.old:
-                happened = False
-            else:
-                # Someone moved the logical block since. Blocks a lane's record names are that
-                # lane's: found in another's, or in the map, our new block was moved into the
-                # map and out again (so our move happened); found nowhere, it never was.
-                others = [ln for ln, (_, r) in enumerate(records) if ln != lane
-                          and new_b in (entry_block(r.old), entry_block(r.new))]
-                happened = bool(others) or _in_map(area, info, new_b)
-            free = old_b if happened else new_b
-            done += happened
-            undone += not happened
-        frees.append(free)
+            # Someone moved the logical block since. Blocks a lane's record names are that
+            # lane's: found in another's, or in the map, our new block was moved into the map
+            # and out again (so our move happened); found nowhere, it never was.
+            named = any(new_b in (entry_block(r.old), entry_block(r.new))
+                        for ln, (_, r) in enumerate(records) if ln != lane)
+            happened = named or _in_map(area, info, new_b)
+        frees.append(old_b if happened else new_b)
+        done += happened
+        undone += not happened
+    if len(set(frees)) != len(frees):  # decided before anything is written back
+        raise LayoutError("atomic-blocks recovery found two lanes with the same free block: "
+                          "the flog is corrupt")
+    for lane, ((slot, rec), free) in enumerate(zip(records, frees, strict=True)):
         if not rec.settled:
             settled = FlogRecord(rec.lba, entry(free, 0), entry(free, 0), next_seq(rec.seq))
             off = info.slot_at(lane, 1 - slot)
             area.write(off, settled.encode())
             area.persist(off, FLOG_SLOT.size)
-    if len(set(frees)) != len(frees):
-        raise LayoutError("atomic-blocks recovery found two lanes with the same free block: "
-                          "the flog is corrupt")
     result = Recovery(info.lanes, done, undone)
     if done or undone:
         log.info("atomic blocks: %d lanes settled after their last move, %d moves that never "
@@ -432,11 +431,9 @@ class BlockMap:
     def _entries(self, t: Transport, first: int, count: int) -> array.array[int]:
         raw = bytearray(count * ENTRY)
         t.read(memoryview(raw), self.info.map_at(first))
-        entries = array.array("Q", bytes(raw))
-        bad = [i for i, v in enumerate(entries) if entry_block(v) >= self.info.internal_blocks]
-        if bad:
-            raise RemoteError(f"the block map entry of block {first + bad[0]} points past the "
-                              f"last block: the region's map is corrupt", errno.EIO)
+        entries = array.array("Q", raw)
+        for i, value in enumerate(entries):
+            self._check_entry(value, first + i)
         return entries
 
     def read(self, t: Transport, buf: memoryview, offset: int) -> None:
@@ -568,71 +565,72 @@ class BlockMap:
             log.info("atomic blocks: map entries move by %s", mover)
         lanes = self._take(t, persist, min(count, LANES_PER_WRITER))
         try:
-            done = 0
-            while done < count:
-                n = min(len(lanes), count - done)
-                lbas = range(first + done, first + done + n)
-                if store:  # one move of a block at a time: then the entry read is current
-                    with contextlib.ExitStack() as held:
+            for start in range(first, first + count, len(lanes)):
+                lbas = list(range(start, min(start + len(lanes), first + count)))
+                with contextlib.ExitStack() as held:
+                    if store:  # one move of a block at a time: then the entry read is current
                         for i in sorted({lba % BLOCK_LOCKS for lba in lbas}):
                             held.enter_context(self._locks[i])
-                        self._round(t, lanes, lbas, data, offset, length, persist, step, store)
-                else:
-                    self._round(t, lanes, lbas, data, offset, length, persist, step, store)
-                done += n
+                    olds = list(self._entries(t, lbas[0], len(lbas)))
+                    self._move(t, lanes, lbas, olds, data, offset, length, persist, step,
+                               store)
         finally:
             for lane in lanes:
                 self._give(lane)
 
-    def _round(self, t: Transport, lanes: list[Lane], lbas: range, data: memoryview | None,
-               offset: int, length: int, persist: Persister, step: Persist,
-               store: bool) -> None:
-        """Move ``lbas`` (one per lane): new data into the lanes' free blocks, the records,
-        the map entries, the entries persisted; blocks whose entry another writer moved
-        first are moved again, one by one."""
-        size, info = self.info.sector_size, self.info
-        olds = self._entries(t, lbas[0], len(lbas))
-        blocks: list[memoryview] = []
-        for i, lba in enumerate(lbas):
-            lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
-            piece = None if data is None else data[lo - offset:hi - offset]
-            blocks.append(self._merged(t, olds[i], lo - lba * size, hi - lo, piece))
-        news = [next_entry(olds[i], lanes[i].free) for i in range(len(lbas))]
-        records = []
-        for i, lba in enumerate(lbas):
-            slot, record = lanes[i].record(lba, olds[i], news[i])
-            lanes[i].pending = (lba, olds[i], news[i])
-            records.append((info.slot_at(lanes[i].index, slot), memoryview(record)))
-        # The data and the records persistent before the map moves (in any order between
-        # them, so in one step): a crash then finds the record and decides from the map
-        # which block is free.
-        t.write_many([(info.block_at(lanes[i].free), blocks[i]) for i in range(len(lbas))]
-                     + records, step)
-        for i in range(len(lbas)):
-            lanes[i].recorded()  # in place: the next record goes to the other slot
-        if store:
-            t.atomic_write_many([(info.map_at(lba), news[i]) for i, lba in enumerate(lbas)])
-            found = list(olds)
-        else:
-            found = t.compare_swap_many([(info.map_at(lba), olds[i], news[i])
-                                         for i, lba in enumerate(lbas)])
-        moved = [i for i in range(len(lbas)) if found[i] == olds[i]]
-        if moved:
-            # The old blocks are free only once the moves are persistent: written to before,
-            # a power cut could bring back a map entry pointing at one.
-            persist(t, [(info.map_at(lbas[i]), ENTRY) for i in moved])
-        for i in moved:
-            lanes[i].free = entry_block(olds[i])
-            lanes[i].pending = None
-        for i in range(len(lbas)):
-            if found[i] != olds[i]:
+    def _move(self, t: Transport, lanes: list[Lane], lbas: list[int], olds: list[int],
+              data: memoryview | None, offset: int, length: int, persist: Persister,
+              step: Persist, store: bool) -> None:
+        """Move ``lbas`` from the entries ``olds`` (one block per lane): the new data into the
+        lanes' free blocks and the records, persisted; the map entries moved; the moved ones
+        persisted. Blocks whose entry another writer moved first go round again, against
+        what it found (a part of a block merged again into what the other wrote)."""
+        info = self.info
+        while lbas:
+            n = len(lbas)
+            blocks = [self._merged(t, olds[i], *self._part(lbas[i], data, offset, length))
+                      for i in range(n)]
+            news = [next_entry(olds[i], lanes[i].free) for i in range(n)]
+            records = []
+            for i, lba in enumerate(lbas):
+                slot, record = lanes[i].record(lba, olds[i], news[i])
+                lanes[i].pending = (lba, olds[i], news[i])
+                records.append((info.slot_at(lanes[i].index, slot), memoryview(record)))
+            # The data and the records persistent before the map moves (in any order between
+            # them, so in one step): a crash then finds the record and decides from the map
+            # which block is free.
+            t.write_many([(info.block_at(lanes[i].free), blocks[i]) for i in range(n)]
+                         + records, step)
+            for lane in lanes[:n]:
+                lane.recorded()  # in place: the next record goes to the other slot
+            if store:
+                t.atomic_write_many([(info.map_at(lba), news[i]) for i, lba in enumerate(lbas)])
+                found = list(olds)
+            else:
+                found = t.compare_swap_many([(info.map_at(lba), olds[i], news[i])
+                                             for i, lba in enumerate(lbas)])
+            moved = [i for i in range(n) if found[i] == olds[i]]
+            if moved:
+                # The old blocks are free only once the moves are persistent: written to
+                # before, a power cut could bring back a map entry pointing at one.
+                persist(t, [(info.map_at(lbas[i]), ENTRY) for i in moved])
+            for i in moved:
+                lanes[i].free = entry_block(olds[i])
+            for i in range(n):
                 lanes[i].pending = None
-                lba = lbas[i]
-                lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
-                piece = None if data is None else data[lo - offset:hi - offset]
-                self._check_entry(found[i], lba)
-                self._write_block(t, lanes[i], lba, found[i], lo - lba * size, hi - lo, piece,
-                                  persist)
+            again = [i for i in range(n) if found[i] != olds[i]]
+            for i in again:
+                self._check_entry(found[i], lbas[i])
+            lanes = [lanes[i] for i in again]
+            lbas, olds = [lbas[i] for i in again], [found[i] for i in again]
+
+    def _part(self, lba: int, data: memoryview | None, offset: int,
+              length: int) -> tuple[int, int, memoryview | None]:
+        """What a write of ``data`` (None: zeros) at ``offset`` puts in block ``lba``: where in
+        the block, how many bytes, and which (None: zeros)."""
+        size = self.info.sector_size
+        lo, hi = max(offset, lba * size), min(offset + length, (lba + 1) * size)
+        return lo - lba * size, hi - lo, None if data is None else data[lo - offset:hi - offset]
 
     def _merged(self, t: Transport, old: int, at: int, n: int,
                 piece: memoryview | None) -> memoryview:
@@ -650,32 +648,3 @@ class BlockMap:
         if entry_block(raw) >= self.info.internal_blocks:
             raise RemoteError(f"the block map entry of block {lba} points past the last "
                               "block: the region's map is corrupt", errno.EIO)
-
-    def _write_block(self, t: Transport, lane: Lane, lba: int, old: int, at: int, n: int,
-                     piece: memoryview | None, persist: Persister) -> None:
-        """One block whose entry another writer moved first, moved by compare-and-swap
-        until it moves (a part of a block merged again into what the other wrote)."""
-        size = self.info.sector_size
-        while True:
-            block = self._merged(t, old, at, n, piece)
-            free_at = self.info.block_at(lane.free)
-            t.write(block, free_at)
-            while True:
-                new = next_entry(old, lane.free)
-                slot, record = lane.record(lba, old, new)
-                lane.pending = (lba, old, new)
-                slot_at = self.info.slot_at(lane.index, slot)
-                t.write(memoryview(record), slot_at)
-                lane.recorded()
-                persist(t, [(free_at, size), (slot_at, FLOG_SLOT.size)])
-                found = t.compare_swap(self.info.map_at(lba), old, new)
-                if found == old:
-                    persist(t, [(self.info.map_at(lba), ENTRY)])
-                    lane.free = entry_block(old)
-                    lane.pending = None
-                    return
-                lane.pending = None
-                self._check_entry(found, lba)
-                old = found
-                if n != size:
-                    break  # merge the part into what the other writer wrote

@@ -647,3 +647,38 @@ def test_a_lane_whose_cut_move_was_overtaken_is_retired_not_guessed() -> None:
     buf = bytearray(4096 * 3)
     c.pread(memoryview(buf), 0)
     assert buf == bytes(4096) + b"B" * 8192
+
+
+class AnotherWriterFirst(MemoryTransport):
+    """Just before this client's first map move, another writer moves the same block
+    (to ``spare``, holding ``theirs``): the move loses and must go round again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare: tuple[int, int, int, bytes] | None = None  # map at, block at, block, data
+
+    def compare_swap_many(self, items: list[tuple[int, int, int]]) -> list[int]:
+        if self.spare is not None:
+            map_at, block_at, block, data = self.spare
+            self.spare = None
+            old = int.from_bytes(self.mem[map_at:map_at + 8], "little")
+            self.mem[block_at:block_at + len(data)] = data
+            self.mem[map_at:map_at + 8] = ab.next_entry(old, block).to_bytes(8, "little")
+        return super().compare_swap_many(items)
+
+
+@pytest.mark.parametrize("part", [False, True])
+def test_a_move_that_loses_the_race_goes_round_again(part: bool) -> None:
+    """The write is not lost: it lands on top of the other writer's, a part of a block merged
+    into theirs."""
+    t = atomic_transport(shared=True, atomic_write=False, t=AnotherWriterFirst())
+    c, info = atomic_client(t)
+    theirs = info.external_blocks  # lane 0's free block: the other writer's, here
+    t.spare = (info.map_at(5), info.block_at(theirs), theirs, b"Z" * 4096)
+    ours = b"o" * (100 if part else 4096)
+    c.pwrite(memoryview(ours), 4096 * 5 + (50 if part else 0))
+    buf = bytearray(4096)
+    c.pread(memoryview(buf), 4096 * 5)
+    assert buf == (b"Z" * 50 + ours + b"Z" * (4096 - 150) if part else ours)
+    cas = [args for name, args in t.calls if name == "cas"]
+    assert len(cas) == 2  # lost, then won
