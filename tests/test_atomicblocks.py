@@ -206,3 +206,15 @@ def test_lanes_are_taken_only_settled(fresh: tuple[MemArea, ab.Info]) -> None:
     move(area, info, 0, 1)
     with pytest.raises(LayoutError, match="lane 0 was not recovered"):
         ab.lane_from(info, 0, area.read(info.slot_at(0, 0), ab.FLOG_LANE), grant=1)
+
+
+def test_two_lanes_with_one_free_block_are_refused_before_anything_is_rewritten(
+        fresh: tuple[MemArea, ab.Info]) -> None:
+    area, info = fresh
+    move(area, info, 0, 5, flip=False)  # lane 0 has a move to settle
+    free1 = ab.entry_block(lane_record(area, info, 1).new)
+    write_record(area, info, 2, 0, ab.entry(free1, 0), ab.entry(free1, 0))  # lane 2: lane 1's
+    before = bytes(area.buf)
+    with pytest.raises(LayoutError, match="two lanes with the same free block"):
+        ab.recover(area)
+    assert bytes(area.buf) == before
