@@ -393,18 +393,9 @@ class VerbsTransport(Channel):
     def atomic_write(self, offset: int, value: bytes) -> None:
         """An 8-byte ATOMIC WRITE at export ``offset`` (8-aligned): a reader sees the old
         eight bytes or the new ones, never a mix. Where the WELCOME allows it."""
-        ep, _ = self._usable()
-        if not self.info.atomic_write:
-            raise TransportError(f"{self.peer} offers no ATOMIC WRITE on this connection")
         if len(value) != 8:
             raise TransportError(f"an ATOMIC WRITE is 8 bytes, not {len(value)}")
-        remote = self._check_word(offset, "an ATOMIC WRITE")
-        wr_id = self._wr_id()
-        try:
-            ep.post_atomic_write(wr_id, remote, self.info.rkey, value)
-            self._wait_for(ep, wr_id, "ATOMIC WRITE", remote, 8)
-        except TransportError as exc:
-            raise self._fail(exc) from None
+        self.atomic_write_many([(offset, int.from_bytes(value, "little"))])
 
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
         return self.compare_swap_many([(offset, expected, new)])[0]
@@ -424,14 +415,15 @@ class VerbsTransport(Channel):
         ep, bufs = self._usable()
         what = "ATOMIC WRITE" if store else "compare-and-swap"
         found = [0] * len(items)
-        todo = list(enumerate(items))
+        # (index, remote address, expected, new), each word checked before anything is posted
+        todo = [(i, self._check_word(offset, f"an {what}"), expected, new)
+                for i, (offset, expected, new) in enumerate(items)]
         inflight: dict[int, tuple[int, int, int]] = {}  # wr_id: item, slot, remote
         slots = list(range(self.depth))
         try:
             while todo or inflight:
                 while todo and slots:
-                    i, (offset, expected, new) = todo.pop()
-                    remote = self._check_word(offset, f"an {what}")
+                    i, remote, expected, new = todo.pop()
                     slot = slots.pop()
                     wr_id = self._wr_id()
                     if store:
