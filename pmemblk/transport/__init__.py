@@ -114,7 +114,8 @@ class Channel(Closeable):
     def atomic_write(self, offset: int, value: bytes) -> None:
         raise TransportError("ATOMIC WRITE needs an RDMA connection with that verb")
 
-    # One at a time where a transport has nothing better (a stream pipelines its frames).
+    # The batched forms one request at a time, for a transport with nothing better (a stream:
+    # its target applies frames in order, so what follows is ordered after them anyway).
 
     def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
         raise NotImplementedError
