@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from . import __version__, atomicblocks, layout
 from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
-from .errors import ConfigError, PmemblkError
+from .errors import ConfigError, LayoutError, PmemblkError
 from .lock import path_holder
 from .pmem import PmemRegion, is_devdax
 from .provision import create_region
@@ -88,9 +88,16 @@ def region_info(path: str) -> dict[str, object]:
             **_atomic_info(region, header),
             "clean_shutdown": state.clean,
             "times_served": state.times_served,
-            "loss_epoch": layout.read_loss_epoch(region),
+            "loss_epoch": _loss_epoch(region),
             "locked_by_pid": path_holder(path),
         }
+
+
+def _loss_epoch(region: PmemRegion) -> int | str:
+    try:
+        return layout.read_loss_epoch(region)
+    except LayoutError as exc:
+        return f"damaged: {exc}"
 
 
 def _atomic_info(region: PmemRegion, header: layout.Header) -> dict[str, object]:

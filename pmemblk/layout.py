@@ -20,12 +20,20 @@ an update leaves either the old or the new word, never a torn header. The data a
     64      8     state word: bit 0 = clean shutdown, bits 8.. = times served
     72      16    boot id of the system that last opened the region to serve it (0: unknown)
     88      8     loss epoch: times the region was opened after an unclean stop in an earlier
-                  boot, when writes that were never flushed may have been lost
+                  boot, when writes that were never flushed may have been lost. One word:
+                  the count in bits 0..31, the CRC32 of "loss epoch" and its 4 bytes in bits
+                  32..63 (the prefix keeps an all-ones word from checking out; written
+                  with one aligned store, so never torn; damage is seen, not believed)
 
 The boot id tells a killed target from a lost machine: when a target process dies, every write
 that reached the region's memory is still there (the page cache or the pmem and CPU caches
 survive a process); only a reboot or power cut can lose unflushed writes. Reconnecting clients
 compare the loss epoch to learn whether that happened while they were away (docs/security.md).
+
+The loss epoch is not covered by the header's CRC (it changes), so it carries its own. A word
+whose upper half is zero is the plain count earlier versions wrote, believed only when it is no
+more than the times served (each increment came with a serve). At its maximum, 2^32 - 1, a
+region that needs another increment is refused rather than left at a value clients have seen.
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ DATA_ALIGN = 4096
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 65536
 DEFAULT_BLOCK_SIZE = 4096
+
+#: The highest loss epoch (its word keeps 32 bits for a CRC of the count).
+LOSS_EPOCH_MAX = 2**32 - 1
 
 STATE_CLEAN = 1 << 0
 _SERVED_SHIFT = 8
@@ -163,18 +174,53 @@ def current_boot_id() -> bytes:
         return bytes(16)  # unknown: an unclean stop then counts as a possible loss
 
 
+def _epoch_check(epoch: int) -> int:
+    # Without the prefix, the CRC32 of four 0xff bytes is 0xffffffff: an all-ones word (memory
+    # that lost its contents) would check out as the maximum.
+    return zlib.crc32(b"loss epoch" + epoch.to_bytes(4, "little"))
+
+
+def encode_loss_epoch(epoch: int) -> int:
+    """The loss epoch's word: the count, and its check above it."""
+    if not 0 <= epoch <= LOSS_EPOCH_MAX:
+        raise LayoutError(f"loss epoch {epoch} is out of range (0 to {LOSS_EPOCH_MAX})")
+    return _epoch_check(epoch) << 32 | epoch
+
+
+def decode_loss_epoch(word: int, times_served: int) -> int:
+    """The count in a loss epoch word; a damaged word raises LayoutError."""
+    epoch, check = word & LOSS_EPOCH_MAX, word >> 32
+    if check == _epoch_check(epoch):
+        return epoch
+    if check == 0 and epoch <= times_served:  # the plain count of a region served before
+        return epoch
+    raise LayoutError(
+        f"its loss epoch word (byte {LOSS_EPOCH_OFFSET} of the header, 0x{word:016x}) is "
+        "damaged, so clients cannot be told whether writes they did not flush were lost. "
+        "Serve it --readonly to copy the data out, then create it again")
+
+
 def read_loss_epoch(region: PmemRegion) -> int:
-    return int.from_bytes(region.read(LOSS_EPOCH_OFFSET, 8), "little")
+    word = int.from_bytes(region.read(LOSS_EPOCH_OFFSET, 8), "little")
+    return decode_loss_epoch(word, read_state(region).times_served)
 
 
 def open_for_serving(region: PmemRegion, boot_id: bytes | None = None) -> Opening:
-    """Record that a target now serves the region read-write (state word: not clean)."""
+    """Record that a target now serves the region read-write (state word: not clean).
+    Refused, with the region unchanged, when its loss epoch is damaged or cannot move."""
     state = read_state(region)
     boot = current_boot_id() if boot_id is None else boot_id
     same_boot = boot != bytes(16) and region.read(BOOT_ID_OFFSET, 16) == boot
     continuity = state.clean or same_boot
-    epoch = read_loss_epoch(region) + (not continuity)
-    region.store_u64(LOSS_EPOCH_OFFSET, epoch)
+    epoch = read_loss_epoch(region)
+    if not continuity:
+        if epoch == LOSS_EPOCH_MAX:
+            raise LayoutError(
+                f"its loss epoch is at its maximum ({LOSS_EPOCH_MAX}) and must move again (an "
+                "unclean stop in another boot), which clients could not tell from no loss. "
+                "Serve it --readonly to copy the data out, then create it again")
+        epoch += 1
+    region.store_u64(LOSS_EPOCH_OFFSET, encode_loss_epoch(epoch))
     region.store_u64(BOOT_ID_OFFSET, int.from_bytes(boot[:8], "little"))
     region.store_u64(BOOT_ID_OFFSET + 8, int.from_bytes(boot[8:], "little"))
     region.persist(BOOT_ID_OFFSET, 24)

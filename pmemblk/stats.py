@@ -42,14 +42,17 @@ EXPORT_OCTAVES = range(10, 37)
 
 
 def bucket_index(ns: int) -> int:
-    if ns < 1:
+    """The bucket of a latency of ``ns`` nanoseconds: the one with low < ns <= high, as
+    Prometheus' ``le`` (less or equal) counts, so a bound exported is exact."""
+    if ns <= 1:
         return 0
-    mantissa, exponent = math.frexp(ns)  # ns = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    # For whole nanoseconds, ns <= high exactly when ns - 1 < high.
+    mantissa, exponent = math.frexp(ns - 1)  # = mantissa * 2**exponent, 0.5 <= mantissa < 1
     return min(NBUCKETS - 1, (exponent - 1) * SUB + int((mantissa - 0.5) * 2 * SUB))
 
 
 def bucket_bounds(index: int) -> tuple[float, float]:
-    """[low, high) in nanoseconds of bucket ``index``."""
+    """(low, high] in nanoseconds of bucket ``index``."""
     octave, sub = divmod(index, SUB)
     base = float(1 << octave)
     return base * (1 + sub / SUB), base * (1 + (sub + 1) / SUB)
@@ -105,9 +108,12 @@ class IoStats:
             self.reconnects += 1
 
     def record(self, op: str, nbytes: int, started_ns: int, ok: bool) -> None:
-        if not self.enabled:
-            return
-        ns = time.perf_counter_ns() - started_ns
+        """A request that started at ``started_ns`` (``time.perf_counter_ns``) ended now."""
+        if self.enabled:
+            self.observe(op, nbytes, time.perf_counter_ns() - started_ns, ok)
+
+    def observe(self, op: str, nbytes: int, ns: int, ok: bool) -> None:
+        """A request of ``nbytes`` that took ``ns`` nanoseconds."""
         index = bucket_index(ns)
         with self._lock:
             s = self.ops[op]
@@ -146,7 +152,7 @@ class IoStats:
             cumulative, bounds = 0, []
             upto = 0
             for octave in EXPORT_OCTAVES:
-                limit = octave * SUB  # buckets below 2**octave ns
+                limit = octave * SUB  # the buckets of latencies up to 2**octave ns
                 cumulative += sum(s.buckets[upto:limit])
                 upto = limit
                 bounds.append((f"{(1 << octave) / 1e9:.9g}", cumulative))

@@ -203,6 +203,14 @@ class Export:
                 fault.bind(self.header.data_offset, data_range)
                 region.persist_fault = fault.check
                 log.warning("TESTING ONLY: persist fails as told: %s", config.fail_persist)
+            try:
+                self.loss_epoch = layout.read_loss_epoch(region)
+            except LayoutError as exc:
+                if not config.readonly:
+                    raise LayoutError(f"{config.path}: {exc}") from None
+                # No writer, so nothing to lose: its readers are told an epoch no writer had.
+                log.warning("%s: %s (served read-only)", config.path, exc)
+                self.loss_epoch = layout.LOSS_EPOCH_MAX
             self.durable: DurableImage | None = None
             if config.durable_image:
                 self.durable = stack.enter_context(contextlib.closing(
@@ -226,7 +234,6 @@ class Export:
         #: What the RDMA listener's device and this region allow of the native verbs (set
         #: by the verbs server when it starts; offered to its connections only).
         self.native: durability.NativeOffer | None = None
-        self.loss_epoch = layout.read_loss_epoch(region)
         #: Tells clients that this is a new start of the target (Welcome.instance).
         self.instance = int.from_bytes(os.urandom(8), "little")
         self.sessions: dict[int, Session] = {}
@@ -251,7 +258,6 @@ class Export:
             log.info("%s", self.native.describe())
         else:
             log.info("%s", durability.native_flush_support())
-        self.began = True
         if self.readonly:
             return
         region, path = self.region, self.config.path
@@ -262,7 +268,13 @@ class Export:
                 raise LayoutError(
                     f"{path}: {exc}. Its writes cannot be made safe to continue; its data can "
                     "still be read: serve it --readonly to copy it out") from None
-        opening = layout.open_for_serving(region)
+        try:
+            opening = layout.open_for_serving(region)
+        except LayoutError as exc:
+            raise LayoutError(f"{path}: {exc}") from None
+        # Only now is the region served: a target refused before this changes nothing of its
+        # state (close() marks clean only what it began to serve).
+        self.began = True
         self.loss_epoch = opening.loss_epoch
         if not opening.continuity:
             log.warning(

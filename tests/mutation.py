@@ -34,6 +34,8 @@ CLIENT = "tests/test_client.py"
 ATOMIC = "tests/test_atomicblocks.py"
 TORN = "tests/crash/test_torn.py"
 ATOMIC_IT = "tests/integration/test_atomic.py"
+LOSS_EPOCH = "tests/test_loss_epoch.py"
+REFUSED = "tests/integration/test_refused_serve.py"
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,7 @@ MUTANTS = (
     Mutant("the header CRC is not checked", "pmemblk/layout.py", "if crc != actual:",
            "if False:", ("tests/test_layout.py",)),
     Mutant("the loss epoch never increments", "pmemblk/layout.py",
-           "epoch = read_loss_epoch(region) + (not continuity)",
-           "epoch = read_loss_epoch(region)", ("tests/test_layout.py",)),
+           "        epoch += 1\n", "        epoch += 0\n", ("tests/test_layout.py",)),
     Mutant("the target's bounds check is off by one", "pmemblk/protocol.py",
            "        if offset + length > export_size:",
            "        if offset + length > export_size + 1:", ("tests/test_protocol.py", WIRE)),
@@ -245,6 +246,33 @@ MUTANTS = (
            "            if group not in self._lane_owner and group not in self._quarantined:",
            "            if group not in self._quarantined:", (ATOMIC_IT,),
            select="lanes_run_out"),
+    # -- issue 23: the loss epoch's word, refused serves, day two
+    Mutant("an all-ones loss epoch word checks out", "pmemblk/layout.py",
+           'zlib.crc32(b"loss epoch" + epoch.to_bytes(4, "little"))',
+           'zlib.crc32(epoch.to_bytes(4, "little"))', (LOSS_EPOCH,)),
+    Mutant("a plain loss epoch count is believed whatever it says", "pmemblk/layout.py",
+           "if check == 0 and epoch <= times_served:", "if check == 0:", (LOSS_EPOCH,)),
+    Mutant("the loss epoch is not checked when a target serves", "pmemblk/layout.py",
+           "    epoch = read_loss_epoch(region)\n    if not continuity:",
+           "    epoch = int.from_bytes(region.read(LOSS_EPOCH_OFFSET, 8), \"little\") "
+           "& LOSS_EPOCH_MAX\n    if not continuity:", (LOSS_EPOCH,)),
+    Mutant("at its maximum the loss epoch stays put", "pmemblk/layout.py",
+           "        if epoch == LOSS_EPOCH_MAX:\n",
+           "        if epoch == LOSS_EPOCH_MAX:\n            epoch -= 1\n        if False:\n",
+           (LOSS_EPOCH,)),
+    Mutant("a serve refused while opening the region marks it clean", "pmemblk/target.py",
+           "            log.info(\"%s\", durability.native_flush_support())\n        if self.readonly:",
+           "            log.info(\"%s\", durability.native_flush_support())\n        self.began = True"
+           "\n        if self.readonly:", (REFUSED,), select="atomic"),
+    Mutant("a read-only target refuses a region whose loss epoch is damaged", "pmemblk/target.py",
+           "                if not config.readonly:\n                    raise LayoutError",
+           "                if True:\n                    raise LayoutError", (REFUSED,),
+           select="damaged"),
+    Mutant("a latency at a bucket's bound is counted above it", "pmemblk/stats.py",
+           "math.frexp(ns - 1)", "math.frexp(ns)", ("tests/test_stats.py",)),
+    Mutant("a Prometheus bucket takes the next one's first sub-bucket", "pmemblk/stats.py",
+           "                limit = octave * SUB  #", "                limit = octave * SUB + 1  #",
+           ("tests/test_stats.py",)),
 )
 
 

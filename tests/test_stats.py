@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pmemblk import stats
 
 
-@given(st.integers(min_value=1, max_value=(1 << 40) - 1))
+@given(st.integers(min_value=5, max_value=1 << 40))
 def test_a_value_falls_in_its_bucket(ns: int) -> None:
     low, high = stats.bucket_bounds(stats.bucket_index(ns))
-    assert low <= ns < high
+    assert low < ns <= high
     assert high / low <= 1 + 1 / stats.SUB + 1e-9  # a bucket is at most 25 % wide
 
 
@@ -63,3 +63,26 @@ def test_disabled_stats_count_nothing() -> None:
     s = stats.IoStats(("read",), enabled=False)
     s.record("read", 1, time.perf_counter_ns(), ok=True)
     assert s.summary()["read"]["requests"] == 0
+
+
+def test_exported_buckets_count_exactly_what_le_says_at_every_edge() -> None:
+    """Latencies one nanosecond below, at and above every exported bound: each ``le`` bucket
+    counts exactly those at most its bound (Prometheus' meaning), +Inf all of them, and the
+    sum is theirs."""
+    s = stats.IoStats(("read",))
+    edges = [1 << octave for octave in stats.EXPORT_OCTAVES]
+    values = [v for e in edges for v in (e - 1, e, e + 1)] + [1, 3, 1 << 50]
+    for ns in values:
+        s.observe("read", 4096, ns, ok=True)
+    text = stats.prometheus_text(lambda: s.metrics("p", {})).decode()
+    family = {f.name: f for f in text_string_to_metric_families(text)}  # type: ignore[no-untyped-call]
+    samples = family["p_request_seconds"].samples
+    buckets = {x.labels["le"]: x.value for x in samples if x.name.endswith("_bucket")}
+    assert len(buckets) == len(edges) + 1
+    for e in edges:
+        le = f"{e / 1e9:.9g}"
+        assert buckets[le] == sum(v <= e for v in values), (e, le)
+    assert buckets["+Inf"] == len(values)
+    total = next(x.value for x in samples if x.name.endswith("_sum"))
+    assert abs(total - sum(values) / 1e9) < 1e-6
+    assert next(x.value for x in samples if x.name.endswith("_count")) == len(values)

@@ -114,6 +114,10 @@ def test_failed_attach_leaves_nothing_in_the_vm(shm_region: Path, workdir: Path,
     assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
     assert "read-write" in res.stderr, res.stderr
     assert [p.name for p in run_dir.glob("*") if p.name != ".lock"] == ["first"]
+    # The second's nbdkit had started: undoing the attach stopped it (only the first's runs).
+    kept = our_nbdkits(run_dir)
+    assert len(kept) == 1 and str(run_dir / "first") in Path(f"/proc/{kept[0]}/cmdline"
+                                                             ).read_text(), kept
     pmemblk("detach", "first")
     nothing_left(run_dir, first)
     report("attach: wrong secret, missing device, unreachable target, a second writer: one "
