@@ -261,9 +261,10 @@ MUTANTS = (
            "        if epoch == LOSS_EPOCH_MAX:\n            epoch -= 1\n        if False:\n",
            (LOSS_EPOCH,)),
     Mutant("a serve refused while opening the region marks it clean", "pmemblk/target.py",
-           "            log.info(\"%s\", durability.native_flush_support())\n        if self.readonly:",
-           "            log.info(\"%s\", durability.native_flush_support())\n        self.began = True"
-           "\n        if self.readonly:", (REFUSED,), select="atomic"),
+           "            log.info(\"%s\", durability.native_flush_support())\n"
+           "        if self.readonly:",
+           "            log.info(\"%s\", durability.native_flush_support())\n"
+           "        self.began = True\n        if self.readonly:", (REFUSED,), select="atomic"),
     Mutant("a read-only target refuses a region whose loss epoch is damaged", "pmemblk/target.py",
            "                if not config.readonly:\n                    raise LayoutError",
            "                if True:\n                    raise LayoutError", (REFUSED,),

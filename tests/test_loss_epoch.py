@@ -71,7 +71,7 @@ def test_a_damaged_word_refuses_to_serve_and_changes_nothing(region: PmemRegion)
     poke(region, 2**64 - 1)
     before = image(region)
     for boot in (uuid.uuid4().bytes, region.read(layout.BOOT_ID_OFFSET, 16)):
-        with pytest.raises(LayoutError, match="loss epoch word .* is damaged.*--readonly"):
+        with pytest.raises(LayoutError, match=r"loss epoch word .* is damaged.*--readonly"):
             layout.open_for_serving(region, boot)
         assert image(region) == before
 
