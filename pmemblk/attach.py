@@ -14,6 +14,11 @@ attachment, ``RUN_DIR/NAME/`` (mode 700):
 A step that fails undoes the ones before it, so a failed attach leaves nothing running and
 nothing behind. ``detach`` flushes the device, disconnects it, stops nbdkit and removes the
 directory; it refuses a device that is mounted or held by another device (md, dm).
+
+A directory whose record is torn or wrongly typed, or that a detach left because it held files
+pmemblk did not make, is a ``Leftover``: ``list`` shows it as broken, and ``detach NAME`` stops
+what it can prove is its own (the nbdkit and the nbd-client whose command lines name its
+socket) and says what it left.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from . import nbdplugin
+from . import files, nbdplugin
 from .errors import ConfigError, PmemblkError, TransportError
 from .transport.verbs import DEFAULT_TIMEOUT
 
@@ -103,28 +108,91 @@ class Attachment:
         return f"nbd+unix:///?socket={self.nbd_socket}"
 
     def save(self) -> None:
-        tmp = self.folder / ".attach.json.tmp"
         record = {k: v for k, v in dataclasses.asdict(self).items() if k != "folder"}
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(self.folder / "attach.json")
+        files.write_atomic(str(self.folder / "attach.json"),
+                           (json.dumps(record, indent=2) + "\n").encode(), 0o644,
+                           "the attachment's record")
 
     @classmethod
     def load(cls, folder: Path) -> Attachment:
-        try:
-            record = json.loads((folder / "attach.json").read_text())
-            return cls(folder=folder, **record)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(f"{folder} does not hold a pmemblk attachment ({exc})") from None
+        record = _read_record(folder)
+        if isinstance(record, str):
+            raise ConfigError(f"{folder} does not hold a pmemblk attachment ({record})")
+        return cls(folder=folder, **record)
 
     def nbdkit_pid(self) -> int | None:
         """nbdkit's PID if it is running and is this attachment's (checked by its command
         line naming our socket), else None."""
-        pid = _read_pid(self.folder / "nbdkit.pid")
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid is not None else b""
-        except OSError:
-            return None
-        return pid if str(self.nbd_socket).encode() in cmdline.split(b"\0") else None
+        return _our_nbdkit(self.folder)
+
+
+#: attach.json's fields and their types (a record with others, or other types, is broken).
+_RECORD: dict[str, tuple[type, ...]] = {
+    "name": (str,), "target": (str,), "device": (str, type(None)), "connections": (int,),
+    "readonly": (bool,), "keys": (list,), "created": (int, float), "threads": (int,)}
+
+
+def _read_record(folder: Path) -> dict[str, Any] | str:
+    """``folder``'s attach.json, or what is wrong with it."""
+    try:
+        record = json.loads((folder / "attach.json").read_text())
+    except FileNotFoundError:
+        left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        return "no record; it holds " + (", ".join(left) or "nothing")
+    except (OSError, ValueError) as exc:
+        return f"its record cannot be read: {exc}"
+    why = _record_problem(record)
+    return record if why is None else why
+
+
+def _record_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "its record is not a JSON object"
+    missing = sorted(set(_RECORD) - set(record) - {"created", "threads"})
+    extra = sorted(set(record) - set(_RECORD))
+    if missing or extra:
+        return f"its record lacks {missing} or has unknown fields {extra}"
+    for key, value in record.items():
+        types = _RECORD[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"its record's {key} is {value!r}"
+    if not all(isinstance(k, str) for k in record["keys"]):
+        return "its record's keys are not all strings"
+    return None
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _our_nbdkit(folder: Path) -> int | None:
+    """The PID in ``folder``'s nbdkit.pid if that process names ``folder``'s socket."""
+    pid = _read_pid(folder / "nbdkit.pid")
+    if pid is None:
+        return None
+    return pid if str(folder / "nbd.sock").encode() in _cmdline(pid) else None
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A folder in the run directory that holds no readable attachment record."""
+
+    name: str
+    folder: Path
+    why: str
+
+    def devices(self) -> list[str]:
+        """The NBD devices whose nbd-client names this folder's socket (provably ours)."""
+        found = []
+        sock = str(self.folder / "nbd.sock").encode()
+        for sysfs in Path("/sys/block").glob("nbd*"):
+            pid = _read_pid(sysfs / "pid")
+            if pid is not None and any(sock in arg for arg in _cmdline(pid)):
+                found.append(f"/dev/{sysfs.name}")
+        return sorted(found)
 
 
 # -- finding attachments and devices ---------------------------------------------------------
@@ -135,9 +203,23 @@ def attachments() -> list[Attachment]:
     found = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(folder.iterdir()):
-            if (entry / "attach.json").is_file():
+            if (entry / "attach.json").is_file() and not entry.is_symlink():
                 with contextlib.suppress(ConfigError):
                     found.append(Attachment.load(entry))
+    return found
+
+
+def leftovers() -> list[Leftover]:
+    """Folders of the run directory with no readable record: torn, wrongly typed, or left by
+    a detach because they held files pmemblk did not make."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(run_dir().iterdir()):
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
+                continue
+            record = _read_record(entry)
+            if isinstance(record, str):
+                found.append(Leftover(entry.name, entry, record))
     return found
 
 
@@ -146,6 +228,11 @@ def find(name_or_device: str) -> Attachment:
     for att in attachments():
         if name_or_device in (att.name, att.device):
             return att
+    for left in leftovers():
+        if left.name == name_or_device:
+            raise ConfigError(f"attachment {left.name} is broken ({left.why}) in "
+                              f"{left.folder}: pmemblk detach {left.name} cleans up what is "
+                              "provably its own")
     known = ", ".join(f"{a.name} ({a.device or a.uri})" for a in attachments()) or "none"
     raise ConfigError(f"no attachment is called {name_or_device!r} or holds that device "
                       f"(attached: {known}; see pmemblk list)")
@@ -210,9 +297,18 @@ def _locked() -> Iterator[None]:
     folder = run_dir()
     try:
         folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigError(f"cannot use {folder}: {exc.strerror} (run as root, or set "
+                          "PMEMBLK_RUN_DIR)") from None
+    # Root keeps sockets, PIDs it will signal and records here: nobody else may write it.
+    files.check_folder(str(folder), "the run directory")
+    try:
+        fd = os.open(folder / ".lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot use {folder / '.lock'}: {exc.strerror} (a symlink is "
+                          "refused)" if exc.errno == errno.ELOOP else
+                          f"cannot use {folder}: {exc.strerror} (run as root, or set "
                           "PMEMBLK_RUN_DIR)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -390,7 +486,12 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
         command += ["-connections", str(opts.connections)]
     if opts.readonly:
         command.append("-readonly")
-    res = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
+    try:
+        res = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _disconnect_device(device)  # whatever it did before it hung (it was killed)
+        raise TransportError(f"nbd-client did not connect {device} within {START_TIMEOUT:g}s "
+                             f"and was stopped; nbdkit said: {_log_tail(att)}") from None
     if res.returncode != 0:
         said = (res.stderr.strip() or res.stdout.strip()).splitlines()
         raise TransportError(f"nbd-client could not connect {device}: "
@@ -409,7 +510,12 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
 
 
 def _disconnect_device(device: str) -> None:
-    subprocess.run(["nbd-client", "-d", device], capture_output=True, timeout=STOP_TIMEOUT * 3)
+    try:
+        subprocess.run(["nbd-client", "-d", device], capture_output=True,
+                       timeout=STOP_TIMEOUT * 3)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("nbd-client -d %s failed (%s): check it with nbd-client -c %s", device,
+                    exc, device)
     pid_path = _sys_block(device) / "pid"
     deadline = time.monotonic() + STOP_TIMEOUT
     while pid_path.exists() and time.monotonic() < deadline:
@@ -446,7 +552,7 @@ def _alive(pid: int) -> bool:
 
 def _remove_folder(folder: Path) -> None:
     """Remove what attach made there, and the folder if nothing else is in it."""
-    for name in (*_FILES, ".attach.json.tmp"):
+    for name in _FILES:
         path = folder / name
         with contextlib.suppress(FileNotFoundError):
             if path.is_symlink() or not path.is_dir():
@@ -488,6 +594,36 @@ def detach(att: Attachment, force: bool = False) -> list[str]:
         elif (att.folder / "nbdkit.pid").exists():
             warnings.append("nbdkit was not running any more")
         _remove_folder(att.folder)
+    return warnings
+
+
+def detach_leftover(left: Leftover, force: bool = False) -> list[str]:
+    """Stop what ``left`` provably started (its nbd-client's device, its nbdkit), remove
+    pmemblk's own files; returns what it could not do or left behind."""
+    warnings = []
+    with _locked():
+        if not isinstance(_read_record(left.folder), str):  # an attach finished meanwhile
+            raise ConfigError(f"{left.name} is attached again: pmemblk detach {left.name}")
+        for device in left.devices():
+            busy = holders(device)
+            if busy:
+                raise ConfigError(f"{device} (served by {left.folder}) is {', '.join(busy)}: "
+                                  "unmount or stop it first")
+            problem = _final_flush(device)
+            if problem and not force:
+                raise PmemblkError(f"the final flush of {device} failed ({problem}): nothing "
+                                   "was detached; pmemblk detach --force to detach anyway")
+            if problem:
+                warnings.append(f"the final flush of {device} failed ({problem})")
+            _disconnect_device(device)
+        pid = _our_nbdkit(left.folder)
+        if pid is not None:
+            _stop_process(pid)
+        _remove_folder(left.folder)
+        if left.folder.exists():
+            kept = ", ".join(sorted(p.name for p in left.folder.iterdir()))
+            warnings.append(f"left {left.folder}: it holds files pmemblk did not make "
+                            f"({kept}); remove them yourself")
     return warnings
 
 

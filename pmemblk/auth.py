@@ -22,6 +22,7 @@ import hmac
 import os
 import stat
 
+from . import files
 from .errors import ConfigError, RemoteError
 from .protocol import (
     AUTH_HMAC_SHA256,
@@ -76,16 +77,7 @@ def load_secret(path: str) -> bytes:
 
 def create_secret(path: str) -> None:
     """Write a new random secret (32 bytes, as 64 hex digits) to ``path``, mode 0600."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists: not overwriting a secret") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        os.write(fd, os.urandom(32).hex().encode() + b"\n")
-    finally:
-        os.close(fd)
+    files.create_exclusive(path, os.urandom(32).hex().encode() + b"\n", 0o600, "secret")
 
 
 def client_mac(secret: bytes, hello: Hello, challenge: Challenge) -> bytes:

@@ -183,8 +183,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def cmd_detach(args: argparse.Namespace) -> None:
-    from .attach import detach, find
+    from .attach import detach, detach_leftover, find, leftovers
 
+    left = next((lo for lo in leftovers() if lo.name == args.what), None)
+    if left is not None:
+        for warning in detach_leftover(left, force=args.force):
+            print(f"pmemblk: warning: {warning}", file=sys.stderr)
+        print(f"detached broken attachment {left.name} ({left.why})")
+        return
     att = find(args.what)
     for warning in detach(att, force=args.force):
         print(f"pmemblk: warning: {warning}", file=sys.stderr)
@@ -192,9 +198,12 @@ def cmd_detach(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from .attach import attachments, live_status
+    from .attach import attachments, leftovers, live_status
 
     rows = [live_status(att) for att in attachments()]
+    rows += [{"name": lo.name, "device": None, "target": "?", "folder": str(lo.folder),
+              "state": f"broken: {lo.why} ({lo.folder}; pmemblk detach {lo.name})"}
+             for lo in leftovers()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

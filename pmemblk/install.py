@@ -12,9 +12,8 @@ import shutil
 import subprocess
 import sys
 from importlib import resources
-from pathlib import Path
 
-from . import __version__
+from . import __version__, files
 from .attach import package_root
 from .errors import ConfigError
 
@@ -65,10 +64,15 @@ def install_plugin(plugindir: str | None) -> str:
     path = os.path.join(folder, PLUGIN_NAME)
     _write(path, plugin_script(nbdkit), 0o755)
     # Run it as nbdkit will: a plugin that cannot load is removed, not left to fail later.
-    res = subprocess.run([path, "--dump-plugin"], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0 or f"pmemblk_version={__version__}" not in res.stdout:
-        os.unlink(path)
+    try:
+        res = subprocess.run([path, "--dump-plugin"], capture_output=True, text=True,
+                             timeout=60)
         said = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        loaded = res.returncode == 0 and f"pmemblk_version={__version__}" in res.stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        said, loaded = str(exc), False
+    if not loaded:
+        os.unlink(path)
         raise ConfigError(f"the installed plugin did not load under nbdkit ({said}); "
                           f"removed {path}")
     return path
@@ -103,15 +107,6 @@ def install_units(unit_dir: str) -> list[str]:
 
 
 def _write(path: str, text: str, mode: int) -> None:
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{folder} is not a directory")
-    tmp = Path(folder) / f".{os.path.basename(path)}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    # Root writes here: a folder another user can write would let them plant what root runs.
+    files.check_folder(os.path.dirname(os.path.abspath(path)), "install directory")
+    files.write_atomic(path, text.encode(), mode)

@@ -3,29 +3,15 @@ text file for node_exporter."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
-from .errors import ConfigError
+from . import files
 from .units import human
 
 
 def write_textfile(path: str, text: bytes) -> None:
     """Replace ``path`` by ``text`` atomically: node_exporter never reads half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".pmemblk-", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ConfigError(f"--textfile {path}: cannot write in {folder}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        os.unlink(tmp)
-        raise ConfigError(f"--textfile {path}: {exc.strerror}") from None
+    files.write_atomic(path, text, 0o644, "--textfile")
 
 
 def _us(value: float | None) -> str:

@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -695,15 +696,21 @@ class PidFile:
         if os.path.isdir(path):
             raise ConfigError(f"--pid-file {path} is a directory")
         folder = os.path.dirname(path) or "."
-        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        self.content = f"{os.getpid()}\n".encode()
         try:
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # A name nobody can have planted a link at (O_EXCL), in place of a predictable one.
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                            dir=folder)
         except OSError as exc:
             raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
                               f"{exc.strerror}") from None
-        self.content = f"{os.getpid()}\n".encode()
         try:
+            os.fchmod(fd, 0o644)
             os.write(fd, self.content)
+        except OSError as exc:
+            os.unlink(self.tmp)
+            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
+                              f"{exc.strerror}") from None
         finally:
             os.close(fd)
         self.published = False

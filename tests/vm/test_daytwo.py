@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ..conftest import report
 from ..procs import our_nbdkits, pmemblk, run, wait_until
 from .harness import ADDR, secret_file, vm_target
@@ -131,4 +133,27 @@ def test_failed_attach_leaves_nothing_in_the_vm(shm_region: Path, workdir: Path,
     assert status("ro")["readonly"] is True
     pmemblk("detach", "ro")
     nothing_left(run_dir, device)
+    target.stop()
+
+
+def test_an_nbd_client_that_hangs_is_one_line_and_leaves_nothing(
+        shm_region: Path, workdir: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nbd-client stuck (here: a wrapper that never returns, first on PATH) until attach's
+    deadline: one line, its nbdkit stopped, the device free (it was a traceback, with
+    subprocess.TimeoutExpired, and nbdkit left running)."""
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    target = vm_target(str(shm_region), 7802, workdir).start()
+    real = run("sh", "-c", "command -v nbd-client").stdout.strip()
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nbd-client").write_text(
+        f'#!/bin/sh\n[ "$1" = -d ] && exec {real} "$@"\nexec sleep 600\n')
+    (bin_dir / "nbd-client").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    res = pmemblk("attach", f"{ADDR}:7802", "--secret-file", str(secret_file(workdir)),
+                  "--device", "/dev/nbd0", check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr and "did not connect /dev/nbd0 within" in res.stderr
+    nothing_left(run_dir, "/dev/nbd0")
+    report("attach: an nbd-client that hangs: one line at the deadline, nothing left")
     target.stop()

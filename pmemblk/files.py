@@ -1,0 +1,88 @@
+"""Files pmemblk writes, written one way: replaced whole (a reader sees the old file or the
+new one, never half of one), through a temporary name nobody can plant a link at, in folders
+nobody else can write.
+
+``write_atomic`` makes its temporary file with ``mkstemp`` beside the destination (O_EXCL: it
+never opens what is already there, a symlink included), ``fchmod``s and ``fsync``s the
+descriptor and renames it over the destination. On any failure (a full disk, a read-only
+place) the temporary file is removed and one ``ConfigError`` says what could not be written and
+why. ``check_folder`` refuses a folder that another user could write: root writing there would
+otherwise follow what that user planted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+
+from .errors import ConfigError
+
+
+def check_folder(folder: str, what: str) -> None:
+    """Refuse ``folder`` unless it is a directory that only we (or root) can write."""
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {folder} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{what} {folder} belongs to user {st.st_uid}, who could replace "
+                          "what pmemblk writes there: use a folder of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{what} {folder} can be written by other users (mode "
+                          f"{stat.S_IMODE(st.st_mode):o}): chmod go-w {folder}, or use "
+                          "another folder")
+
+
+def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:
+    """Replace ``path`` by ``data`` with permissions ``mode``; ConfigError on failure, with
+    nothing left behind and ``path`` as it was."""
+    label = f"{what} {path}" if what else path
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {label}: {exc.strerror} (in {folder})") from None
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write {label}: {exc.strerror}") from None
+
+
+def create_exclusive(path: str, data: bytes, mode: int, what: str) -> None:
+    """Create ``path`` holding ``data`` only if nothing is there (not even a dangling link);
+    whole or not at all: a failed write removes what it created."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists: not overwriting a {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {what} {path}: {exc.strerror}") from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise ConfigError(f"cannot write {what} {path}: {exc.strerror} (nothing was left "
+                          "there)") from None
