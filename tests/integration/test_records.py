@@ -36,10 +36,16 @@ def retyped(**fields: object) -> Callable[[Path], None]:
     return damage
 
 
+def written(data: bytes) -> Callable[[Path], None]:
+    def damage(record: Path) -> None:
+        record.write_bytes(data)
+    return damage
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "torn": torn,
-    "empty": lambda record: record.write_bytes(b""),
-    "a list": lambda record: record.write_text("[1, 2]"),
+    "empty": written(b""),
+    "a list": written(b"[1, 2]"),
     "connections a string": retyped(connections="4"),
     "keys a number": retyped(keys=5),
     "device a number": retyped(device=7),
