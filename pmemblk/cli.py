@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     listen = parse_address(args.listen, "--listen")
     if isinstance(listen, UnixAddress) and "verbs" in transports:
         raise ConfigError("a unix: socket can only serve --transport tcp")
-    for name in ("max_clients", "max_channels", "max_handshakes"):
+    for name in ("max_clients", "max_channels", "max_handshakes", "max_threads"):
         if not 1 <= getattr(args, name) <= MAX_CONNECTIONS:
             raise ConfigError(f"--{name.replace('_', '-')} must be from 1 to {MAX_CONNECTIONS}")
     if not 0 < args.handshake_timeout <= 3600:
@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     faulthandler.enable()
     serve(ServeConfig(path=args.path, listen=listen, transports=transports,
                       readonly=args.readonly, max_clients=args.max_clients,
-                      max_channels=args.max_channels,
+                      max_channels=args.max_channels, max_threads=args.max_threads,
                       pid_file=args.pid_file, handshake_timeout=args.handshake_timeout,
                       max_handshakes=args.max_handshakes, keepalive=args.keepalive,
                       apm_durable=args.apm_durable, shared=args.shared,
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-channels", type=int, default=64, metavar="N",
                    help="connections one client may have open at once: the plugin opens one "
                    "per nbdkit worker thread and NBD connection (default 64)")
+    s.add_argument("--max-threads", type=int, default=512, metavar="N",
+                   help="TCP and unix: connections served at once over every client, each by "
+                   "a thread of its own; more are refused, to be tried again (default 512)")
     s.add_argument("--max-handshakes", type=int, default=64, metavar="N",
                    help="connections not yet authenticated at once; more are refused with "
                    "EBUSY (default 64)")

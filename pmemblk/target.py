@@ -74,6 +74,9 @@ class ServeConfig:
     max_channels: int = 64
     #: Connections that may be in their handshake (not yet authenticated) at once.
     max_handshakes: int = 64
+    #: Admitted stream (TCP, unix:) connections at once, over every client: each is served by
+    #: a thread of its own, and a tasks limit (TasksMax=, pids.max) must not be reached.
+    max_threads: int = 512
     #: TCP: probe a silent client after this many seconds; one that does not answer three
     #: probes (KEEPALIVE_PROBES) a third of this apart is dropped.
     keepalive: float = 15.0

@@ -36,6 +36,9 @@ TORN = "tests/crash/test_torn.py"
 ATOMIC_IT = "tests/integration/test_atomic.py"
 LOSS_EPOCH = "tests/test_loss_epoch.py"
 REFUSED = "tests/integration/test_refused_serve.py"
+LIMITS = "tests/integration/test_limits.py"
+FILES = "tests/integration/test_files.py"
+RECORDS = "tests/integration/test_records.py"
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,42 @@ MUTANTS = (
     Mutant("a Prometheus bucket takes the next one's first sub-bucket", "pmemblk/stats.py",
            "                limit = octave * SUB  #", "                limit = octave * SUB + 1  #",
            ("tests/test_stats.py",)),
+    # -- issue 24: the hostile pass, round three
+    Mutant("a thread that cannot start takes the target down", "pmemblk/servers/stream.py",
+           "        except RuntimeError as exc:  # \"can't start new thread\"",
+           "        except ZeroDivisionError as exc:  # \"can't start new thread\"",
+           (LIMITS,), select="tasks_limit"),
+    Mutant("serve --max-threads is not enforced", "pmemblk/servers/stream.py",
+           "        if served >= export.config.max_threads:", "        if False:",
+           (LIMITS,), select="own_bound"),
+    Mutant("a refusal a flood repeats is logged every time", "pmemblk/servers/stream.py",
+           "        if quiet:\n            self.server.refusals.warn(message)",
+           "        if False:\n            self.server.refusals.warn(message)",
+           (LIMITS,), select="tasks_limit"),
+    Mutant("install writes through a predictable temporary name", "pmemblk/files.py",
+           "        fd, tmp = tempfile.mkstemp(prefix=f\".{os.path.basename(path)}.\", "
+           "suffix=\".tmp\",\n                                   dir=folder)",
+           "        tmp = os.path.join(folder, f\".{os.path.basename(path)}.{os.getpid()}.tmp\")"
+           "\n        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)",
+           (FILES,), select="planted"),
+    Mutant("a folder another user can write is accepted", "pmemblk/files.py",
+           "    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):", "    if False:",
+           (FILES,), select="another_user"),
+    Mutant("attach follows a planted .lock link", "pmemblk/attach.py",
+           "os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW",
+           "os.O_RDWR | os.O_CREAT | os.O_CLOEXEC",
+           (FILES,), select="lock_link"),
+    Mutant("a secret that could not be written is left behind", "pmemblk/files.py",
+           "        with contextlib.suppress(OSError):\n            os.unlink(path)",
+           "        with contextlib.suppress(OSError):\n            pass",
+           (FILES,), select="secret"),
+    Mutant("a wrongly typed attach record is believed", "pmemblk/attach.py",
+           "    why = _record_problem(record)\n    return record if why is None else why",
+           "    return record", (RECORDS,), select="connections"),
+    Mutant("a broken attachment's nbdkit is left running", "pmemblk/attach.py",
+           "        pid = _our_nbdkit(left.folder)\n        if pid is not None:\n"
+           "            _stop_process(pid)\n        _remove_folder(left.folder)",
+           "        _remove_folder(left.folder)", (RECORDS,), select="torn"),
 )
 
 

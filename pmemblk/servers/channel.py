@@ -115,6 +115,8 @@ class DataChannel:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def join(self) -> None:
+        if self.thread.ident is None:  # never started (its thread could not be made)
+            return
         self.thread.join(JOIN_TIMEOUT)
         if self.thread.is_alive():
             log.error("client %d: its thread did not end within %gs", self.number,

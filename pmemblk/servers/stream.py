@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -66,6 +67,7 @@ class _Conn:
         self.wq: collections.deque[memoryview] = collections.deque()
         self.greeting: Greeting | None = None
         self.admission: Admission | None = None  # admitted: handed to a DataChannel
+        self.welcome = b""  # the WELCOME of an admission, sent by its channel's thread
         self.closed = False
         self.close_after_send = False
         self.timer: int | None = None
@@ -149,30 +151,53 @@ class _Conn:
             self.server.reactor.cancel(self.timer)
             self.timer = None
         self._end_handshake()
+        served = self.server.served()
+        if served >= export.config.max_threads:
+            self._refuse(Reject(errno.EAGAIN, f"the target serves {served} connections over "
+                                              "TCP, its limit (serve --max-threads): try again "
+                                              "later"), quiet=True)
+            return
         admission = export.admit(greeting, raw, "tcp", self.peer)
         if isinstance(admission, Reject):
             self._refuse(admission)
             return
-        self.send(export.welcome(admission).encode())
+        self.welcome = export.welcome(admission).encode()
         self.admission = admission
+
+    def _hand_over(self, admission: Admission) -> None:
+        """The reactor is done with this connection: its channel's thread serves it now, and
+        sends the WELCOME; if no thread can be made for it, it is refused instead."""
+        export = self.server.export
+        assert export is not None
+        self.server.reactor.remove(self.fd)
+        unsent = b"".join(bytes(v) for v in self.wq) + self.welcome
+        why = self.server.start_channel(DataChannel(
+            export, self.sock, self.number, self.peer, admission, unsent, bytes(self.rbuf),
+            self.server.channel_ended))
+        if why is not None:  # a tasks limit (TasksMax=, pids.max, ulimit -u) was reached
+            export.client_left(admission)
+            self.admission = None
+            self.server.reactor.add(self.fd, self.on_readable)
+            self._refuse(Reject(errno.EAGAIN, f"the target cannot start a thread for this "
+                                              f"connection ({why}): try again later"),
+                         quiet=True)
+            self._update_interest()
+            return
+        self.closed = True
+        self.server.conns.pop(self.number, None)
+        self.wq.clear()
         log.info("client %d connected from %s (%s, session %d, %d clients)", self.number,
                  self.peer, "read-only" if admission.readonly else "read-write",
                  admission.session.number, export.clients)
 
-    def _hand_over(self, admission: Admission) -> None:
-        """The reactor is done with this connection: its channel's thread serves it now."""
-        assert self.server.export is not None
-        self.closed = True
-        self.server.reactor.remove(self.fd)
-        self.server.conns.pop(self.number, None)
-        unsent = b"".join(bytes(v) for v in self.wq)
-        self.wq.clear()
-        self.server.start_channel(DataChannel(
-            self.server.export, self.sock, self.number, self.peer, admission, unsent,
-            bytes(self.rbuf), self.server.channel_ended))
-
-    def _refuse(self, reject: Reject) -> None:
-        log.warning("refusing client %d (%s): %s", self.number, self.peer, reject.reason)
+    def _refuse(self, reject: Reject, quiet: bool = False) -> None:
+        """Send ``reject`` and close. ``quiet``: a refusal a flood repeats, logged at most
+        once per ACCEPT_LOG_INTERVAL."""
+        message = f"refusing client {self.number} ({self.peer}): {reject.reason}"
+        if quiet:
+            self.server.refusals.warn(message)
+        else:
+            log.warning("%s", message)
         self.send(reject.encode())
         self.close_after_send = True
 
@@ -266,6 +291,7 @@ class StreamServer:
         self._socket_id: tuple[int, int] | None = None
         self._accept_paused = False
         self._complaints = RateLimitedLog(ACCEPT_LOG_INTERVAL)
+        self.refusals = RateLimitedLog(ACCEPT_LOG_INTERVAL)
 
     def start(self, export: Export) -> None:
         self.export = export
@@ -338,10 +364,22 @@ class StreamServer:
         if not self._closed and self.sock is not None:
             self.reactor.add(self.sock.fileno(), self._on_accept)
 
-    def start_channel(self, channel: DataChannel) -> None:
+    def served(self) -> int:
+        """Admitted connections whose threads serve them now."""
+        with self._channels_lock:
+            return len(self.channels)
+
+    def start_channel(self, channel: DataChannel) -> str | None:
+        """Start ``channel``'s thread; why it could not be started, or None."""
         with self._channels_lock:
             self.channels[channel.number] = channel
-        channel.start()
+        try:
+            channel.start()
+        except RuntimeError as exc:  # "can't start new thread": EAGAIN from clone()
+            with self._channels_lock:
+                self.channels.pop(channel.number, None)
+            return str(exc)
+        return None
 
     def channel_ended(self, channel: DataChannel) -> None:
         """Called by a channel's thread as it ends."""
