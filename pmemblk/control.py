@@ -5,7 +5,8 @@ region or the device needs). The asker sends one line naming a request and reads
 until the server closes; requests are ``status`` (JSON) and ``metrics`` (the Prometheus text
 format). Served by one thread that answers one asker at a time with deadlines on both sides, so
 a silent asker delays the next one by at most ``REQUEST_TIMEOUT`` (less than an asker waits,
-``TIMEOUT``), and none of them touches the data path.
+``TIMEOUT``), and none of them touches the data path. Each deadline is for the whole request or
+answer, not for each receive: an asker (or a server) that sends a byte at a time gets no more.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,9 +64,10 @@ class ControlServer:
                     log.exception("control: internal error")
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(REQUEST_TIMEOUT)
+        deadline = time.monotonic() + REQUEST_TIMEOUT
         request = b""
         while b"\n" not in request and len(request) <= MAX_REQUEST:
+            conn.settimeout(_left(deadline))
             chunk = conn.recv(MAX_REQUEST)
             if not chunk:
                 break
@@ -94,22 +97,38 @@ class ControlServer:
         self.close()
 
 
+def _left(deadline: float) -> float:
+    """Seconds to ``deadline``; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
 def ask(path: str, request: str, timeout: float = TIMEOUT) -> bytes:
-    """Send ``request`` to the control socket at ``path``; the answer (TransportError if no
-    one answers, RemoteError-free: an unknown request comes back as text)."""
+    """Send ``request`` to the control socket at ``path``; the answer within ``timeout``
+    seconds in all (TransportError if no one answers, RemoteError-free: an unknown request
+    comes back as text)."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
             sock.sendall(request.encode() + b"\n")
             parts, size = [], 0
-            while chunk := sock.recv(1 << 16):
+            while True:
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
                 parts.append(chunk)
                 size += len(chunk)
                 if size > MAX_ANSWER:
                     raise TransportError(f"{path}: the answer is over {MAX_ANSWER} bytes")
         except (FileNotFoundError, ConnectionRefusedError):
             raise TransportError(f"nothing answers on {path} (not running?)") from None
+        except TimeoutError:
+            raise TransportError(f"{path} did not answer within {timeout:g}s") from None
         except OSError as exc:
             raise TransportError(f"{path}: {exc.strerror or exc}") from None
     return b"".join(parts)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 
 from ..address import Address, parse_address
 from ..auth import ClientHandshake
@@ -54,6 +55,9 @@ DEFAULT_DEPTH = 8
 DEFAULT_CHUNK_SIZE = 1 << 20
 #: At close, how long to wait for the target to close its side, and how much to read meanwhile.
 CLOSE_WAIT = 2.0
+#: How far behind its deadline a request may notice it (a timeout changed sooner would cost
+#: a syscall on every socket call).
+DEADLINE_SLACK = 0.25
 CLOSE_DRAIN = 64 << 10
 
 
@@ -73,6 +77,10 @@ class StreamTransport(Channel):
         self._next_tag = 0
         self._closed = False
         self._reply = bytearray(REPLY.size)  # the one-frame path's reply header
+        #: Each request (and the handshake) must be done within ``timeout`` seconds in all:
+        #: a peer that sends a byte at a time gets no longer (``_left``).
+        self._timeout = self._sock_timeout = timeout
+        self._deadline = time.monotonic() + timeout
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout)
@@ -94,16 +102,35 @@ class StreamTransport(Channel):
 
     # -- socket helpers --------------------------------------------------------------------
 
-    def _lost(self, exc: OSError, timed_out: str = "did not answer in time") -> ConnectionLost:
+    def _lost(self, exc: OSError, timed_out: str = "did not answer") -> ConnectionLost:
         """A socket call's failure as the connection lost (a timeout is the deadline)."""
         if isinstance(exc, TimeoutError):
-            return ConnectionLost(f"{self.peer} {timed_out}")
+            return ConnectionLost(f"{self.peer} {timed_out} within {self._timeout:g}s")
         return ConnectionLost(f"connection to {self.peer} failed: {exc}")
+
+    def _check_usable(self) -> None:
+        """A request starts: it has the whole timeout from now."""
+        super()._check_usable()
+        self._deadline = time.monotonic() + self._timeout
+        if self._sock_timeout != self._timeout:
+            self.sock.settimeout(self._timeout)
+            self._sock_timeout = self._timeout
+
+    def _left(self) -> None:
+        """Before a socket call: the socket's timeout is what is left of the request's (to
+        within DEADLINE_SLACK, so that a call that comes at once costs no extra syscall)."""
+        left = self._deadline - time.monotonic()
+        if left < self._sock_timeout - DEADLINE_SLACK:
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+            self._sock_timeout = left
 
     def _recv_into(self, view: memoryview) -> None:
         pos = 0
         while pos < len(view):
             try:
+                self._left()
                 n = self.sock.recv_into(view[pos:])
             except OSError as exc:
                 raise self._lost(exc) from None
@@ -119,6 +146,7 @@ class StreamTransport(Channel):
     def _send(self, *parts: bytes | memoryview) -> None:
         try:
             for part in parts:
+                self._left()
                 self.sock.sendall(part)
         except OSError as exc:
             raise self._lost(exc, "stopped taking data") from None
@@ -171,6 +199,7 @@ class StreamTransport(Channel):
                     if sent < IO.size + length:
                         self.sock.sendall(head[sent:] if sent < IO.size else b"")
                         self.sock.sendall(src[max(0, sent - IO.size):])
+                self._left()
                 got = self.sock.recvmsg_into((hdr, dst) if dst is not None else (hdr,))[0]
             except OSError as exc:
                 raise self._lost(exc) from None
