@@ -35,9 +35,6 @@ from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
 from .powercut import DurableImage, FlushTracer
 from .protocol import (
-    FLUSH_APM,
-    FLUSH_GPSPM,
-    FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
     REGION_ATOMIC_BLOCKS,
     REGION_ATOMIC_WRITE,
@@ -435,13 +432,10 @@ class Export:
             REGION_SHARED if self.config.shared else 0)
         lanes = admission.session.lanes if admission.writer else None
         first, count, grant = lanes if lanes is not None else (0, 0, 0)
-        methods, durable = FLUSH_APM | FLUSH_GPSPM, self.durable_methods
-        offer = self.native
-        if native and offer is not None and not admission.readonly:
-            if offer.flush is not None:
-                methods |= FLUSH_NATIVE
-                durable |= FLUSH_NATIVE if offer.flush == "persistent" else 0
-            flags |= REGION_ATOMIC_WRITE if offer.atomic_write else 0
+        declared = durability.declare(self.durable_methods, self.native, native,
+                                      admission.readonly)
+        flags |= REGION_ATOMIC_WRITE if declared.atomic_write else 0
+        methods, durable = declared.flush_methods, declared.durable_methods
         welcome = Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=methods, rkey=rkey, remote_addr=remote_addr,
