@@ -231,7 +231,10 @@ class Export:
         #: that left while others still write (recovered once none does).
         self._lane_owner: dict[int, Session] = {}
         self._quarantined: set[int] = set()
-        self._lane_grants = 0
+        #: The last grant number given (u32, never 0). A client keeps its lanes while its
+        #: connections bring the grant it has, so a number must be new across starts of the
+        #: target too: counting from a random one, as ``instance`` is random.
+        self._lane_grant = int.from_bytes(os.urandom(4), "little")
         self._cas_lock = threading.Lock()
         self._by_client_id: dict[bytes, Session] = {}
         self._session_numbers = 0
@@ -372,9 +375,9 @@ class Export:
         groups = max(1, self.atomic.lanes // per)
         for group in range(groups):
             if group not in self._lane_owner and group not in self._quarantined:
-                self._lane_grants += 1
+                self._lane_grant = self._lane_grant % 0xFFFFFFFF + 1
                 first = group * per
-                return first, min(per, self.atomic.lanes - first), self._lane_grants
+                return first, min(per, self.atomic.lanes - first), self._lane_grant
         waiting = (f" ({len(self._quarantined)} wait for their writers' recovery, when no "
                    "writer is connected)" if self._quarantined else "")
         return Reject(errno.EBUSY, f"every one of the {groups} lane groups of this atomic-"
