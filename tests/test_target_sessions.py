@@ -26,6 +26,7 @@ from pmemblk.pmem import PmemRegion
 from pmemblk.protocol import CLIENT_NONCE_SIZE, MAC_SIZE, Auth, Hello, Reject, Welcome
 from pmemblk.target import Admission, Export, Greeting, ServeConfig
 
+
 def make_region(tmp_path: Path, groups: int) -> str:
     path = str(tmp_path / f"atomic{groups}.img")
     with PmemRegion.create(path, 4 << 20) as r:
