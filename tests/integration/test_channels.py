@@ -142,3 +142,49 @@ def test_a_writer_reconnecting_to_a_restarted_target_never_writes_through_anothe
             a.close()
         t.stop()
     check_map(atomic_region)
+
+
+def test_a_plugin_client_that_replaces_a_lost_one_never_shares_its_lanes(
+        atomic_region: str, tmp_path: Path) -> None:
+    """A plugin instance's client finds the target after a power cut with writes unflushed
+    (every FLUSH fails from then on; its writes still go through). A new NBD connection then
+    gets a new client (nbdplugin.PluginState.open) while the old one's connections still
+    write. With the plugin's one client id the new one joined the old one's session and was
+    given the same lanes: two block maps moving blocks through one set of lanes (the new one's
+    first write failed on the old one's unsettled record: EIO). A client of its own is
+    refused the writer slot while the old one holds it, and admitted once that has gone."""
+    from pmemblk.nbdplugin import PluginState
+
+    image = str(tmp_path / "durable.img")
+    t = serve(atomic_region, tmp_path, "--testing-durable-image", image)
+    state = PluginState()
+    for key, value in (("target", t.listen), ("transport", "tcp"), ("flush", "gpspm"),
+                       ("reconnect-timeout", "30"), ("timeout", "10")):
+        state.config.set(key, value)
+    state.config.complete()
+    old = state.open(False)
+    new = None
+    try:
+        old.pwrite(memoryview(pattern(1)), 1 * BLOCK)  # never flushed
+        t.kill()
+        pmemblk("testing-power-cut", atomic_region, "--durable-image", image, "--keep", "0")
+        t = t.restart()
+        old.pwrite(memoryview(pattern(2)), 2 * BLOCK)  # finds the new loss epoch
+        assert old.lost is not None
+        with pytest.raises(RemoteError, match="another client has this export open"):
+            state.open(False)
+        old.pwrite(memoryview(pattern(3)), 3 * BLOCK)  # the old one still writes
+        assert read(old, 3 * BLOCK, BLOCK) == pattern(3)
+        state.closed(old)
+        new = state.open(False)
+        assert new is not old and new.lost is None
+        new.pwrite(memoryview(pattern(4)), 4 * BLOCK)
+        new.flush()
+        assert [read(new, i * BLOCK, BLOCK) for i in (2, 3, 4)] == [pattern(i)
+                                                                   for i in (2, 3, 4)]
+    finally:
+        for c in (old, new):
+            if c is not None:
+                c.close()
+        t.stop()
+    check_map(atomic_region)
