@@ -10,10 +10,12 @@ writer holds, and uses them: nothing it wrote is overwritten by the other writer
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +24,7 @@ from pmemblk.errors import RemoteError
 from pmemblk.transport.stream import StreamTransport
 
 from ..blockmap import check_map
-from ..procs import Target, pmemblk
+from ..procs import Target, pmemblk, wait_until
 from .conftest import read
 
 BLOCK = 4096
@@ -187,4 +189,66 @@ def test_a_plugin_client_that_replaces_a_lost_one_never_shares_its_lanes(
             if c is not None:
                 c.close()
         t.stop()
+    check_map(atomic_region)
+
+
+def replaced(ch: Any, lost: object, failures: list[BaseException]) -> bool:
+    return ch.transport is not lost or bool(failures)
+
+
+def test_one_channel_lost_while_the_others_write_keeps_the_clients_lanes(
+        atomic_region: str, tmp_path: Path) -> None:
+    """One client core, three threads on three channels of an atomic-blocks region. Channels
+    lose their connection one at a time (shut down under their lock, between requests) while
+    the other two write: each reconnects into the same session, so with the same grant and
+    lanes; no outsider gets the writer slot meanwhile; every write verifies, the map is
+    whole."""
+    import socket
+
+    t = serve(atomic_region, tmp_path)
+    me = os.urandom(16)
+    c = Client(StreamTransport(t.listen, client_id=me, timeout=10), "gpspm",
+               reconnect=lambda: StreamTransport(t.listen, client_id=me, timeout=10),
+               reconnect_timeout=30, max_channels=3)
+    stop, failures = threading.Event(), list[BaseException]()
+    start = threading.Barrier(3)
+
+    def work(i: int) -> None:
+        n = 0
+        try:
+            start.wait(timeout=30)
+            while not stop.is_set() or n < 20:
+                n += 1
+                off = (i * 64 + n % 64) * BLOCK
+                c.pwrite(memoryview(pattern(i << 16 | n)), off)
+                assert read(c, off, BLOCK) == pattern(i << 16 | n)
+        except BaseException as exc:  # handed to the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        wait_until(lambda: c.channels == 3 or bool(failures), "three channels")
+        channels = list(c._all)
+        for round_ in range(6):
+            ch = channels[round_ % 3]
+            with ch.lock:  # between two of its requests
+                lost = ch.transport
+                assert isinstance(lost, StreamTransport)
+                lost.sock.shutdown(socket.SHUT_RDWR)
+            wait_until(functools.partial(replaced, ch, lost, failures),
+                       "the channel's new connection")
+            with pytest.raises(RemoteError, match="another client has this export"):
+                channel(t).close()
+            assert not failures, failures
+        grants = {ch.transport.info.lane_grant for ch in channels if ch.transport is not None}
+        assert len(grants) == 1 and 0 not in grants, grants
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=120)
+        c.close()
+        t.stop()
+    assert not any(th.is_alive() for th in threads) and not failures, failures
     check_map(atomic_region)
