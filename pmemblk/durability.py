@@ -20,9 +20,10 @@ it to every client in its WELCOME (``durable_methods``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .protocol import FLUSH_GPSPM, FLUSH_METHODS
+from .protocol import FLUSH_APM, FLUSH_GPSPM, FLUSH_METHODS, FLUSH_NATIVE
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,28 @@ class NativeOffer:
         return f"native verbs: {flush}, {atomic} ({self.why})"
 
 
+#: What registering the region for FLUSH found: "persistent", "global" or None, and why.
+Registration = tuple[str | None, str]
+
+
+def native_offer(flush_global: bool, flush_persistent: bool, atomic_write: bool,
+                 device_why: str, readonly: bool,
+                 register: Callable[[bool], Registration]) -> NativeOffer:
+    """What the target offers of the native verbs, from its probe: the device's capabilities
+    (``flush_*``, ``atomic_write``; ``device_why`` says why any are missing) and, when the
+    device has a FLUSH, what the kernel lets the region be registered with (``register``,
+    told whether to try FLUSH_PERSISTENT). FLUSH is persistent only when the device *and* the
+    memory both allow FLUSH_PERSISTENT; a read-only export is offered nothing."""
+    if readonly:
+        return NativeOffer(None, False, "the export is read-only")
+    if not (flush_global or flush_persistent):
+        return NativeOffer(None, atomic_write, device_why)
+    registered, why = register(flush_persistent)
+    if registered == "persistent" and not flush_persistent:
+        registered, why = "global", "the device offers FLUSH_GLOBAL only"
+    return NativeOffer(registered, atomic_write, why)
+
+
 def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool,
                native: NativeOffer | None = None) -> list[Guarantee]:
     gpspm = Guarantee("gpspm", True, f"the target calls {persist_method} before it replies")
@@ -77,6 +100,31 @@ def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool,
 
 def durable_mask(items: list[Guarantee]) -> int:
     return sum(FLUSH_METHODS[g.method] for g in items if g.persistent)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a WELCOME declares of flushing and ATOMIC WRITE to one connection."""
+
+    flush_methods: int
+    durable_methods: int
+    atomic_write: bool
+
+
+def declare(durable: int, offer: NativeOffer | None, native: bool, readonly: bool
+            ) -> Declared:
+    """The flush methods offered to a connection, those that give persistence, and whether it
+    may post ATOMIC WRITE. ``durable``: the region's own (``durable_mask`` without native);
+    ``native``: the connection's rkey allows the native verbs ``offer`` found (RDMA). Native
+    FLUSH is durable only if the probe found FLUSH_PERSISTENT; FLUSH_GLOBAL is visibility."""
+    methods = FLUSH_APM | FLUSH_GPSPM
+    atomic_write = False
+    if native and offer is not None and not readonly:
+        if offer.flush is not None:
+            methods |= FLUSH_NATIVE
+            durable |= FLUSH_NATIVE if offer.flush == "persistent" else 0
+        atomic_write = offer.atomic_write
+    return Declared(methods, durable & methods, atomic_write)
 
 
 def choose(offered: int, durable: int, wanted: str, allow_visibility_only: bool

@@ -38,6 +38,7 @@ Keys::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -306,8 +307,12 @@ class PluginState:
                     self.clients[client] += 1
                     self.opened += 1
                     return client
+            # A failed client's connections may still write: one that replaces it is a client
+            # of its own (its own id, its own session and lanes), never a channel of the old.
+            config = self.config if client is None else dataclasses.replace(
+                self.config, client_id=auth.new_client_id())
             try:
-                client = connect(self.config, readonly, self.stats)
+                client = connect(config, readonly, self.stats)
             except Exception as exc:
                 with self._lock:
                     self.failed_opens += 1

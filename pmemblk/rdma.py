@@ -72,8 +72,8 @@ PYVERBS_MISSING = (
 __all__ = [
     "CMID", "FD_TABLE", "MR", "AddrInfo", "ConnParam", "Device", "Endpoint", "EventChannel",
     "Native", "PyverbsError", "RegisteredBuffer", "active_rdma_devices", "ce", "e",
-    "event_name", "flush_access", "iter_cm_events", "new_cmid", "probe_native", "rdma_devices",
-    "rdma_error", "require_pyverbs", "wc_failure",
+    "event_name", "flush_access", "flush_flags", "iter_cm_events", "native_from_caps",
+    "new_cmid", "probe_native", "rdma_devices", "rdma_error", "require_pyverbs", "wc_failure",
 ]
 
 T = TypeVar("T")
@@ -336,37 +336,53 @@ def probe_native(ctx: Any) -> tuple[Native, str]:
         flags = int(ctx.query_device_ex().device_cap_flags_ex)
     except (PyverbsError, AttributeError) as exc:
         return Native(), f"the device's extended capabilities cannot be read ({exc})"
-    native = Native(PYVERBS_FLUSH and bool(flags & DEVICE_FLUSH_GLOBAL),
-                    PYVERBS_FLUSH and bool(flags & DEVICE_FLUSH_PERSISTENT),
-                    PYVERBS_ATOMIC_WRITE and bool(flags & DEVICE_ATOMIC_WRITE))
+    return native_from_caps(flags, PYVERBS_FLUSH, PYVERBS_ATOMIC_WRITE)
+
+
+def native_from_caps(flags: int, can_flush: bool, can_atomic_write: bool) -> tuple[Native, str]:
+    """The native verbs of a device whose ``device_cap_flags_ex`` are ``flags``, less those
+    this pyverbs cannot post (``can_*``), and a sentence on why any are missing."""
+    native = Native(can_flush and bool(flags & DEVICE_FLUSH_GLOBAL),
+                    can_flush and bool(flags & DEVICE_FLUSH_PERSISTENT),
+                    can_atomic_write and bool(flags & DEVICE_ATOMIC_WRITE))
     if native.any:
         return native, "offered by the device"
-    if flags & (DEVICE_FLUSH_GLOBAL | DEVICE_FLUSH_PERSISTENT) and not PYVERBS_FLUSH:
+    if flags & (DEVICE_FLUSH_GLOBAL | DEVICE_FLUSH_PERSISTENT) and not can_flush:
         return native, "the device has FLUSH, this pyverbs cannot post it (rdma-core < 45)"
     return native, ("the device does not offer them (Soft-RoCE has them from Linux 6.2; "
                     "hardware varies)")
 
 
-def flush_access(pd: Any, addr: int, length: int) -> tuple[int, str]:
-    """The FLUSH access flags the kernel lets this memory be registered with, found by
-    registering ``[addr, addr+length)`` (a page is enough: the kind of memory decides):
-    FLUSH_PERSISTENT only on memory the kernel calls persistent (an NVDIMM, not ``memmap=``
-    "legacy" pmem, never DRAM); FLUSH_GLOBAL on any memory."""
+def flush_access(pd: Any, addr: int, length: int, persistent: bool = True
+                 ) -> tuple[str | None, str]:
+    """The FLUSH the kernel lets this memory be registered for ("persistent", "global" or
+    None, and why), found by registering ``[addr, addr+length)`` (a page is enough: the kind
+    of memory decides): FLUSH_PERSISTENT only on memory the kernel calls persistent (an
+    NVDIMM, not ``memmap=`` "legacy" pmem, never DRAM), and tried only if ``persistent``
+    (the device has it); FLUSH_GLOBAL on any memory."""
     if not PYVERBS_FLUSH:
-        return 0, "this pyverbs cannot register for FLUSH (rdma-core < 45)"
+        return None, "this pyverbs cannot register for FLUSH (rdma-core < 45)"
     base = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
-    tried = []
-    for extra, name in ((e.IBV_ACCESS_FLUSH_PERSISTENT | e.IBV_ACCESS_FLUSH_GLOBAL,
-                         "FLUSH_PERSISTENT"), (e.IBV_ACCESS_FLUSH_GLOBAL, "FLUSH_GLOBAL")):
+    tried = [] if persistent else ["FLUSH_PERSISTENT: the device does not offer it"]
+    for kind in ("persistent", "global")[0 if persistent else 1:]:
         try:
-            MR(pd, length, base | extra, address=addr).close()
+            MR(pd, length, base | flush_flags(kind), address=addr).close()
         except PyverbsError as exc:
-            tried.append(f"{name}: {rdma_error('registering', exc)}")
+            tried.append(f"FLUSH_{kind.upper()}: {rdma_error('registering', exc)}")
             continue
-        if name == "FLUSH_PERSISTENT":
-            return extra, "the kernel calls this memory persistent"
-        return extra, f"not persistent memory to the kernel ({tried[0]})"
-    return 0, "; ".join(tried)
+        if kind == "persistent":
+            return kind, "the kernel calls this memory persistent"
+        return kind, f"not persistent memory to the kernel ({tried[0]})"
+    return None, "; ".join(tried)
+
+
+def flush_flags(kind: str | None) -> int:
+    """The MR access flags for a native FLUSH of ``kind`` ("persistent", "global", None)."""
+    if kind is None or not PYVERBS_FLUSH:
+        return 0
+    if kind == "persistent":
+        return int(e.IBV_ACCESS_FLUSH_PERSISTENT | e.IBV_ACCESS_FLUSH_GLOBAL)
+    return int(e.IBV_ACCESS_FLUSH_GLOBAL)
 
 
 class Endpoint(Closeable):

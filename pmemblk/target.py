@@ -36,9 +36,6 @@ from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
 from .powercut import DurableImage, FlushTracer
 from .protocol import (
-    FLUSH_APM,
-    FLUSH_GPSPM,
-    FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
     REGION_ATOMIC_BLOCKS,
     REGION_ATOMIC_WRITE,
@@ -245,7 +242,10 @@ class Export:
         #: that left while others still write (recovered once none does).
         self._lane_owner: dict[int, Session] = {}
         self._quarantined: set[int] = set()
-        self._lane_grants = 0
+        #: The last grant number given (u32, never 0). A client keeps its lanes while its
+        #: connections bring the grant it has, so a number must be new across starts of the
+        #: target too: counting from a random one, as ``instance`` is random.
+        self._lane_grant = int.from_bytes(os.urandom(4), "little")
         self._cas_lock = threading.Lock()
         self._by_client_id: dict[bytes, Session] = {}
         self._session_numbers = 0
@@ -391,9 +391,9 @@ class Export:
         groups = max(1, self.atomic.lanes // per)
         for group in range(groups):
             if group not in self._lane_owner and group not in self._quarantined:
-                self._lane_grants += 1
+                self._lane_grant = self._lane_grant % 0xFFFFFFFF + 1
                 first = group * per
-                return first, min(per, self.atomic.lanes - first), self._lane_grants
+                return first, min(per, self.atomic.lanes - first), self._lane_grant
         waiting = (f" ({len(self._quarantined)} wait for their writers' recovery, when no "
                    "writer is connected)" if self._quarantined else "")
         return Reject(errno.EBUSY, f"every one of the {groups} lane groups of this atomic-"
@@ -451,13 +451,10 @@ class Export:
             REGION_SHARED if self.config.shared else 0)
         lanes = admission.session.lanes if admission.writer else None
         first, count, grant = lanes if lanes is not None else (0, 0, 0)
-        methods, durable = FLUSH_APM | FLUSH_GPSPM, self.durable_methods
-        offer = self.native
-        if native and offer is not None and not admission.readonly:
-            if offer.flush is not None:
-                methods |= FLUSH_NATIVE
-                durable |= FLUSH_NATIVE if offer.flush == "persistent" else 0
-            flags |= REGION_ATOMIC_WRITE if offer.atomic_write else 0
+        declared = durability.declare(self.durable_methods, self.native, native,
+                                      admission.readonly)
+        flags |= REGION_ATOMIC_WRITE if declared.atomic_write else 0
+        methods, durable = declared.flush_methods, declared.durable_methods
         welcome = Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=methods, rkey=rkey, remote_addr=remote_addr,

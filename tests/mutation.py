@@ -39,6 +39,9 @@ REFUSED = "tests/integration/test_refused_serve.py"
 LIMITS = "tests/integration/test_limits.py"
 FILES = "tests/integration/test_files.py"
 RECORDS = "tests/integration/test_records.py"
+SESSIONS = "tests/test_target_sessions.py"
+CHANNELS_IT = "tests/integration/test_channels.py"
+DECLARES = "tests/test_target_declares.py"
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,72 @@ MUTANTS = (
            "        pid = _our_nbdkit(left.folder)\n        if pid is not None:\n"
            "            _stop_process(pid)\n        _remove_folder(left.folder)",
            "        _remove_folder(left.folder)", (RECORDS,), select="torn"),
+    # -- issue 23: channels coming and going, lanes across reconnects, what the target declares
+    Mutant("one channel closing hands back its client's writer slot", "pmemblk/target.py",
+           "                self.writers -= not session.writers",
+           "                self.writers -= 1", (CHANNELS_IT,), select="every_order"),
+    Mutant("one channel closing forgets its client's id", "pmemblk/target.py",
+           "            session.channels -= 1\n            if session.channels == 0:",
+           "            session.channels -= 1\n"
+           "            self._by_client_id.pop(session.client_id, None)\n"
+           "            if session.channels == 0:", (CHANNELS_IT,), select="every_order"),
+    Mutant("one read-write channel closing gives back its client's lanes", "pmemblk/target.py",
+           "                if not session.writers and self.atomic is not None:",
+           "                if self.atomic is not None:", (SESSIONS,), select="every_order"),
+    Mutant("each read-write channel of a client is granted lanes of its own",
+           "pmemblk/target.py",
+           "        if not readonly and self.atomic is not None and (session is None or not "
+           "session.writers):",
+           "        if not readonly and self.atomic is not None:", (SESSIONS,),
+           select="every_order"),
+    Mutant("a leaving writer's lanes are recovered while another writer writes",
+           "pmemblk/target.py",
+           "        if self.writers == 0 and self._quarantined:",
+           "        if self._quarantined:", (SESSIONS,), select="left_beside_another"),
+    Mutant("lane grant numbers start again at every start of the target", "pmemblk/target.py",
+           "        self._lane_grant = int.from_bytes(os.urandom(4), \"little\")",
+           "        self._lane_grant = 0", (CHANNELS_IT,), select="restarted_target"),
+    Mutant("a plugin client replacing a failed one joins its session and lanes",
+           "pmemblk/nbdplugin.py",
+           "            config = self.config if client is None else dataclasses.replace(",
+           "            config = self.config if True else dataclasses.replace(", (CHANNELS_IT,),
+           select="replaces_a_lost_one"),
+    Mutant("native FLUSH_GLOBAL is declared durable", "pmemblk/durability.py",
+           "            durable |= FLUSH_NATIVE if offer.flush == \"persistent\" else 0",
+           "            durable |= FLUSH_NATIVE", (DECLARES,), select="welcome or table"),
+    Mutant("a FLUSH_GLOBAL-only device registered for persistence is called persistent",
+           "pmemblk/durability.py",
+           "    if registered == \"persistent\" and not flush_persistent:",
+           "    if False:", (DECLARES,), select="offer or registration"),
+    Mutant("FLUSH_PERSISTENT registration is tried on a device without it",
+           "pmemblk/durability.py",
+           "    registered, why = register(flush_persistent)",
+           "    registered, why = register(True)", (DECLARES,), select="offer"),
+    Mutant("native verbs are declared to a read-only connection", "pmemblk/durability.py",
+           "    if native and offer is not None and not readonly:",
+           "    if native and offer is not None:", (DECLARES,), select="welcome or table"),
+    Mutant("native verbs are declared to a connection whose rkey lacks them",
+           "pmemblk/durability.py",
+           "    if native and offer is not None and not readonly:",
+           "    if offer is not None and not readonly:", (DECLARES,), select="welcome or table"),
+    Mutant("ATOMIC WRITE is declared without the device's", "pmemblk/durability.py",
+           "        atomic_write = offer.atomic_write", "        atomic_write = True",
+           (DECLARES,), select="welcome or table"),
+    Mutant("the device's FLUSH_PERSISTENT is read from the FLUSH_GLOBAL bit", "pmemblk/rdma.py",
+           "    can_flush and bool(flags & DEVICE_FLUSH_PERSISTENT),",
+           "    can_flush and bool(flags & DEVICE_FLUSH_GLOBAL),", (DECLARES,),
+           select="caps"),
+    Mutant("two unknown boot ids are taken as the same boot", "pmemblk/layout.py",
+           "    same_boot = boot != bytes(16) and region.read(BOOT_ID_OFFSET, 16) == boot",
+           "    same_boot = region.read(BOOT_ID_OFFSET, 16) == boot", (DECLARES,),
+           select="continuity or unknown_boots"),
+    Mutant("boot ids are compared by their first half", "pmemblk/layout.py",
+           "    same_boot = boot != bytes(16) and region.read(BOOT_ID_OFFSET, 16) == boot",
+           "    same_boot = boot != bytes(16) and region.read(BOOT_ID_OFFSET, 8) == boot[:8]",
+           (DECLARES,), select="continuity"),
+    Mutant("the boot id's second half is not recorded", "pmemblk/layout.py",
+           "    region.store_u64(BOOT_ID_OFFSET + 8, int.from_bytes(boot[8:], \"little\"))\n",
+           "", (DECLARES,), select="continuity"),
 )
 
 

@@ -158,18 +158,14 @@ class VerbsServer:
     def _probe_native(self, export: Export) -> None:
         """Which native verbs (FLUSH, ATOMIC WRITE) this device and region allow clients."""
         assert self.device is not None
-        native, why = self.device.native, self.device.native_why
-        self.flush_access = 0
-        flush: str | None = None
-        if export.readonly:
-            why = "the export is read-only"
-        elif native.flush_global or native.flush_persistent:
-            page = min(export.size, 4096)  # the kind of memory decides, not the size
-            self.flush_access, why = rdma.flush_access(self.device.pd, export.data_addr, page)
-            if self.flush_access:
-                persistent = self.flush_access & rdma.e.IBV_ACCESS_FLUSH_PERSISTENT
-                flush = "persistent" if persistent else "global"
-        offer = durability.NativeOffer(flush, native.atomic_write and not export.readonly, why)
+        device = self.device
+        native = device.native
+        page = min(export.size, 4096)  # the kind of memory decides, not the size
+        offer = durability.native_offer(
+            native.flush_global, native.flush_persistent, native.atomic_write,
+            device.native_why, export.readonly,
+            lambda persistent: rdma.flush_access(device.pd, export.data_addr, page, persistent))
+        self.flush_access = rdma.flush_flags(offer.flush)
         export.offer_native(offer)
         log.info("%s on %s", offer.describe(), self.device.name)
 
