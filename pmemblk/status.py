@@ -53,10 +53,13 @@ def _atomic_line(atomic: dict[str, Any] | None) -> list[str]:
     if not atomic:
         return []
     groups = atomic["lane_groups"]
+    error = atomic.get("lane_recovery_error")
+    waiting = (f"{atomic['lane_groups_waiting_for_recovery']} that cannot be given out: "
+               f"their recovery failed ({error}); serve it --readonly to copy the data out"
+               if error else f"{atomic['lane_groups_waiting_for_recovery']} waiting for "
+               "recovery (when no writer is connected)")
     return [f"  atomic blocks: {atomic['sectors']} sectors of {atomic['sector_size']} bytes; "
-            f"{atomic['lane_groups_held']} of {groups} writer lane groups held, "
-            f"{atomic['lane_groups_waiting_for_recovery']} waiting for recovery (when no "
-            "writer is connected)"]
+            f"{atomic['lane_groups_held']} of {groups} writer lane groups held, {waiting}"]
 
 
 def render_target(st: dict[str, Any]) -> str:

@@ -242,6 +242,8 @@ class Export:
         #: that left while others still write (recovered once none does).
         self._lane_owner: dict[int, Session] = {}
         self._quarantined: set[int] = set()
+        #: Why the last recovery of those groups failed (a corrupt flog), or None.
+        self.recovery_error: str | None = None
         #: The last grant number given (u32, never 0). A client keeps its lanes while its
         #: connections bring the grant it has, so a number must be new across starts of the
         #: target too: counting from a random one, as ``instance`` is random.
@@ -394,6 +396,10 @@ class Export:
                 self._lane_grant = self._lane_grant % 0xFFFFFFFF + 1
                 first = group * per
                 return first, min(per, self.atomic.lanes - first), self._lane_grant
+        if self.recovery_error is not None:  # more lanes would not help: say what would
+            # The reason's end may be cut (REJECT_REASON_MAX): the way out comes first.
+            return Reject(errno.EIO, "no free lanes, recovery failed (serve it --readonly to "
+                                     f"copy the data out): {self.recovery_error}")
         waiting = (f" ({len(self._quarantined)} wait for their writers' recovery, when no "
                    "writer is connected)" if self._quarantined else "")
         return Reject(errno.EBUSY, f"every one of the {groups} lane groups of this atomic-"
@@ -412,10 +418,14 @@ class Export:
             try:
                 self._recover_lanes()
             except PmemblkError as exc:
-                log.error("atomic-blocks recovery failed, no writer can have the lanes of the "
-                          "writers that left: %s", exc)
+                if str(exc) != self.recovery_error:
+                    log.error("%s: atomic-blocks recovery failed (%s): no writer can have the "
+                              "lanes of the writers that left; serve it --readonly to copy "
+                              "the data out", self.region.path, exc)
+                self.recovery_error = str(exc)
                 return
             self._quarantined.clear()
+            self.recovery_error = None
 
     def _recover_lanes(self) -> None:
         assert self.atomic is not None
@@ -554,6 +564,7 @@ class Export:
                 "lane_groups": max(1, self.atomic.lanes // atomicblocks.LANES_PER_WRITER),
                 "lane_groups_held": len(self._lane_owner),
                 "lane_groups_waiting_for_recovery": len(self._quarantined),
+                "lane_recovery_error": self.recovery_error,
             }
         return {
             "pid": os.getpid(), "version": __version__, "region": region.path,

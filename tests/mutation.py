@@ -39,6 +39,7 @@ REFUSED = "tests/integration/test_refused_serve.py"
 LIMITS = "tests/integration/test_limits.py"
 FILES = "tests/integration/test_files.py"
 RECORDS = "tests/integration/test_records.py"
+LANE_RECOVERY = "tests/integration/test_lane_recovery.py"
 SESSIONS = "tests/test_target_sessions.py"
 CHANNELS_IT = "tests/integration/test_channels.py"
 DECLARES = "tests/test_target_declares.py"
@@ -316,6 +317,12 @@ MUTANTS = (
            "        pid = _our_nbdkit(left.folder)\n        if pid is not None:\n"
            "            _stop_process(pid)\n        _remove_folder(left.folder)",
            "        _remove_folder(left.folder)", (RECORDS,), select="torn"),
+    Mutant("a failed lane recovery tells writers to recreate the region", "pmemblk/target.py",
+           "        if self.recovery_error is not None:  # more lanes would not help",
+           "        if False:  # more lanes would not help", (LANE_RECOVERY,)),
+    Mutant("a failed lane recovery is logged at every try", "pmemblk/target.py",
+           "                if str(exc) != self.recovery_error:", "                if True:",
+           (LANE_RECOVERY,)),
     # -- issue 23: channels coming and going, lanes across reconnects, what the target declares
     Mutant("one channel closing hands back its client's writer slot", "pmemblk/target.py",
            "                self.writers -= not session.writers",
