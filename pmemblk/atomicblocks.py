@@ -310,8 +310,9 @@ class Recovery:
 
 
 def recover(area: Area, info: Info | None = None) -> Recovery:
-    """Settle every lane: decide its free block from its current record and the map, and
-    write that back as a settled record. Only while no writer is connected. Idempotent."""
+    """Settle every lane: decide its free block from its current record and the map, make
+    the map entries of unsettled moves persistent, and write the free block back as a settled
+    record. Only while no writer is connected. Idempotent."""
     info = read_info(area) if info is None else info
     raw = area.read(info.flog_offset, info.lanes * FLOG_LANE)
     records: list[tuple[int, FlogRecord]] = []
@@ -349,6 +350,11 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
     if len(set(frees)) != len(frees):  # decided before anything is written back
         raise LayoutError("atomic-blocks recovery found two lanes with the same free block: "
                           "the flog is corrupt")
+    # A writer that left mid-move may have moved the map without persisting it: the entries
+    # its lanes name are made persistent before their old blocks are free (a power cut after
+    # the next writer reused one must not bring back an entry pointing at it).
+    for lba in sorted({rec.lba for _, rec in records if not rec.settled}):
+        area.persist(info.map_at(lba), ENTRY)
     for lane, ((slot, rec), free) in enumerate(zip(records, frees, strict=True)):
         if not rec.settled:
             settled = FlogRecord(rec.lba, entry(free, 0), entry(free, 0), next_seq(rec.seq))
