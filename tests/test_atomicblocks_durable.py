@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pmemblk import atomicblocks as ab
+from pmemblk.errors import LayoutError
 
 from .test_atomicblocks import (
     MemArea,
@@ -242,3 +243,83 @@ def test_recovery_does_not_take_a_sequence_in_the_map_for_its_block(
 def fresh_small() -> tuple[MemArea, ab.Info]:
     area = MemArea(64 << 10)  # a map of a few entries: chunk edges within reach
     return area, ab.format_area(area, 512, lanes=2)
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_a_block_named_by_a_stale_record_does_not_make_a_lost_move_happen(
+        durable: tuple[DurableArea, ab.Info], reused: bool) -> None:
+    """Lane 0 moved block 1 into its free block F0; lane 1 moved block 1 on (F0 is lane 1's
+    free now) and recorded a move of block 2 into F0, but lane 2 moved block 2 first and then
+    block 3 into block 2's old place. Lane 0's record still names F0 (its move's new block):
+    that does not mean lane 1's lost move happened. Lane 1's free block is F0; taking block 2's
+    old place (mapped at block 3, or lane 2's free block if block 3 did not move) would hand
+    a block in use to the next writer."""
+    area, info = durable
+    f0 = info.external_blocks  # lane 0's free block after format
+    ab.recover(area)  # all settled: lane i's free is f0 + i
+    e = ab.entry
+    moves = [  # lane, lba, old, new, whether the map moved
+        (0, 1, e(1, 0), e(f0, 1), True),
+        (1, 1, e(f0, 1), e(f0 + 1, 2), True),
+        (1, 2, e(2, 0), e(f0, 1), False),  # lost to lane 2's move just below
+        (2, 2, e(2, 0), e(f0 + 2, 1), True),
+        (2, 3, e(3, 0), e(2, 1), True),
+    ][:None if reused else -1]
+    record_moves(area, info, moves)
+    area.persist(info.flog_offset, info.data_offset - info.flog_offset)  # then the power cut
+    ab.recover(area)
+    assert free_blocks(area, info) == [1, f0, 3 if reused else 2, f0 + 3]
+    check_consistent(area, info)
+
+
+def record_moves(area: MemArea, info: ab.Info,
+                 moves: list[tuple[int, int, int, int, bool]]) -> None:
+    """Each move (lane, lba, old entry, new entry, whether the map moved) recorded in its
+    lane's next slot, the map moved if it did."""
+    for lane, lba, old, new, moved in moves:
+        cur = ab.current_record(area.read(info.slot_at(lane, 0), ab.FLOG_LANE))
+        assert cur is not None
+        slot, rec = cur
+        area.write(info.slot_at(lane, 1 - slot),
+                   ab.FlogRecord(lba, old, new, ab.next_seq(rec.seq)).encode())
+        if moved:
+            set_map(area, info, lba, new)
+
+
+def test_overtaken_lanes_in_a_chain_are_decided_once_one_block_is_left(
+        durable: tuple[DurableArea, ab.Info]) -> None:
+    """Lane 0 lost its move of block 5 to lane 1, whose move lane 2 overtook: lane 0's
+    old block is lane 1's free block, known only once lane 1 is decided (after lane 0)."""
+    area, info = durable
+    f0, e = info.external_blocks, ab.entry
+    record_moves(area, info, [
+        (0, 5, e(5, 0), e(f0, 1), False),
+        (1, 5, e(5, 0), e(f0 + 1, 1), True),
+        (2, 5, e(f0 + 1, 1), e(f0 + 2, 2), True),
+    ])
+    result = ab.recover(area)
+    assert (result.completed, result.rolled_back) == (2, 1)
+    assert free_blocks(area, info) == [f0, 5, f0 + 1, f0 + 3]
+    check_consistent(area, info)
+
+
+def test_a_move_whose_blocks_are_both_in_use_is_refused(
+        durable: tuple[DurableArea, ab.Info]) -> None:
+    area, info = durable
+    record_moves(area, info, [(0, 5, ab.entry(1, 0), ab.entry(2, 1), False)])
+    set_map(area, info, 5, ab.entry(5, 3))  # neither: overtaken, both blocks mapped
+    before = bytes(area.buf)
+    with pytest.raises(LayoutError, match="lane 0: both blocks of its last move are in use"):
+        ab.recover(area)
+    assert bytes(area.buf) == before
+
+
+def test_lanes_whose_free_block_cannot_be_told_are_refused(
+        durable: tuple[DurableArea, ab.Info]) -> None:
+    """Two overtaken lanes naming the same two unmapped blocks: either could be either's."""
+    area, info = durable
+    f0, e = info.external_blocks, ab.entry
+    record_moves(area, info, [(0, 5, e(f0 + 1, 0), e(f0, 1), False),
+                              (1, 6, e(f0, 0), e(f0 + 1, 1), False)])
+    with pytest.raises(LayoutError, match=r"lanes \[0, 1\]: which block .* cannot be told"):
+        ab.recover(area)
