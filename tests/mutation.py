@@ -218,16 +218,17 @@ MUTANTS = (
     Mutant("atomic blocks move the map before the data and record are persistent",
            "pmemblk/atomicblocks.py", "                         + records, step)",
            "                         + records, None)", (TORN,), select="never_torn"),
-    Mutant("recovery takes an overtaken move named in another lane's record as not done",
-           "pmemblk/atomicblocks.py",
-           "            happened = named or _in_map(area, info, new_b)",
-           "            happened = _in_map(area, info, new_b)", (ATOMIC,)),
+    Mutant("recovery takes another lane's free block for an overtaken move's",
+           "pmemblk/atomicblocks.py", "                    if b not in taken and unmapped(b)]",
+           "                    if unmapped(b)]", (ATOMIC,)),
     Mutant("recovery never searches the map", "pmemblk/atomicblocks.py",
-           "            happened = named or _in_map(area, info, new_b)",
-           "            happened = named", (ATOMIC,)),
+           "                    if b not in taken and unmapped(b)]",
+           "                    if b not in taken]", (ATOMIC,)),
     Mutant("recovery frees the new block of a finished move", "pmemblk/atomicblocks.py",
-           "        frees.append(old_b if happened else new_b)", "        frees.append(new_b)",
-           (ATOMIC,)),
+           "        if now == rec.new:  # done: the old block is free\n"
+           "            frees[lane] = entry_block(rec.old)",
+           "        if now == rec.new:  # done: the old block is free\n"
+           "            frees[lane] = entry_block(rec.new)", (ATOMIC,)),
     Mutant("a lane cut short mid-move is reused without asking the map",
            "pmemblk/atomicblocks.py",
            "                    if lane.pending is None or self._resolve(t, lane, persist):",
@@ -316,6 +317,24 @@ MUTANTS = (
            "            for i in moved:\n                lanes[i].free = entry_block(olds[i])",
            "            for i in moved[:1]:\n                lanes[i].free = entry_block(olds[i])",
            (ATOMIC_CLIENT,), select="several_rounds"),
+    Mutant("recovery takes a block named in a stale record for proof a move happened",
+           "pmemblk/atomicblocks.py", "                    if b not in taken and unmapped(b)]\n",
+           "                    if b not in taken and unmapped(b)]\n"
+           "            if any(entry_block(rec.new) in (entry_block(r.new), entry_block(r.old))\n"
+           "                   for ln, (_, r) in enumerate(records) if ln != lane):\n"
+           "                free = [entry_block(rec.old)]\n", (ATOMIC_DURABLE,),
+           select="stale_record"),
+    Mutant("recovery decides an overtaken lane while two blocks are left",
+           "pmemblk/atomicblocks.py", "            if len(free) == 1:", "            if free:",
+           (ATOMIC_DURABLE,), select="chain"),
+    Mutant("recovery decides overtaken lanes in one pass", "pmemblk/atomicblocks.py",
+           "        if len(left) == len(todo):", "        if left:", (ATOMIC_DURABLE,),
+           select="chain"),
+    Mutant("recovery guesses a lane whose free block cannot be told", "pmemblk/atomicblocks.py",
+           "        if len(left) == len(todo):\n            raise",
+           "        if len(left) == len(todo):\n            for lane in left:\n"
+           "                frees[lane] = entry_block(records[lane][1].new)\n"
+           "            return\n            raise", (ATOMIC_DURABLE,), select="cannot_be_told"),
 )
 
 
