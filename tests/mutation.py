@@ -335,6 +335,16 @@ MUTANTS = (
            "        if len(left) == len(todo):\n            for lane in left:\n"
            "                frees[lane] = entry_block(records[lane][1].new)\n"
            "            return\n            raise", (ATOMIC_DURABLE,), select="cannot_be_told"),
+    Mutant("recovery persists the map moves after the settled records",
+           "pmemblk/atomicblocks.py",
+           "    for lba in sorted({rec.lba for _, rec in records if not rec.settled}):\n"
+           "        area.persist(info.map_at(lba), ENTRY)\n"
+           "    for lane, (slot, rec) in enumerate(records):\n",
+           "    for lane, (slot, rec) in enumerate(records):\n"
+           "        if lane == len(records) - 1:\n"
+           "            for lba in sorted({r.lba for _, r in records if not r.settled}):\n"
+           "                area.persist(info.map_at(lba), ENTRY)\n", (ATOMIC_DURABLE,),
+           select="middle_of_recovery"),
 )
 
 

@@ -135,6 +135,44 @@ def test_a_recovery_cut_while_it_writes_a_settled_record_is_recovered_again(flip
     assert free_blocks(area, info)[0] == ab.entry_block(old if flip else new)
     check_consistent(area, info)
 
+
+class CutAtAFlogWrite(DurableArea):
+    """The power fails as recovery writes its ``n``-th flog slot (counting from 0): only what
+    was persisted before survives."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.flog = (0, 0)  # where the flog is (set once formatted)
+        self.n: int | None = None
+        self.cut_at = n
+
+    def _put(self, off: int, data: bytes) -> None:
+        if self.n is not None and self.flog[0] <= off < self.flog[1]:
+            if self.n == self.cut_at:
+                self.n = None
+                raise PowerCut
+            self.n += 1
+        super()._put(off, data)
+
+
+def test_a_power_cut_in_the_middle_of_recovery_leaves_a_recoverable_durable_copy() -> None:
+    """Two finished moves whose map moves were never persisted: the power fails after
+    recovery persisted the first lane's settled record. The map entries must have been made
+    persistent before it, or the first lane's free block is still mapped after the cut."""
+    area = CutAtAFlogWrite(1)
+    info = ab.format_area(area, 4096, lanes=4)
+    area.durable[:] = area.buf
+    for lane, lba in ((0, 5), (1, 6)):
+        move(area, info, lane, lba, flip=False)
+        area.persist(info.slot_at(lane, 0), ab.FLOG_LANE)
+        set_map(area, info, lba, lane_record(area, info, lane).new)  # live only
+    area.flog, area.n = (info.flog_offset, info.map_offset), 0
+    with pytest.raises(PowerCut):
+        ab.recover(area)
+    area.power_cut()
+    ab.recover(area)
+    check_consistent(area, info)
+
 # -- flog sequence numbers across the wrap (the field is 32 bits; 0 means an empty slot) --
 
 TOP = ab.BLOCK_MASK  # the largest sequence number
