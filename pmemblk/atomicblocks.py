@@ -310,8 +310,9 @@ class Recovery:
 
 
 def recover(area: Area, info: Info | None = None) -> Recovery:
-    """Settle every lane: decide its free block from its current record and the map, and
-    write that back as a settled record. Only while no writer is connected. Idempotent."""
+    """Settle every lane: decide its free block from its current record and the map, make
+    the map entries of unsettled moves persistent, and write the free block back as a settled
+    record. Only while no writer is connected. Idempotent."""
     info = read_info(area) if info is None else info
     raw = area.read(info.flog_offset, info.lanes * FLOG_LANE)
     records: list[tuple[int, FlogRecord]] = []
@@ -324,32 +325,33 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
                 or entry_block(rec.new) >= info.internal_blocks):
             raise LayoutError(f"atomic-blocks lane {lane}: flog record out of range: {rec}")
         records.append(cur)
-    done = undone = 0
-    frees: list[int] = []
+    frees: dict[int, int] = {}
+    overtaken: list[int] = []
     for lane, (_, rec) in enumerate(records):
-        new_b, old_b = entry_block(rec.new), entry_block(rec.old)
         if rec.settled:
-            frees.append(new_b)
+            frees[lane] = entry_block(rec.new)
             continue
         now = int.from_bytes(area.read(info.map_at(rec.lba), ENTRY), "little")
-        if now == rec.new:
-            happened = True
-        elif now == rec.old:
-            happened = False
-        else:
-            # Someone moved the logical block since. Blocks a lane's record names are that
-            # lane's: found in another's, or in the map, our new block was moved into the map
-            # and out again (so our move happened); found nowhere, it never was.
-            named = any(new_b in (entry_block(r.old), entry_block(r.new))
-                        for ln, (_, r) in enumerate(records) if ln != lane)
-            happened = named or _in_map(area, info, new_b)
-        frees.append(old_b if happened else new_b)
-        done += happened
-        undone += not happened
-    if len(set(frees)) != len(frees):  # decided before anything is written back
+        if now == rec.new:  # done: the old block is free
+            frees[lane] = entry_block(rec.old)
+        elif now == rec.old:  # never happened: the new block still is
+            frees[lane] = entry_block(rec.new)
+        else:  # someone moved the logical block since
+            overtaken.append(lane)
+    _decide_overtaken(area, info, records, frees, overtaken)
+    done = sum(1 for lane, (_, rec) in enumerate(records)
+               if not rec.settled and frees[lane] == entry_block(rec.old))
+    undone = sum(1 for _, rec in records if not rec.settled) - done
+    if len(set(frees.values())) != len(frees):  # decided before anything is written back
         raise LayoutError("atomic-blocks recovery found two lanes with the same free block: "
                           "the flog is corrupt")
-    for lane, ((slot, rec), free) in enumerate(zip(records, frees, strict=True)):
+    # A writer that left mid-move may have moved the map without persisting it: the entries
+    # its lanes name are made persistent before their old blocks are free (a power cut after
+    # the next writer reused one must not bring back an entry pointing at it).
+    for lba in sorted({rec.lba for _, rec in records if not rec.settled}):
+        area.persist(info.map_at(lba), ENTRY)
+    for lane, (slot, rec) in enumerate(records):
+        free = frees[lane]
         if not rec.settled:
             settled = FlogRecord(rec.lba, entry(free, 0), entry(free, 0), next_seq(rec.seq))
             off = info.slot_at(lane, 1 - slot)
@@ -360,6 +362,42 @@ def recover(area: Area, info: Info | None = None) -> Recovery:
         log.info("atomic blocks: %d lanes settled after their last move, %d moves that never "
                  "happened rolled back (interrupted writes)", done, undone)
     return result
+
+
+def _decide_overtaken(area: Area, info: Info, records: list[tuple[int, FlogRecord]],
+                      frees: dict[int, int], lanes: list[int]) -> None:
+    """The free blocks of ``lanes``, whose last move's logical block someone moved since.
+
+    Every block is mapped or one lane's free block, so a lane's free block is whichever of
+    its move's two blocks is neither mapped nor another lane's free block. Decided one lane
+    at a time as the others' become known. A block only named in another lane's record
+    proves nothing: that record may be older than the moves since (its block moved on)."""
+    mapped: dict[int, bool] = {}
+
+    def unmapped(block: int) -> bool:
+        if block not in mapped:
+            mapped[block] = _in_map(area, info, block)
+        return not mapped[block]
+
+    todo = list(lanes)
+    while todo:
+        left = []
+        for lane in todo:
+            rec = records[lane][1]
+            taken = set(frees.values())
+            free = [b for b in dict.fromkeys((entry_block(rec.old), entry_block(rec.new)))
+                    if b not in taken and unmapped(b)]
+            if not free:
+                raise LayoutError(f"atomic-blocks lane {lane}: both blocks of its last move "
+                                  f"are in use ({rec}): the flog is corrupt")
+            if len(free) == 1:
+                frees[lane] = free[0]
+            else:
+                left.append(lane)
+        if len(left) == len(todo):
+            raise LayoutError(f"atomic-blocks lanes {left}: which block of their last moves is "
+                              "free cannot be told (each is mapped nowhere): the flog is corrupt")
+        todo = left
 
 
 #: How much of the map recovery reads at a time when it searches it.

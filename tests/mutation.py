@@ -43,6 +43,8 @@ LANE_RECOVERY = "tests/integration/test_lane_recovery.py"
 SESSIONS = "tests/test_target_sessions.py"
 CHANNELS_IT = "tests/integration/test_channels.py"
 DECLARES = "tests/test_target_declares.py"
+ATOMIC_DURABLE = "tests/test_atomicblocks_durable.py"
+ATOMIC_CLIENT = "tests/test_atomicblocks_client.py"
 
 
 @dataclass(frozen=True)
@@ -224,16 +226,17 @@ MUTANTS = (
     Mutant("atomic blocks move the map before the data and record are persistent",
            "pmemblk/atomicblocks.py", "                         + records, step)",
            "                         + records, None)", (TORN,), select="never_torn"),
-    Mutant("recovery takes an overtaken move named in another lane's record as not done",
-           "pmemblk/atomicblocks.py",
-           "            happened = named or _in_map(area, info, new_b)",
-           "            happened = _in_map(area, info, new_b)", (ATOMIC,)),
+    Mutant("recovery takes another lane's free block for an overtaken move's",
+           "pmemblk/atomicblocks.py", "                    if b not in taken and unmapped(b)]",
+           "                    if unmapped(b)]", (ATOMIC,)),
     Mutant("recovery never searches the map", "pmemblk/atomicblocks.py",
-           "            happened = named or _in_map(area, info, new_b)",
-           "            happened = named", (ATOMIC,)),
+           "                    if b not in taken and unmapped(b)]",
+           "                    if b not in taken]", (ATOMIC,)),
     Mutant("recovery frees the new block of a finished move", "pmemblk/atomicblocks.py",
-           "        frees.append(old_b if happened else new_b)", "        frees.append(new_b)",
-           (ATOMIC,)),
+           "        if now == rec.new:  # done: the old block is free\n"
+           "            frees[lane] = entry_block(rec.old)",
+           "        if now == rec.new:  # done: the old block is free\n"
+           "            frees[lane] = entry_block(rec.new)", (ATOMIC,)),
     Mutant("a lane cut short mid-move is reused without asking the map",
            "pmemblk/atomicblocks.py",
            "                    if lane.pending is None or self._resolve(t, lane, persist):",
@@ -389,6 +392,103 @@ MUTANTS = (
     Mutant("the boot id's second half is not recorded", "pmemblk/layout.py",
            "    region.store_u64(BOOT_ID_OFFSET + 8, int.from_bytes(boot[8:], \"little\"))\n",
            "", (DECLARES,), select="continuity"),
+    # -- issue 23: atomic blocks (recovery against the durable copy, sequence wrap, ATOMIC
+    # WRITE locks, the map search)
+    Mutant("recovery frees an old block before its map move is persistent",
+           "pmemblk/atomicblocks.py", "        area.persist(info.map_at(lba), ENTRY)\n",
+           "        pass\n", (ATOMIC_DURABLE,), select="persistent or power_cut"),
+    Mutant("a lane cut short is reused before its map move is persistent",
+           "pmemblk/atomicblocks.py",
+           "            persist(t, [(self.info.map_at(lba), ENTRY)])\n"
+           "            lane.free = entry_block(old)",
+           "            lane.free = entry_block(old)", (ATOMIC_CLIENT,),
+           select="cut_short_and_reused"),
+    Mutant("a lane cut short after its move frees the new block", "pmemblk/atomicblocks.py",
+           "            persist(t, [(self.info.map_at(lba), ENTRY)])\n"
+           "            lane.free = entry_block(old)",
+           "            persist(t, [(self.info.map_at(lba), ENTRY)])\n"
+           "            lane.free = entry_block(new)", (ATOMIC_CLIENT,),
+           select="cut_short_and_reused"),
+    Mutant("flog sequence numbers wrap to 0, an empty slot", "pmemblk/atomicblocks.py",
+           "    return seq + 1 if seq < BLOCK_MASK else 1", "    return (seq + 1) & BLOCK_MASK",
+           (ATOMIC_DURABLE,), select="across_the_wrap"),
+    Mutant("flog sequence order ignores the wrap", "pmemblk/atomicblocks.py",
+           "    return 0 < (a - b) & BLOCK_MASK < 1 << 31", "    return a > b",
+           (ATOMIC_DURABLE,), select="across_the_wrap"),
+    Mutant("a writer's next record number does not wrap", "pmemblk/atomicblocks.py",
+           "        seq = next_seq(self.seq)\n", "        seq = self.seq + 1\n",
+           (ATOMIC_CLIENT,), select="sequence_wrap"),
+    Mutant("recovery writes a settled record over the current one", "pmemblk/atomicblocks.py",
+           "            off = info.slot_at(lane, 1 - slot)",
+           "            off = info.slot_at(lane, slot)",
+           (ATOMIC_DURABLE,), select="cut_while_it_writes"),
+    Mutant("the map search takes a sequence half for a block number", "pmemblk/atomicblocks.py",
+           "            if pos % ENTRY == 0:", "            if pos % 4 == 0:", (ATOMIC_DURABLE,),
+           select="sequence_for_a_block or sequence_in_the_map"),
+    Mutant("the map search steps over the next entry's block half", "pmemblk/atomicblocks.py",
+           "            pos = mapped.find(pattern, pos + 1)",
+           "            pos = mapped.find(pattern, pos + ENTRY)", (ATOMIC_DURABLE,),
+           select="sequence_for_a_block"),
+    Mutant("the map search skips the last part-chunk", "pmemblk/atomicblocks.py",
+           "    for start in range(0, total, MAP_CHUNK):",
+           "    for start in range(0, total - total % MAP_CHUNK, MAP_CHUNK):", (ATOMIC_DURABLE,),
+           select="every_chunk"),
+    Mutant("a sole writer's round locks only its first block", "pmemblk/atomicblocks.py",
+           "for i in sorted({lba % BLOCK_LOCKS for lba in lbas}):",
+           "for i in sorted({lbas[0] % BLOCK_LOCKS}):", (ATOMIC_CLIENT,),
+           select="holds_every"),
+    Mutant("a sole writer lets its block locks go before the map moves",
+           "pmemblk/atomicblocks.py",
+           "                    olds = list(self._entries(t, lbas[0], len(lbas)))\n"
+           "                    self._move(",
+           "                    olds = list(self._entries(t, lbas[0], len(lbas)))\n"
+           "                self._move(", (ATOMIC_CLIENT,), select="holds_every"),
+    Mutant("ATOMIC WRITE moves the map of a shared export", "pmemblk/atomicblocks.py",
+           "store = t.info.atomic_write and not t.info.shared", "store = t.info.atomic_write",
+           (CLIENT,), select="persistent_when_acknowledged"),
+    Mutant("a lane that cannot be resolved is not counted retired", "pmemblk/atomicblocks.py",
+           "                    self._usable -= 1", "                    pass", (ATOMIC_CLIENT,),
+           select="every_lane_is_retired"),
+    Mutant("a part of a block is merged into zeros", "pmemblk/atomicblocks.py",
+           "        t.read(memoryview(merged), self.info.block_at(entry_block(old)))\n", "",
+           (ATOMIC_CLIENT,), select="several_rounds"),
+    Mutant("a read joins blocks that are not consecutive in the data area",
+           "pmemblk/atomicblocks.py",
+           "                   and entry_block(entries[todo[j + 1]]) == "
+           "entry_block(entries[todo[j]]) + 1):",
+           "                   ):", (ATOMIC_CLIENT,), select="several_rounds"),
+    Mutant("a round's lanes after the first keep their free block", "pmemblk/atomicblocks.py",
+           "            for i in moved:\n                lanes[i].free = entry_block(olds[i])",
+           "            for i in moved[:1]:\n                lanes[i].free = entry_block(olds[i])",
+           (ATOMIC_CLIENT,), select="several_rounds"),
+    Mutant("recovery takes a block named in a stale record for proof a move happened",
+           "pmemblk/atomicblocks.py", "                    if b not in taken and unmapped(b)]\n",
+           "                    if b not in taken and unmapped(b)]\n"
+           "            if any(entry_block(rec.new) in (entry_block(r.new), entry_block(r.old))\n"
+           "                   for ln, (_, r) in enumerate(records) if ln != lane):\n"
+           "                free = [entry_block(rec.old)]\n", (ATOMIC_DURABLE,),
+           select="stale_record"),
+    Mutant("recovery decides an overtaken lane while two blocks are left",
+           "pmemblk/atomicblocks.py", "            if len(free) == 1:", "            if free:",
+           (ATOMIC_DURABLE,), select="chain"),
+    Mutant("recovery decides overtaken lanes in one pass", "pmemblk/atomicblocks.py",
+           "        if len(left) == len(todo):", "        if left:", (ATOMIC_DURABLE,),
+           select="chain"),
+    Mutant("recovery guesses a lane whose free block cannot be told", "pmemblk/atomicblocks.py",
+           "        if len(left) == len(todo):\n            raise",
+           "        if len(left) == len(todo):\n            for lane in left:\n"
+           "                frees[lane] = entry_block(records[lane][1].new)\n"
+           "            return\n            raise", (ATOMIC_DURABLE,), select="cannot_be_told"),
+    Mutant("recovery persists the map moves after the settled records",
+           "pmemblk/atomicblocks.py",
+           "    for lba in sorted({rec.lba for _, rec in records if not rec.settled}):\n"
+           "        area.persist(info.map_at(lba), ENTRY)\n"
+           "    for lane, (slot, rec) in enumerate(records):\n",
+           "    for lane, (slot, rec) in enumerate(records):\n"
+           "        if lane == len(records) - 1:\n"
+           "            for lba in sorted({r.lba for _, r in records if not r.settled}):\n"
+           "                area.persist(info.map_at(lba), ENTRY)\n", (ATOMIC_DURABLE,),
+           select="middle_of_recovery"),
 )
 
 
