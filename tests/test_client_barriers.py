@@ -57,6 +57,8 @@ class FaultyRcChannel(RcChannel):
         self.on_write: Any = None
         #: A FUA write's persistence step fails (the write itself is done, not placed).
         self.fail_fua = False
+        #: The next this many COMMITs (or native FLUSHes) fail before they order anything.
+        self.fail_commit = 0
 
     def _alive(self) -> None:
         if self.epoch != self.target.epoch:
@@ -108,6 +110,9 @@ class FaultyRcChannel(RcChannel):
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         self._alive()
+        if self.fail_commit:
+            self.fail_commit -= 1
+            raise ConnectionLost("injected: the COMMIT failed")
         super().commit(ranges)
 
 
@@ -173,6 +178,24 @@ def test_a_failed_barrier_fails_the_flush_and_the_next_flush_orders_it_again(
     assert not failed.pending, "the next flush did not order the channel whose barrier failed"
     for off, blob in blobs.items():
         assert seen(target, method)[off:off + len(blob)] == blob, f"the write at {off} is lost"
+
+
+@pytest.mark.parametrize("method", ["gpspm", "native"])
+def test_a_failed_commit_leaves_its_channel_needing_a_barrier(method: str) -> None:
+    """The COMMIT (native: the FLUSH) would have ordered the flushing channel's own writes; it
+    failed, so when the next FLUSH runs on another channel, that one must get its barrier."""
+    target, c, blobs = three_channels_wrote(method)
+    own_is_channel_1(c)
+    first = c.transport
+    assert isinstance(first, FaultyRcChannel) and first.pending
+    first.fail_commit = 1
+    with pytest.raises(TransportError, match="injected"):
+        c.flush()
+    assert not any(target.durable)
+    c._idle.put(c._idle.get_nowait())  # channel 1 to the back: the next FLUSH runs on 2
+    c.flush()
+    for off, blob in blobs.items():
+        assert target.durable[off:off + len(blob)] == blob, f"the write at {off} is lost"
 
 
 @pytest.mark.parametrize("method", ["apm", "gpspm", "native"])
