@@ -295,6 +295,11 @@ MUTANTS = (
            "            if proven and ch.transport is not None and not "
            "ch.transport.placed_on_reply:",
            (BARRIERS,), select="failed_fua"),
+    Mutant("a flush that met a new loss epoch while it reconnected is acknowledged",
+           "pmemblk/client.py",
+           "        if self.lost is not None:  # found out while reconnecting during this flush\n"
+           "            raise RemoteError(self.lost, errno.EIO)",
+           "        pass", (BARRIERS,), select="lost_power"),
     Mutant("a multi-frame FUA write's COMMIT covers only its first frame",
            "pmemblk/transport/stream.py",
            "self._send(Commit(commit_id, ((offset, length),)).encode())",

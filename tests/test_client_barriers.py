@@ -180,6 +180,21 @@ def test_a_failed_barrier_fails_the_flush_and_the_next_flush_orders_it_again(
         assert seen(target, method)[off:off + len(blob)] == blob, f"the write at {off} is lost"
 
 
+@pytest.mark.parametrize("method", ["apm", "gpspm", "native"])
+def test_barriers_that_fail_because_the_target_lost_power_fail_the_flush(method: str) -> None:
+    """Every channel's barrier fails: the target lost power. The flush reconnects each channel
+    to order it again, and the target answers in a new loss epoch: the unplaced writes are
+    gone, so this FLUSH fails (EIO), although every barrier then succeeds on its new
+    connection, and so does every later one."""
+    target, c, _ = three_channels_wrote(method, reconnect_timeout=30)
+    target.epoch += 1
+    for _ in range(2):
+        with pytest.raises(RemoteError, match="loss epoch 0 → 1") as exc:
+            c.flush()
+        assert exc.value.errno == errno.EIO
+    assert not any(target.durable)
+
+
 @pytest.mark.parametrize("method", ["gpspm", "native"])
 def test_a_failed_commit_leaves_its_channel_needing_a_barrier(method: str) -> None:
     """The COMMIT (native: the FLUSH) would have ordered the flushing channel's own writes; it
