@@ -36,6 +36,7 @@ TORN = "tests/crash/test_torn.py"
 ATOMIC_IT = "tests/integration/test_atomic.py"
 BARRIERS = "tests/test_client_barriers.py"
 FUA_FRAMES = "tests/integration/test_fua_frames.py"
+CRASH = "tests/crash/test_crash.py"
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,11 @@ MUTANTS = (
            "self._send(Commit(commit_id, ((offset, length),)).encode())",
            "self._send(Commit(commit_id, ((offset, min(length, step)),)).encode())",
            (FUA_FRAMES,)),
+    Mutant("a multi-frame FUA write's COMMIT covers only its first frame (crash suite)",
+           "pmemblk/transport/stream.py",
+           "self._send(Commit(commit_id, ((offset, length),)).encode())",
+           "self._send(Commit(commit_id, ((offset, min(length, step)),)).encode())",
+           (CRASH,), select="power-cut-gpspm and not stop"),
     Mutant("a FUA write of one frame takes the path without its COMMIT",
            "pmemblk/transport/stream.py",
            "        if length <= step and not commit:", "        if length <= step:",
