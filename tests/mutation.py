@@ -263,6 +263,11 @@ MUTANTS = (
            "                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at "
            "once)",
            (BARRIERS,), select="failed_barrier"),
+    Mutant("a failed barrier is tried again on its broken connection", "pmemblk/client.py",
+           "                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at "
+           "once)",
+           "                ch.transport.read_barrier(at)  # type: ignore[union-attr]",
+           (BARRIERS,), select="connection_breaks"),
     Mutant("a failed COMMIT still counts as ordering its channel", "pmemblk/client.py",
            "            self._run(own, lambda t: t.commit(ranges))\n"
            "        own.wrote_at = None",

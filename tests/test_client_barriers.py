@@ -43,6 +43,10 @@ class FaultyRcTarget(RcTarget):
         self.failures = 0
         #: Channels made before this loss epoch are gone (the target lost power since).
         self.epoch = 0
+        #: The injected fault breaks its channel for good, as a failed work request puts a
+        #: queue pair in the error state; the target lives on, and so the writes its NIC
+        #: acknowledged are placed.
+        self.breaks = False
 
 
 class FaultyRcChannel(RcChannel):
@@ -51,6 +55,7 @@ class FaultyRcChannel(RcChannel):
     def __init__(self, target: FaultyRcTarget) -> None:
         super().__init__(target)
         self.epoch = target.epoch
+        self.broken = False
         self.info = dataclasses.replace(target.info, loss_epoch=target.epoch)
         #: Hooks a test sets: called when a read (a write) starts on this channel.
         self.on_read: Any = None
@@ -63,6 +68,8 @@ class FaultyRcChannel(RcChannel):
     def _alive(self) -> None:
         if self.epoch != self.target.epoch:
             raise ConnectionLost("the target lost power")
+        if self.broken:
+            raise ConnectionLost("the connection is in the error state")
 
     def _fault(self, stage: str) -> None:
         t = self.target
@@ -74,6 +81,9 @@ class FaultyRcChannel(RcChannel):
         if t.failing is self and t.times > 0:
             t.times -= 1
             t.failures += 1
+            if t.breaks:
+                self._place()
+                self.broken = True
             raise ConnectionLost(f"injected: the barrier's {stage} failed")
 
     def read(self, buf: memoryview, offset: int) -> None:
@@ -176,6 +186,21 @@ def test_a_failed_barrier_fails_the_flush_and_the_next_flush_orders_it_again(
     own_is_channel_1(c)
     c.flush()  # the fault is spent
     assert not failed.pending, "the next flush did not order the channel whose barrier failed"
+    for off, blob in blobs.items():
+        assert seen(target, method)[off:off + len(blob)] == blob, f"the write at {off} is lost"
+
+
+@pytest.mark.parametrize(("method", "stage", "n"), ORDERS)
+def test_a_barrier_whose_connection_breaks_is_ordered_again_on_a_new_one(
+        method: str, stage: str, n: int) -> None:
+    """The barrier's failure breaks its connection (the target lives on): the flush gives that
+    channel a new connection and orders it there, and the FLUSH succeeds with every write."""
+    target, c, blobs = three_channels_wrote(method, reconnect_timeout=30)
+    target.fail_at, target.times, target.breaks = (stage, n), 1, True
+    own_is_channel_1(c)
+    c.flush()
+    assert target.failures == 1 and target.failing is not None and target.failing.broken
+    assert c.reconnects == 1 and c.lost is None and target.channels == 4
     for off, blob in blobs.items():
         assert seen(target, method)[off:off + len(blob)] == blob, f"the write at {off} is lost"
 
