@@ -459,12 +459,13 @@ class Client(Closeable):
         """A write completed on ``ch`` (whose lock is held); ``unpersisted``: no FUA step made
         it persistent, so the next flush must. ``proven=False``: its reply never came, so
         even where a reply proves placement the next flush needs the channel's barrier."""
-        with self._lock:
-            self._writes += 1
         if unpersisted:
-            self.policy.wrote(offset, length)
+            # The channel first: a flush that takes this write's range must order it.
             if not proven or (ch.transport is not None and not ch.transport.placed_on_reply):
                 ch.wrote_at = offset
+            self.policy.wrote(offset, length)
+        with self._lock:  # counted last: a flush counts only writes it covers
+            self._writes += 1
 
     def flush(self) -> None:
         """Make every write completed on any channel persistent (per the flush method)."""
@@ -482,15 +483,22 @@ class Client(Closeable):
             own = self._take()
             try:
                 with self._lock:
+                    # What this flush covers, all at one moment: the writes counted, the
+                    # channels to order and the ranges to persist. A write marks its channel,
+                    # then records its range, then is counted (under its channel's lock, before
+                    # it is acknowledged), so every range taken here is on a channel found
+                    # here; a write that completes later, while this flush waits for a
+                    # channel's lock, is the next flush's (it was taken with the others once,
+                    # and committed on a channel that never ordered it: lost).
                     covered = self._writes
-                    # A channel that wrote marked it under its own lock, before that write was
-                    # acknowledged; it is checked again under that lock below.
                     chans = [c for c in self._all if c.wrote_at is not None or c is own]
+                    ranges = self.policy.take()
                 with contextlib.ExitStack() as held:  # in one order: no ring of waiters
                     for ch in sorted(chans, key=lambda c: c.number):
                         held.enter_context(ch.lock)
-                    self.policy.flush(lambda with_own: self._barriers(chans, own, with_own),
-                                      lambda ranges: self._commit(own, ranges))
+                    self.policy.flush(ranges,
+                                      lambda with_own: self._barriers(chans, own, with_own),
+                                      lambda todo: self._commit(own, todo))
             finally:
                 self._idle.put(own)
         if self.lost is not None:  # found out while reconnecting during this flush

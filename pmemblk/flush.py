@@ -40,8 +40,14 @@ class FlushPolicy(Protocol):
         """A write of ``[offset, offset+length)`` completed; the next flush must cover it.
         Also called for a FUA write whose persistence step failed. Thread-safe."""
 
-    def flush(self, barriers: Barriers, commit: Commit) -> None:
-        """Make every completed write persistent. If that fails, nothing is forgotten."""
+    def take(self) -> list[tuple[int, int]]:
+        """What the flush starting now covers: the ranges written since the last one, handed
+        to ``flush`` (and meanwhile forgotten). The client takes them at the moment it decides
+        which channels that flush orders, so that it never covers a write whose channel it does
+        not order (a write completed after that moment is the next flush's)."""
+
+    def flush(self, ranges: list[tuple[int, int]], barriers: Barriers, commit: Commit) -> None:
+        """Make the writes ``take`` gave persistent. If that fails, nothing is forgotten."""
 
     def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
         """Make these ranges, just written on ``t``, persistent before anything follows on
@@ -55,7 +61,10 @@ class Apm:
     def wrote(self, offset: int, length: int) -> None:
         pass  # the barriers are all: the client knows which channels wrote
 
-    def flush(self, barriers: Barriers, commit: Commit) -> None:
+    def take(self) -> list[tuple[int, int]]:
+        return []
+
+    def flush(self, ranges: list[tuple[int, int]], barriers: Barriers, commit: Commit) -> None:
         barriers(True)
 
     def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
@@ -74,9 +83,11 @@ class Gpspm:
         with self._lock:
             self._dirty.add(offset, length)
 
-    def flush(self, barriers: Barriers, commit: Commit) -> None:
+    def take(self) -> list[tuple[int, int]]:
         with self._lock:
-            ranges = self._dirty.take()
+            return self._dirty.take()
+
+    def flush(self, ranges: list[tuple[int, int]], barriers: Barriers, commit: Commit) -> None:
         if not ranges:
             return
         try:

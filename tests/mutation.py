@@ -45,6 +45,9 @@ CHANNELS_IT = "tests/integration/test_channels.py"
 DECLARES = "tests/test_target_declares.py"
 ATOMIC_DURABLE = "tests/test_atomicblocks_durable.py"
 ATOMIC_CLIENT = "tests/test_atomicblocks_client.py"
+BARRIERS = "tests/test_client_barriers.py"
+FUA_FRAMES = "tests/integration/test_fua_frames.py"
+CRASH = "tests/crash/test_crash.py"
 
 
 @dataclass(frozen=True)
@@ -489,6 +492,82 @@ MUTANTS = (
            "            for lba in sorted({r.lba for _, r in records if not r.settled}):\n"
            "                area.persist(info.map_at(lba), ENTRY)\n", (ATOMIC_DURABLE,),
            select="middle_of_recovery"),
+    # -- issue 23: barriers that fail, what a flush covers, multi-frame FUA through a power cut
+    Mutant("a barrier that fails when waited for still clears its channel", "pmemblk/client.py",
+           "                ch.transport.finish_barrier()\n                ch.wrote_at = None",
+           "                ch.wrote_at = None\n                ch.transport.finish_barrier()",
+           (BARRIERS,), select="failed_barrier and finish"),
+    Mutant("a failed barrier is not tried again on its channel", "pmemblk/client.py",
+           "            if at is not None:  # its connection failed: order it on a new one",
+           "            if False:", (BARRIERS,), select="failed_barrier and start"),
+    Mutant("a barrier whose retry fails is forgotten", "pmemblk/client.py",
+           "                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at "
+           "once)\n                ch.wrote_at = None",
+           "                ch.wrote_at = None\n"
+           "                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at "
+           "once)",
+           (BARRIERS,), select="failed_barrier"),
+    Mutant("a failed barrier is tried again on its broken connection", "pmemblk/client.py",
+           "                self._run(ch, lambda t: t.read_barrier(at))  # noqa: B023 (run at "
+           "once)",
+           "                ch.transport.read_barrier(at)  # type: ignore[union-attr]",
+           (BARRIERS,), select="connection_breaks"),
+    Mutant("a failed COMMIT still counts as ordering its channel", "pmemblk/client.py",
+           "            self._run(own, lambda t: t.commit(ranges))\n"
+           "        own.wrote_at = None",
+           "            own.wrote_at = None\n"
+           "            self._run(own, lambda t: t.commit(ranges))",
+           (BARRIERS,), select="failed_commit"),
+    Mutant("gpspm commits before it orders the other channels", "pmemblk/flush.py",
+           "            barriers(False)  # the COMMIT itself orders the flushing channel's writes\n"
+           "            commit(ranges)",
+           "            commit(ranges)\n"
+           "            barriers(False)", (BARRIERS,), select="failed_barrier and gpspm"),
+    Mutant("a flush takes its ranges once it holds the channels", "pmemblk/client.py",
+           "                    ranges = self.policy.take()\n"
+           "                with contextlib.ExitStack() as held:  # in one order: no ring of "
+           "waiters\n"
+           "                    for ch in sorted(chans, key=lambda c: c.number):\n"
+           "                        held.enter_context(ch.lock)\n",
+           "                with contextlib.ExitStack() as held:  # in one order: no ring of "
+           "waiters\n"
+           "                    for ch in sorted(chans, key=lambda c: c.number):\n"
+           "                        held.enter_context(ch.lock)\n"
+           "                    ranges = self.policy.take()\n",
+           (BARRIERS,), select="during_a_flush_is_persisted"),
+    Mutant("a flush counts the writes that completed while it ran", "pmemblk/client.py",
+           "            self._flushed = max(self._flushed, covered)",
+           "            self._flushed = max(self._flushed, self._writes)",
+           (BARRIERS,), select="during_a_flush_is_still_unflushed"),
+    Mutant("a FUA write whose step failed needs no barrier", "pmemblk/client.py",
+           "            if not proven or (ch.transport is not None and not "
+           "ch.transport.placed_on_reply):",
+           "            if proven and ch.transport is not None and not "
+           "ch.transport.placed_on_reply:",
+           (BARRIERS,), select="failed_fua"),
+    Mutant("a flush that met a new loss epoch while it reconnected is acknowledged",
+           "pmemblk/client.py",
+           "        if self.lost is not None:  # found out while reconnecting during this flush\n"
+           "            raise RemoteError(self.lost, errno.EIO)",
+           "        pass", (BARRIERS,), select="lost_power"),
+    Mutant("a multi-frame FUA write's COMMIT covers only its first frame",
+           "pmemblk/transport/stream.py",
+           "self._send(Commit(commit_id, ((offset, length),)).encode())",
+           "self._send(Commit(commit_id, ((offset, min(length, step)),)).encode())",
+           (FUA_FRAMES,)),
+    Mutant("a multi-frame FUA write's COMMIT covers only its first frame (crash suite)",
+           "pmemblk/transport/stream.py",
+           "self._send(Commit(commit_id, ((offset, length),)).encode())",
+           "self._send(Commit(commit_id, ((offset, min(length, step)),)).encode())",
+           (CRASH,), select="power-cut-gpspm and not stop"),
+    Mutant("a FUA write of one frame takes the path without its COMMIT",
+           "pmemblk/transport/stream.py",
+           "        if length <= step and not commit:", "        if length <= step:",
+           (FUA_FRAMES,), select="multi_frame_fua_write_survives"),
+    Mutant("the plugin drops FUA on a write", "pmemblk/nbdkit_plugin.py",
+           "    _guard(h.pwrite, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))",
+           "    _guard(h.pwrite, memoryview(buf), offset, False)",
+           (FUA_FRAMES,), select="through_nbdkit"),
 )
 
 

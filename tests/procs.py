@@ -158,6 +158,7 @@ class Nbdkit:
         Nbdkit.count += 1
         self.sock = workdir / f"nbd-{Nbdkit.count}.sock"
         self.log_path = workdir / f"nbdkit-{Nbdkit.count}.log"
+        self.pid_path = workdir / f"nbdkit-{Nbdkit.count}.pid"
         self.keys = keys
         self.filters = [f"--filter={f}" for f in filters]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -174,11 +175,14 @@ class Nbdkit:
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                ["nbdkit", "-f", "-U", str(self.sock), *self.filters, "python", PLUGIN,
-                 *self.keys],
+                ["nbdkit", "-f", "-U", str(self.sock), "-P", str(self.pid_path),
+                 *self.filters, "python", PLUGIN, *self.keys],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         proc = self.proc
-        wait_until(lambda: self.sock.exists() or proc.poll() is not None, "nbdkit's socket")
+        # The pid file is written once nbdkit listens; the socket file exists from bind() on,
+        # and a client that came in between was refused (seen in the crash suite).
+        wait_until(lambda: self.pid_path.exists() or proc.poll() is not None,
+                   "nbdkit's pid file")
         if proc.poll() is not None:
             raise AssertionError(f"nbdkit exited {proc.returncode}:\n{self.log()}")
         return self

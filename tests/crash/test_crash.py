@@ -34,6 +34,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit i
 
 REGION = (2 << 20) + 4096
 EXPORT = REGION - 4096
+CHUNK = 16 << 10
 KINDS = {
     "kill-target": ("gpspm", "apm"),
     "kill-nbdkit": ("gpspm",),
@@ -124,8 +125,9 @@ def crash_and_recover(kind: str, flush: str, seed: int, tmp_path: Path,
                     transport="tcp").start()
     keys = [f"flush={flush}"] + (["allow-visibility-only=true"] if flush == "apm" else [])
     # The target comes back only after the crashed request has ended: a request caught by the
-    # crash gives up after 2 s instead of waiting out the default 60.
-    server = Nbdkit(tmp_path, *target.keys, *keys, "reconnect-timeout=2").start()
+    # crash gives up after 2 s instead of waiting out the default 60. Frames of 16 KiB: a
+    # longer write (FUA ones included) is several frames, as a 1 MiB one is with the default.
+    server = Nbdkit(tmp_path, *target.keys, *keys, "reconnect-timeout=2", f"chunk={CHUNK}").start()
     h = open_handle(server)
     model = CrashModel(bytes(EXPORT))
     work = Workload(h, model, rng)
