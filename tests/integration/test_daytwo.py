@@ -30,10 +30,11 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder = tmp_path / "run"
     monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
     yield folder
-    # A failing test must not leave an nbdkit behind: stop every one it attached.
-    for pid_file in folder.glob("*/nbdkit.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    # A failing test (or a mutant) must not leave an nbdkit behind: stop every one whose
+    # command line names this test's folder, pid file or not.
+    for pid in our_nbdkits(tmp_path):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def families(text: str) -> dict[str, Metric]:

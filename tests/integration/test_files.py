@@ -4,7 +4,9 @@ or not at all on a full disk, with one line when it cannot (issue 24, items 5 an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from pmemblk import files, install
 from pmemblk.errors import ConfigError
 
-from ..procs import Target, pmemblk, run
+from ..procs import Target, our_nbdkits, pmemblk, run
 from .conftest import needs_nbdkit
 from .test_daytwo import one_line
 from .test_hostile import needs_root, one_error_line
@@ -77,6 +79,9 @@ def target(region: str, tmp_path: Path) -> Iterator[Target]:
     t = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, transport="tcp").start()
     yield t
     t.stop()
+    for pid in our_nbdkits(tmp_path):  # an attach that should have been refused, and was not
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @needs_nbdkit
