@@ -37,6 +37,24 @@ def check_folder(folder: str, what: str) -> None:
                           "another folder")
 
 
+def check_replaceable(path: str, what: str) -> None:
+    """Refuse ``path`` if something other than a regular file is there (a symlink, FIFO,
+    socket, device or directory): a file pmemblk replaces and later removes, such as a pid
+    file, must never take the place of what someone else put there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
+                if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ConfigError(f"{what} {path} is {kind}: pmemblk replaces only a regular file "
+                          "there. Choose another path")
+
+
 def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:
     """Replace ``path`` by ``data`` with permissions ``mode``; ConfigError on failure, with
     nothing left behind and ``path`` as it was."""

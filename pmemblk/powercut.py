@@ -63,7 +63,8 @@ class DurableImage:
             raise PmemError(f"{region.path}: size is not a multiple of {LINE}")
         exists = os.path.exists(path)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (
+                0 if exists else os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), 0o600)
         except OSError as exc:
             raise PmemError(f"durable image {path}: {exc.strerror}") from None
         self._closed = False
@@ -71,13 +72,27 @@ class DurableImage:
         # never land in the image after a newer one.
         self._lock = threading.Lock()
         if not exists:  # what is in the region now is the durable starting point
-            for off in range(0, region.size, CHUNK):
-                os.pwrite(self.fd, region.read(off, min(CHUNK, region.size - off)), off)
+            self._copy_region()
         elif os.fstat(self.fd).st_size != region.size:
             os.close(self.fd)
             raise PmemError(f"durable image {path} is not the size of {region.path}")
         region.on_persist = self.on_persist
         log.warning("TESTING ONLY: power-cut emulation on; durable image %s", path)
+
+    def _copy_region(self) -> None:
+        """The whole region into the image just made; on failure (a full disk) the image
+        is removed, so a later serve does not take a short one for a durable copy."""
+        try:
+            for off in range(0, self.region.size, CHUNK):
+                data = memoryview(self.region.read(off, min(CHUNK, self.region.size - off)))
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fd, data[done:], off + done)
+        except OSError as exc:
+            os.close(self.fd)
+            os.unlink(self.path)
+            raise PmemError(f"cannot write durable image {self.path}: {exc.strerror} "
+                            "(nothing was left there)") from None
 
     def on_persist(self, offset: int, length: int) -> None:
         start = offset // LINE * LINE
