@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ..procs import PY, Target, pmemblk, wait_until
+from ..procs import PY, Target, pmemblk, run, wait_until
 from .test_files import full  # noqa: F401 - the fixture
 from .test_hostile import needs_root, one_error_line, serve_once
 
@@ -242,3 +242,91 @@ def test_an_empty_region_file_is_told_it_is_empty(tmp_path: Path, command: str) 
     line = one_error_line(res)
     assert "is empty (0 bytes)" in line and "shared writable" not in line, line
     assert sorted(os.listdir(tmp_path)) == ["empty.img"] and empty.stat().st_size == 0
+
+
+# -- testing-power-cut: the image on a read-only place, the tracer helper's record ------------
+
+
+@pytest.fixture
+def cut_ready(region: str, tmp_path: Path) -> Path:
+    """A durable image made by a serve that has stopped (so testing-power-cut may run)."""
+    image = tmp_path / "durable.img"
+    target = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, "--testing-durable-image",
+                    str(image), transport="tcp").start()
+    target.stop()
+    assert image.stat().st_size == Path(region).stat().st_size
+    return image
+
+
+@needs_root
+def test_a_power_cut_with_the_image_on_a_read_only_place_is_one_line(
+        region: str, cut_ready: Path, tmp_path: Path) -> None:
+    """It was a traceback (EROFS from the image's open)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=80m,mode=0755", "tmpfs", str(mnt))
+    try:
+        image = mnt / "durable.img"
+        image.write_bytes(cut_ready.read_bytes())
+        run("mount", "-o", "remount,ro", str(mnt))
+        before = digest(region)
+        res = pmemblk("testing-power-cut", region, "--durable-image", str(image), check=False)
+        assert "cannot open durable image" in one_error_line(res), res.stderr
+        assert digest(region) == before
+    finally:
+        run("umount", str(mnt))
+
+
+SIDECARS = {
+    "torn": b'{"pid": 1, "ins',
+    "a list": b"[1, 2]",
+    "pid a list": b'{"pid": [1], "instance": "/x", "group": "g", "base": 0}',
+    "instance a number": b'{"pid": 1, "instance": 5, "group": "g", "base": 0}',
+    "no group": b'{"pid": 1, "instance": "/x", "base": 0}',
+}
+
+
+@pytest.mark.parametrize("how", SIDECARS)
+def test_a_damaged_tracer_record_is_one_line_and_changes_nothing(
+        region: str, cut_ready: Path, how: str) -> None:
+    """Each was a traceback (JSONDecodeError, TypeError, KeyError)."""
+    Path(f"{cut_ready}.native").write_bytes(SIDECARS[how])
+    before = digest(region), digest(str(cut_ready))
+    res = pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready), check=False)
+    assert "the flush tracer's record" in one_error_line(res)
+    assert (digest(region), digest(str(cut_ready))) == before
+
+
+FAKE_HELPER = "import time\ntime.sleep(120)\n"
+
+
+def test_a_tracer_record_naming_another_process_does_not_stop_it(
+        region: str, cut_ready: Path, tmp_path: Path) -> None:
+    """A record left by a helper that died names a PID that may be another process's by
+    now: it was sent SIGTERM. Only a process that is the image's helper (``python -m
+    pmemblk.powercut REGION IMAGE BASE``, its IMAGE the same file) is stopped."""
+    fake = tmp_path / "fake"
+    (fake / "pmemblk").mkdir(parents=True)
+    (fake / "pmemblk" / "__init__.py").write_text("")
+    (fake / "pmemblk" / "powercut.py").write_text(FAKE_HELPER)
+    os.link(cut_ready, fake / "img")  # the same file, named relative to the helper's cwd
+    other = subprocess.Popen([PY, "-c", FAKE_HELPER])
+    helper = subprocess.Popen([PY, "-m", "pmemblk.powercut", region, "img", "0"], cwd=fake)
+    sidecar = Path(f"{cut_ready}.native")
+    record = {"instance": str(tmp_path / "no-instance"), "group": "pmemblk_audit_none",
+              "base": 0}
+    try:
+        wait_until(lambda: b"pmemblk.powercut" in Path(f"/proc/{helper.pid}/cmdline")
+                   .read_bytes(), "the fake helper")
+        sidecar.write_text(json.dumps({"pid": other.pid, **record}))
+        pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready))
+        assert other.poll() is None, "testing-power-cut stopped a process not its helper"
+        sidecar.write_text(json.dumps({"pid": helper.pid, **record}))
+        pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready))
+        assert helper.wait(60) == -signal.SIGTERM
+        assert not sidecar.exists()
+    finally:
+        for proc in (other, helper):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
