@@ -13,11 +13,25 @@ otherwise follow what that user planted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
 
 from .errors import ConfigError
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The first ``limit`` bytes of the regular file at ``path``: OSError if it is anything
+    else, found without waiting (a FIFO planted where a record or pid file is expected
+    would otherwise block its reader for ever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def check_folder(folder: str, what: str) -> None:

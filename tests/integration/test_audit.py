@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from ..procs import PY, Target, pmemblk, run, wait_until
+from ..procs import PY, Target, our_nbdkits, pmemblk, run, wait_until
+from .conftest import needs_nbdkit
+from .test_daytwo import run_dir  # noqa: F401 - the fixture
 from .test_files import full  # noqa: F401 - the fixture
 from .test_hostile import needs_root, one_error_line, serve_once
 
@@ -300,6 +302,10 @@ def test_a_damaged_tracer_record_is_one_line_and_changes_nothing(
 FAKE_HELPER = "import time\ntime.sleep(120)\n"
 
 
+def names_img(cmdline: Path) -> Callable[[], bool]:
+    return lambda: b"img" in cmdline.read_bytes()
+
+
 def test_a_tracer_record_naming_another_process_does_not_stop_it(
         region: str, cut_ready: Path, tmp_path: Path) -> None:
     """A record left by a helper that died names a PID that may be another process's by
@@ -310,23 +316,65 @@ def test_a_tracer_record_naming_another_process_does_not_stop_it(
     (fake / "pmemblk" / "__init__.py").write_text("")
     (fake / "pmemblk" / "powercut.py").write_text(FAKE_HELPER)
     os.link(cut_ready, fake / "img")  # the same file, named relative to the helper's cwd
-    other = subprocess.Popen([PY, "-c", FAKE_HELPER])
+    (fake / "other.img").write_bytes(b"")
+    # not the helper: the same arguments but not -m pmemblk.powercut; a helper of another image
+    other = subprocess.Popen([PY, "-c", FAKE_HELPER, region, "img", "0"], cwd=fake)
+    theirs = subprocess.Popen([PY, "-m", "pmemblk.powercut", region, "other.img", "0"],
+                              cwd=fake)
     helper = subprocess.Popen([PY, "-m", "pmemblk.powercut", region, "img", "0"], cwd=fake)
     sidecar = Path(f"{cut_ready}.native")
     record = {"instance": str(tmp_path / "no-instance"), "group": "pmemblk_audit_none",
               "base": 0}
     try:
-        wait_until(lambda: b"pmemblk.powercut" in Path(f"/proc/{helper.pid}/cmdline")
-                   .read_bytes(), "the fake helper")
-        sidecar.write_text(json.dumps({"pid": other.pid, **record}))
-        pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready))
-        assert other.poll() is None, "testing-power-cut stopped a process not its helper"
+        for pid in (other.pid, theirs.pid, helper.pid):
+            wait_until(names_img(Path(f"/proc/{pid}/cmdline")), "the fake processes")
+        for proc in (other, theirs):
+            sidecar.write_text(json.dumps({"pid": proc.pid, **record}))
+            pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready))
+            assert proc.poll() is None, "testing-power-cut stopped a process not its helper"
         sidecar.write_text(json.dumps({"pid": helper.pid, **record}))
         pmemblk("testing-power-cut", region, "--durable-image", str(cut_ready))
         assert helper.wait(60) == -signal.SIGTERM
         assert not sidecar.exists()
     finally:
-        for proc in (other, helper):
+        for proc in (other, theirs, helper):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+# -- attach's records: a FIFO where a record or pid file should be --------------------------
+
+
+@pytest.fixture
+def tcp_target(region: str, tmp_path: Path) -> Iterator[Target]:
+    t = Target(region, f"unix:{tmp_path / 't.sock'}", tmp_path, transport="tcp").start()
+    yield t
+    t.stop()
+
+
+@needs_nbdkit
+@pytest.mark.parametrize("record", ["nbdkit.pid", "attach.json"])
+def test_a_fifo_in_place_of_a_record_does_not_hang_list_or_status(
+        tcp_target: Target, run_dir: Path, record: str) -> None:  # noqa: F811
+    """list, status and detach opened it to read and waited for a writer for ever."""
+    pmemblk("attach", tcp_target.listen, "--no-device", "--name", "f0")
+    path = run_dir / "f0" / record
+    saved = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        listed = run(PY, "-m", "pmemblk", "list", timeout=30)
+        row = next(line for line in listed.stdout.splitlines() if line.startswith("f0 "))
+        res = run(PY, "-m", "pmemblk", "status", "f0", timeout=30, check=False)
+        if record == "attach.json":
+            assert "broken" in row and "not a regular file" in row, row
+            assert "is broken" in one_error_line(res)
+        else:
+            assert "nbdkit is not running" in row, row
+            assert res.returncode == 0 and "nbdkit is not running" in res.stdout
+    finally:
+        path.unlink()
+        path.write_bytes(saved)
+    pmemblk("detach", "f0")
+    assert our_nbdkits(run_dir) == []
