@@ -132,10 +132,14 @@ _RECORD: dict[str, tuple[type, ...]] = {
     "readonly": (bool,), "keys": (list,), "created": (int, float), "threads": (int,)}
 
 
+#: attach.json is a few hundred bytes: more is not a record of ours.
+MAX_RECORD = 1 << 16
+
+
 def _read_record(folder: Path) -> dict[str, Any] | str:
     """``folder``'s attach.json, or what is wrong with it."""
     try:
-        record = json.loads((folder / "attach.json").read_text())
+        record = json.loads(files.read_regular(folder / "attach.json", MAX_RECORD))
     except FileNotFoundError:
         left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         return "no record; it holds " + (", ".join(left) or "nothing")
@@ -462,9 +466,10 @@ def _start_nbdkit(att: Attachment) -> int:
 
 def _read_pid(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        pid = int(files.read_regular(path, 32).strip())
     except (OSError, ValueError):
         return None
+    return pid if pid > 0 else None
 
 
 def _log_tail(att: Attachment) -> str:

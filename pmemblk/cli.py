@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         if args.what is not None:
             raise ConfigError("give a device or name, or --target SOCKET, not both")
         socket_path = args.target
-        answer = (control.ask(socket_path, "metrics") if args.prometheus or args.textfile
+        answer = (control.ask_metrics(socket_path) if args.prometheus or args.textfile
                   else None)
         values = [control.ask_status(socket_path)] if answer is None else []
     else:
@@ -237,7 +237,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         values = [live_status(a) for a in atts]
         answer = None
         if args.prometheus or args.textfile:
-            answer = b"".join(control.ask(str(a.control_socket), "metrics") for a in atts
+            answer = b"".join(control.ask_metrics(str(a.control_socket)) for a in atts
                               if a.nbdkit_pid() is not None)
     if answer is not None:
         if args.textfile:
@@ -251,7 +251,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     for i, value in enumerate(values):
         if i:
             print()
-        print(status.render_target(value) if args.target else status.render_client(value))
+        print(status.render(value, args.target))
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:

@@ -134,6 +134,23 @@ def ask(path: str, request: str, timeout: float = TIMEOUT) -> bytes:
     return b"".join(parts)
 
 
+def ask_metrics(path: str) -> bytes:
+    """The Prometheus text ``path`` answers to ``metrics``; TransportError if the answer is
+    not that format (a socket that is not ours must not reach stdout or a --textfile)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    raw = ask(path, "metrics")
+    try:
+        families = text_string_to_metric_families(raw.decode())  # type: ignore[no-untyped-call]
+        names = [family.name for family in families]
+    except ValueError:
+        names = []
+    if not any(name.startswith("pmemblk_") for name in names):
+        raise TransportError(f"{path} answered something that is not pmemblk metrics: "
+                             f"{raw[:80]!r}")
+    return raw
+
+
 def ask_status(path: str) -> dict[str, Any]:
     raw = ask(path, "status")
     try:

@@ -13,11 +13,25 @@ otherwise follow what that user planted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
 
 from .errors import ConfigError
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The first ``limit`` bytes of the regular file at ``path``: OSError if it is anything
+    else, found without waiting (a FIFO planted where a record or pid file is expected
+    would otherwise block its reader for ever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def check_folder(folder: str, what: str) -> None:
@@ -35,6 +49,24 @@ def check_folder(folder: str, what: str) -> None:
         raise ConfigError(f"{what} {folder} can be written by other users (mode "
                           f"{stat.S_IMODE(st.st_mode):o}): chmod go-w {folder}, or use "
                           "another folder")
+
+
+def check_replaceable(path: str, what: str) -> None:
+    """Refuse ``path`` if something other than a regular file is there (a symlink, FIFO,
+    socket, device or directory): a file pmemblk replaces and later removes, such as a pid
+    file, must never take the place of what someone else put there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
+                if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ConfigError(f"{what} {path} is {kind}: pmemblk replaces only a regular file "
+                          "there. Choose another path")
 
 
 def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:

@@ -166,7 +166,10 @@ class PmemRegion(Closeable):
     @classmethod
     def open(cls, path: str) -> PmemRegion:
         """Map an existing file or devdax device, whole."""
-        check_region_path(path)
+        st = check_region_path(path)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # mmap would say EINVAL
+            raise PmemError(f"{path} is empty (0 bytes): it holds no pmemblk region. Create "
+                            f"one with: pmemblk create {path} --size SIZE")
         return cls._map(path, 0, 0)
 
     @classmethod

@@ -39,8 +39,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import layout
+from . import files, layout
 from .errors import PmemError
 from .lock import RegionLock
 from .pmem import PmemRegion, check_region_path
@@ -63,7 +64,8 @@ class DurableImage:
             raise PmemError(f"{region.path}: size is not a multiple of {LINE}")
         exists = os.path.exists(path)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (
+                0 if exists else os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), 0o600)
         except OSError as exc:
             raise PmemError(f"durable image {path}: {exc.strerror}") from None
         self._closed = False
@@ -71,13 +73,27 @@ class DurableImage:
         # never land in the image after a newer one.
         self._lock = threading.Lock()
         if not exists:  # what is in the region now is the durable starting point
-            for off in range(0, region.size, CHUNK):
-                os.pwrite(self.fd, region.read(off, min(CHUNK, region.size - off)), off)
+            self._copy_region()
         elif os.fstat(self.fd).st_size != region.size:
             os.close(self.fd)
             raise PmemError(f"durable image {path} is not the size of {region.path}")
         region.on_persist = self.on_persist
         log.warning("TESTING ONLY: power-cut emulation on; durable image %s", path)
+
+    def _copy_region(self) -> None:
+        """The whole region into the image just made; on failure (a full disk) the image
+        is removed, so a later serve does not take a short one for a durable copy."""
+        try:
+            for off in range(0, self.region.size, CHUNK):
+                data = memoryview(self.region.read(off, min(CHUNK, self.region.size - off)))
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fd, data[done:], off + done)
+        except OSError as exc:
+            os.close(self.fd)
+            os.unlink(self.path)
+            raise PmemError(f"cannot write durable image {self.path}: {exc.strerror} "
+                            "(nothing was left there)") from None
 
     def on_persist(self, offset: int, length: int) -> None:
         start = offset // LINE * LINE
@@ -201,8 +217,9 @@ def _helper(region_path: str, image_path: str, base: int) -> int:
             log.error("%s", exc)
             image.close()
             return 1
-        sidecar.write_text(json.dumps({"pid": os.getpid(), "instance": str(trace.instance),
-                                       "group": trace.group, "base": base}))
+        files.write_atomic(str(sidecar), json.dumps(
+            {"pid": os.getpid(), "instance": str(trace.instance), "group": trace.group,
+             "base": base}).encode(), 0o600, "the flush tracer's record")
         try:
             trace.run(stop)
         finally:
@@ -213,14 +230,48 @@ def _helper(region_path: str, image_path: str, base: int) -> int:
     return 0
 
 
+#: The tracer helper's sidecar record: its fields and their types.
+_SIDECAR: dict[str, type] = {"pid": int, "instance": str, "group": str, "base": int}
+
+
+def _read_sidecar(image_path: str) -> dict[str, Any] | None:
+    """The record a tracer helper left beside the image (None: there is none); PmemError,
+    one line, if it is torn or of the wrong types."""
+    sidecar = Path(f"{image_path}.native")
+    try:
+        info = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PmemError(f"the flush tracer's record {sidecar} cannot be read ({exc}): if no "
+                        "tracer runs for this image, remove it") from None
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t)
+                                         for k, t in _SIDECAR.items()):
+        raise PmemError(f"the flush tracer's record {sidecar} is not one: if no tracer runs "
+                        "for this image, remove it")
+    return info
+
+
+def _is_helper(pid: int, image_path: str) -> bool:
+    """Whether process ``pid`` is the tracer helper of ``image_path`` (a PID in a record
+    left by a helper that died may be another process's by now)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return (len(args) > 4 and args[1:3] == [b"-m", b"pmemblk.powercut"]
+                and os.path.samefile(os.path.join(f"/proc/{pid}/cwd", os.fsdecode(args[4])),
+                                     image_path))
+    except (OSError, ValueError):
+        return False
+
+
 def _stop_helper(image_path: str) -> None:
     """Stop a tracer helper still running (its target was killed): SIGTERM, then wait until
     it drained and removed its sidecar file."""
     sidecar = Path(f"{image_path}.native")
-    try:
-        pid = int(json.loads(sidecar.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+    info = _read_sidecar(image_path)
+    if info is None or not _is_helper(info["pid"], image_path):
         return
+    pid = info["pid"]
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
@@ -267,10 +318,10 @@ def _leftover_native_flushes(region: PmemRegion, image_path: str) -> int:
     """The native FLUSHes a tracer helper that died without draining left in the kernel's
     buffer, applied now (and its kprobe removed)."""
     sidecar = Path(f"{image_path}.native")
-    if not sidecar.exists():
+    info = _read_sidecar(image_path)
+    if info is None:
         return 0
-    info = json.loads(sidecar.read_text())
-    instance, group = Path(info["instance"]), str(info["group"])
+    instance, group = Path(info["instance"]), info["group"]
     try:
         text = (instance / "trace").read_text(errors="replace")
     except OSError:
@@ -318,7 +369,10 @@ def _cut(region: PmemRegion, image_path: str, keep: float, seed: int) -> PowerCu
     rng = random.Random(seed)
     unpersisted = kept = 0
     size = region.size
-    dfd = os.open(image_path, os.O_RDWR)
+    try:
+        dfd = os.open(image_path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PmemError(f"cannot open durable image {image_path}: {exc.strerror}") from None
     try:
         for off in range(0, size, CHUNK):
             n = min(CHUNK, size - off)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from . import __version__, atomicblocks, auth, durability, layout, stats
+from . import __version__, atomicblocks, auth, durability, files, layout, stats
 from .address import Address
 from .control import ControlServer
 from .errors import ConfigError, LayoutError, PmemblkError, PmemError
@@ -704,8 +704,7 @@ class PidFile:
         self.path = path
         if os.path.exists(path) and os.path.exists(region) and os.path.samefile(path, region):
             raise ConfigError(f"--pid-file {path} is the region itself")
-        if os.path.isdir(path):
-            raise ConfigError(f"--pid-file {path} is a directory")
+        files.check_replaceable(path, "--pid-file")
         folder = os.path.dirname(path) or "."
         self.content = f"{os.getpid()}\n".encode()
         try:

@@ -48,6 +48,7 @@ ATOMIC_CLIENT = "tests/test_atomicblocks_client.py"
 BARRIERS = "tests/test_client_barriers.py"
 FUA_FRAMES = "tests/integration/test_fua_frames.py"
 CRASH = "tests/crash/test_crash.py"
+AUDIT = "tests/integration/test_audit.py"
 
 
 @dataclass(frozen=True)
@@ -568,6 +569,63 @@ MUTANTS = (
            "    _guard(h.pwrite, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))",
            "    _guard(h.pwrite, memoryview(buf), offset, False)",
            (FUA_FRAMES,), select="through_nbdkit"),
+    # -- issue 24: audit (files written, wrong kinds of sockets and files, records read back)
+    Mutant("a pid file takes the place of a FIFO, a socket or a link", "pmemblk/files.py",
+           "    if not stat.S_ISREG(st.st_mode):\n        kind = (\"a symbolic link\"",
+           "    if stat.S_ISDIR(st.st_mode):\n        kind = (\"a symbolic link\"", (AUDIT,),
+           select="something_else and FIFO"),
+    Mutant("the pid file check follows a link to a regular file", "pmemblk/files.py",
+           "        st = os.lstat(path)\n", "        st = os.stat(path)\n", (AUDIT,),
+           select="something_else and victim"),
+    Mutant("serve no longer checks what is at --pid-file", "pmemblk/target.py",
+           "        files.check_replaceable(path, \"--pid-file\")\n", "", (AUDIT,),
+           select="something_else and socket"),
+    Mutant("a status with wrongly typed fields is a traceback", "pmemblk/status.py",
+           "    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:",
+           "    except (KeyError,) as exc:", (AUDIT,), select="wrongly_typed"),
+    Mutant("status --target --prometheus takes any answer", "pmemblk/cli.py",
+           "control.ask_metrics(socket_path)", "control.ask(socket_path, \"metrics\")",
+           (AUDIT,), select="not_pmemblk_metrics and HTTP"),
+    Mutant("another exporter's metrics pass for pmemblk's", "pmemblk/control.py",
+           "    if not any(name.startswith(\"pmemblk_\") for name in names):",
+           "    if not names:", (AUDIT,), select="not_pmemblk_metrics"),
+    Mutant("a durable image left short on a full disk", "pmemblk/powercut.py",
+           "            os.unlink(self.path)\n", "", (AUDIT,),
+           select="durable_image_on_a_full_disk"),
+    Mutant("a new durable image is made through a dangling link", "pmemblk/powercut.py",
+           "0 if exists else os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW", "0 if exists else "
+           "os.O_CREAT", (AUDIT,), select="dangling_link"),
+    Mutant("an empty region file goes to mmap", "pmemblk/pmem.py",
+           "    if stat.S_ISREG(st.st_mode) and st.st_size == 0:",
+           "    if stat.S_ISREG(st.st_mode) and st.st_size < 0:", (AUDIT,),
+           select="empty_region"),
+    Mutant("testing-power-cut stops whatever PID the tracer record names",
+           "pmemblk/powercut.py",
+           "    if info is None or not _is_helper(info[\"pid\"], image_path):",
+           "    if info is None:", (AUDIT,), select="another_process"),
+    Mutant("a tracer helper is told by its arguments, not by -m pmemblk.powercut",
+           "pmemblk/powercut.py", "args[1:3] == [b\"-m\", b\"pmemblk.powercut\"]", "True",
+           (AUDIT,), select="another_process"),
+    Mutant("any image's tracer helper is taken for this image's", "pmemblk/powercut.py",
+           "                and os.path.samefile(", "                or os.path.samefile(",
+           (AUDIT,), select="another_process"),
+    Mutant("the tracer record's field types go unchecked", "pmemblk/powercut.py",
+           "any(not isinstance(info.get(k), t)", "any(k not in info", (AUDIT,),
+           select="damaged_tracer"),
+    Mutant("a durable image that cannot be opened is a traceback", "pmemblk/powercut.py",
+           "    except OSError as exc:\n        raise PmemError(f\"cannot open durable image",
+           "    except ValueError as exc:\n        raise PmemError(f\"cannot open durable image",
+           (AUDIT,), select="read_only_place"),
+    Mutant("a record is opened for reading as it is, a FIFO too", "pmemblk/files.py",
+           "    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)\n    try:\n"
+           "        if not stat.S_ISREG(os.fstat(fd).st_mode):",
+           "    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)\n    try:\n"
+           "        if not stat.S_ISREG(os.fstat(fd).st_mode):", (AUDIT,),
+           select="fifo_in_place"),
+    Mutant("attach.json is read with read_text again", "pmemblk/attach.py",
+           "json.loads(files.read_regular(folder / \"attach.json\", MAX_RECORD))",
+           "json.loads((folder / \"attach.json\").read_text())", (AUDIT,),
+           select="fifo_in_place and attach"),
 )
 
 
