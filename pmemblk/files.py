@@ -82,10 +82,7 @@ def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -107,10 +104,7 @@ def create_exclusive(path: str, data: bytes, mode: int, what: str) -> None:
         raise ConfigError(f"cannot create {what} {path}: {exc.strerror}") from None
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -118,3 +112,11 @@ def create_exclusive(path: str, data: bytes, mode: int, what: str) -> None:
             os.unlink(path)
         raise ConfigError(f"cannot write {what} {path}: {exc.strerror} (nothing was left "
                           "there)") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data``, then fsync: a file is whole on the disk before it is used."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pmemblk import atomicblocks as ab
 from pmemblk import layout
 from pmemblk.pmem import PmemRegion
 
@@ -21,6 +20,7 @@ from ..procs import Target, pmemblk, region_info
 from .conftest import read
 from .test_atomic import client
 from .test_hostile import one_error_line
+from .test_lane_recovery import corrupt_flog
 
 
 def digest(path: str) -> str:
@@ -92,14 +92,7 @@ def test_a_refused_atomic_blocks_serve_after_an_unclean_stop_changes_nothing(
     region = str(tmp_path / "atomic.img")
     pmemblk("create", region, "--size", "4M", "--atomic-blocks", "--lanes", "16")
     killed_after_a_write(region, tmp_path)
-    with PmemRegion.open(region) as r:
-        header = layout.read_header(r)
-        area = layout.data_area(r, header.data_offset, header.data_size)
-        info = ab.read_info(area)
-        for slot in (0, 1):
-            at = info.slot_at(5, slot)
-            area.write(at, bytes(x ^ 0xFF for x in area.read(at, 8)))
-        area.persist(info.slot_at(5, 0), 64)
+    corrupt_flog(region, 5)
     before, state = digest(region), region_info(region)
     assert state["clean_shutdown"] is False
     line = serve_refused(region, tmp_path)
