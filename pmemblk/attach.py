@@ -113,13 +113,6 @@ class Attachment:
                            (json.dumps(record, indent=2) + "\n").encode(), 0o644,
                            "the attachment's record")
 
-    @classmethod
-    def load(cls, folder: Path) -> Attachment:
-        record = _read_record(folder)
-        if isinstance(record, str):
-            raise ConfigError(f"{folder} does not hold a pmemblk attachment ({record})")
-        return cls(folder=folder, **record)
-
     def nbdkit_pid(self) -> int | None:
         """nbdkit's PID if it is running and is this attachment's (checked by its command
         line naming our socket), else None."""
@@ -202,42 +195,43 @@ class Leftover:
 # -- finding attachments and devices ---------------------------------------------------------
 
 
-def attachments() -> list[Attachment]:
-    folder = run_dir()
-    found = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(folder.iterdir()):
-            if (entry / "attach.json").is_file() and not entry.is_symlink():
-                with contextlib.suppress(ConfigError):
-                    found.append(Attachment.load(entry))
-    return found
-
-
-def leftovers() -> list[Leftover]:
-    """Folders of the run directory with no readable record: torn, wrongly typed, or left by
-    a detach because they held files pmemblk did not make."""
-    found = []
+def scan() -> tuple[list[Attachment], list[Leftover]]:
+    """The run directory read once: its attachments, and the folders with no readable record
+    (torn, wrongly typed, or left by a detach because they held files pmemblk did not make)."""
+    found: list[Attachment] = []
+    left: list[Leftover] = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(run_dir().iterdir()):
             if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
                 continue
             record = _read_record(entry)
             if isinstance(record, str):
-                found.append(Leftover(entry.name, entry, record))
-    return found
+                left.append(Leftover(entry.name, entry, record))
+            else:
+                found.append(Attachment(folder=entry, **record))
+    return found, left
+
+
+def attachments() -> list[Attachment]:
+    return scan()[0]
+
+
+def leftovers() -> list[Leftover]:
+    return scan()[1]
 
 
 def find(name_or_device: str) -> Attachment:
     """The attachment called NAME, or the one holding DEVICE (/dev/nbdN)."""
-    for att in attachments():
+    atts, lefts = scan()
+    for att in atts:
         if name_or_device in (att.name, att.device):
             return att
-    for left in leftovers():
+    for left in lefts:
         if left.name == name_or_device:
             raise ConfigError(f"attachment {left.name} is broken ({left.why}) in "
                               f"{left.folder}: pmemblk detach {left.name} cleans up what is "
                               "provably its own")
-    known = ", ".join(f"{a.name} ({a.device or a.uri})" for a in attachments()) or "none"
+    known = ", ".join(f"{a.name} ({a.device or a.uri})" for a in atts) or "none"
     raise ConfigError(f"no attachment is called {name_or_device!r} or holds that device "
                       f"(attached: {known}; see pmemblk list)")
 

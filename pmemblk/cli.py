@@ -198,12 +198,13 @@ def cmd_detach(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from .attach import attachments, leftovers, live_status
+    from .attach import live_status, scan
 
-    rows = [live_status(att) for att in attachments()]
+    atts, lefts = scan()
+    rows = [live_status(att) for att in atts]
     rows += [{"name": lo.name, "device": None, "target": "?", "folder": str(lo.folder),
               "state": f"broken: {lo.why} ({lo.folder}; pmemblk detach {lo.name})"}
-             for lo in leftovers()]
+             for lo in lefts]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
