@@ -130,6 +130,7 @@ def test_an_asker_that_sends_a_byte_at_a_time_holds_the_control_socket_a_second_
         slow = socket.socket(socket.AF_UNIX)
         slow.connect(path)
         stop = threading.Event()
+        finished = threading.Event()  # every byte sent: the server never cut it short
 
         def dribble() -> None:  # 64 bytes, never a newline: 16 s at this pace
             try:
@@ -137,8 +138,9 @@ def test_an_asker_that_sends_a_byte_at_a_time_holds_the_control_socket_a_second_
                     if stop.wait(DRIBBLE):
                         return
                     slow.sendall(b"s")
+                finished.set()
             except OSError:
-                pass
+                pass  # the server closed it at its deadline
 
         thread = threading.Thread(target=dribble, daemon=True)
         thread.start()
@@ -146,7 +148,7 @@ def test_an_asker_that_sends_a_byte_at_a_time_holds_the_control_socket_a_second_
             # Asked while the dribbler holds the only thread: answered once its deadline
             # (REQUEST_TIMEOUT) passes, well within the asker's own (TIMEOUT).
             assert json.loads(control.ask(path, "status")) == {"ok": True}
-            assert thread.is_alive(), "the dribbler finished: it was never cut short"
+            assert not finished.is_set(), "the dribbler finished: it was never cut short"
         finally:
             stop.set()
             thread.join()
