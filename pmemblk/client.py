@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import durability
-from .atomicblocks import BlockMap
+from .blockmap import BlockMap
 from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
 from .flush import make_policy
 from .protocol import FLUSH_METHODS, Welcome

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pmemblk import atomicblocks as ab
+from pmemblk import blockmap
 from pmemblk.client import Client
 from pmemblk.errors import RemoteError, TransportError
 from pmemblk.transport import Transport
@@ -173,7 +174,7 @@ def test_a_sole_writers_round_of_several_blocks_holds_every_blocks_lock(
     c, info = atomic_client(t)
     bm = c.blocks  # two threads on one BlockMap (the client's channels, one transport here)
     assert bm is not None
-    monkeypatch.setattr(bm, "_locks", [SignalLock(t.waited) for _ in range(ab.BLOCK_LOCKS)])
+    monkeypatch.setattr(bm, "_locks", [SignalLock(t.waited) for _ in range(blockmap.BLOCK_LOCKS)])
 
     def write(data: bytes, offset: int) -> None:
         bm.write(t, memoryview(data), offset, len(data), commit, "commit")

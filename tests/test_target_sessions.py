@@ -188,7 +188,7 @@ def test_a_writer_that_left_beside_another_gets_other_lanes_and_its_own_come_bac
 
 def test_a_grant_number_is_new_across_starts_of_the_target(atomic_path: str) -> None:
     """A client keeps its lanes while its connections bring the same grant number
-    (atomicblocks.BlockMap); a restarted target that counted grants from 1 again handed a
+    (blockmap.BlockMap); a restarted target that counted grants from 1 again handed a
     reconnecting writer the number it had before, with another writer's lanes: it kept
     writing through the lanes the new first writer had been given."""
     seen: set[int] = set()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pmemblk import atomicblocks as ab
-from pmemblk import layout
+from pmemblk import blockmap, layout
 from pmemblk.address import parse_address
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, RemoteError
@@ -119,7 +119,7 @@ def test_a_read_only_client_cannot_move_a_block(atomic_region: str, tmp_path: Pa
     target = serve(atomic_region, tmp_path)
     with StreamTransport(target.listen, readonly=True) as t:
         assert t.info.atomic_blocks and t.info.lane_count == 0
-        info = ab.BlockMap.load(t).info
+        info = blockmap.BlockMap.load(t).info
         with pytest.raises(RemoteError) as exc:
             t.compare_swap(info.map_at(0), 0, 5)
         assert exc.value.errno == errno.EPERM

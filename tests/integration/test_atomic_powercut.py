@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from pmemblk.atomicblocks import BlockMap
+from pmemblk.blockmap import BlockMap
 from pmemblk.client import Client
 from pmemblk.errors import ConnectionLost
 from pmemblk.powercut import power_cut

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pmemblk import atomicblocks as ab
+from pmemblk import blockmap
 from pmemblk.client import Client
 from pmemblk.errors import TransportError
 
@@ -117,7 +117,7 @@ def test_a_read_only_clients_compare_and_swap_is_refused_by_the_device(
     target = vm_target(region, 7203, workdir).start()
     try:
         with verbs(target, readonly=True) as t:
-            info = ab.BlockMap.load(t).info
+            info = blockmap.BlockMap.load(t).info
             with pytest.raises(TransportError, match=r"REM_ACCESS_ERR|remote access"):
                 t.compare_swap(info.map_at(0), 0, 5)
     finally:
