@@ -134,9 +134,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .target import ServeConfig, parse_transports, serve
+    from .servers import parse_names
+    from .service import serve
+    from .target import ServeConfig
 
-    transports = parse_transports(args.transport)
+    transports = parse_names(args.transport)
     listen = parse_address(args.listen, "--listen")
     if isinstance(listen, UnixAddress) and "verbs" in transports:
         raise ConfigError("a unix: socket can only serve --transport tcp")

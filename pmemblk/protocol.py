@@ -97,6 +97,10 @@ CAS = struct.Struct("<QQ")  # a CAS request's payload: expected, new (its reply'
 CAS_WORD = 8
 REPLY = struct.Struct("<4sHHQiI")  # preamble, tag, status (0 or errno), payload length
 
+#: COMMIT messages one client channel may have outstanding (the WELCOME says it; over verbs
+#: the target keeps this many receives posted per channel).
+COMMIT_DEPTH = 8
+
 CM_CONNECT_PRIVATE_MAX = 56
 CM_ACCEPT_PRIVATE_MAX = 196
 REJECT_REASON_MAX = 128  # IB CM REJ carries 148 bytes of private data

@@ -1,11 +1,12 @@
-"""The target: owns a region and serves it through one or more transports.
+"""The export: a region and the decisions every transport's server shares.
 
 ``Export`` is the core every transport shares: the region and its state, the handshake decisions
 (HELLO → CHALLENGE, AUTH → WELCOME or REJECT; docs/security.md), COMMIT handling (persist
 ranges → status) and, for stream transports, the data operations. Transport servers
 (``servers/verbs.py``, ``servers/stream.py``) only move messages; they run on
 one ``Reactor`` (one thread, one ``select``), so a slow or hostile peer never blocks the
-others (docs/design.md).
+others (docs/design.md). Running it as a service (servers, signals, pid file, systemd) is
+``pmemblk.service``.
 """
 
 from __future__ import annotations
@@ -15,27 +16,23 @@ import dataclasses
 import errno
 import logging
 import os
-import resource
-import signal
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client.core import Metric
 
-from . import __version__, atomicblocks, auth, durability, files, layout, stats
+from . import __version__, atomicblocks, auth, durability, layout, stats
 from .address import Address
-from .control import ControlServer
 from .errors import ConfigError, LayoutError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
 from .pmem import PmemRegion, check_backed, is_devdax
 from .powercut import DurableImage, FlushTracer
 from .protocol import (
+    COMMIT_DEPTH,
     MAX_MESSAGE_SIZE,
     REGION_ATOMIC_BLOCKS,
     REGION_ATOMIC_WRITE,
@@ -50,13 +47,9 @@ from .protocol import (
     Reject,
     Welcome,
 )
-from .reactor import Reactor
 
 log = logging.getLogger(__name__)
 
-#: COMMIT messages one client may have outstanding.
-COMMIT_DEPTH = 8
-TRANSPORTS = ("verbs", "tcp")
 
 
 @dataclass(frozen=True)
@@ -146,34 +139,6 @@ class Admission:
     writer: bool
     readonly: bool
     session: Session
-
-
-def check_exposure(config: ServeConfig) -> None:
-    """Refuse to serve a network address to anyone who asks, unless told to."""
-    if config.secret is None and not config.insecure_no_auth and not config.listen.is_local:
-        raise ConfigError(
-            f"--listen {config.listen} is reachable from other hosts and no --secret-file was "
-            "given: anyone who can connect could read and write the region. Create a secret "
-            "(pmemblk secret FILE), pass --secret-file FILE here and secret-file=FILE to the "
-            "clients, or pass --insecure-no-auth to serve without authentication")
-
-
-def parse_transports(value: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    bad = [n for n in names if n not in TRANSPORTS]
-    if bad or not names:
-        raise ConfigError(f"--transport {value!r}: use verbs, tcp, or verbs,tcp")
-    return names
-
-
-class Server(Protocol):
-    """A transport's listening side, driven by the target's reactor."""
-
-    def start(self, export: Export) -> None:
-        """Listen; addresses were validated when the server was made."""
-
-    def close(self) -> None:
-        """Disconnect every client and stop listening; safe twice."""
 
 
 class Export:
@@ -626,137 +591,3 @@ class Export:
                 state = layout.read_state(self.region)
                 layout.write_state(self.region, layout.State(True, state.times_served))
                 log.info("persisted %d bytes and marked %s clean", self.size, self.region.path)
-
-
-class Target:
-    """Runs an Export's servers until SIGTERM/SIGINT, then shuts down cleanly."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        self.config = config
-        self.reactor = Reactor()
-        self.export: Export | None = None
-        self.servers: list[Server] = []
-        self.pid_file: PidFile | None = None
-        self.control: ControlServer | None = None
-
-    def _make_servers(self) -> None:
-        for name in self.config.transports:
-            if name == "verbs":
-                from .servers.verbs import VerbsServer
-
-                self.servers.append(VerbsServer(self.reactor, self.config.listen,
-                                                self.config.handshake_timeout))
-            else:
-                from .servers.stream import StreamServer
-
-                self.servers.append(StreamServer(self.reactor, self.config.listen,
-                                                 self.config.handshake_timeout))
-
-    def run(self) -> None:
-        # SIGHUP too: a target started from a terminal that closes must stop cleanly, not die.
-        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        for s in old:
-            signal.signal(s, lambda signum, frame: self.reactor.stop())
-        try:
-            check_exposure(self.config)
-            self._make_servers()  # validates addresses before the region is touched
-            if self.config.pid_file:
-                self.pid_file = PidFile(self.config.pid_file, self.config.path)
-            raise_fd_limit()
-            self.export = Export(self.config)  # locked; unchanged until begin()
-            for server in self.servers:
-                server.start(self.export)
-            if self.config.control:
-                self.control = ControlServer(self.config.control, self.export.status,
-                                             self.export.metrics,
-                                             f"--control {self.config.control}")
-            self.export.begin()
-            if self.pid_file is not None:
-                self.pid_file.publish()
-            notify_systemd("READY=1")
-            self.reactor.run()
-            notify_systemd("STOPPING=1")
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-            self.shutdown()
-
-    def shutdown(self) -> None:
-        """Servers, then the export, the reactor and the pid file: each one even if an earlier
-        one failed (the first error is raised afterwards)."""
-        with contextlib.ExitStack() as stack:
-            if self.pid_file is not None:
-                stack.callback(self.pid_file.close)
-            stack.callback(self.reactor.close)
-            if self.export is not None:
-                stack.callback(self.export.close)
-            if self.control is not None:  # stopped before the export it reads is closed
-                stack.callback(self.control.close)
-            for server in reversed(self.servers):
-                stack.callback(server.close)
-
-
-class PidFile:
-    """``--pid-file``: checked before anything starts, written once every listener is up (by
-    a rename, so a reader never sees it half-written), removed on exit only if still ours."""
-
-    def __init__(self, path: str, region: str) -> None:
-        self.path = path
-        if os.path.exists(path) and os.path.exists(region) and os.path.samefile(path, region):
-            raise ConfigError(f"--pid-file {path} is the region itself")
-        files.check_replaceable(path, "--pid-file")
-        folder = os.path.dirname(path) or "."
-        self.content = f"{os.getpid()}\n".encode()
-        try:
-            # A name nobody can have planted a link at (O_EXCL), in place of a predictable one.
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                            dir=folder)
-        except OSError as exc:
-            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
-                              f"{exc.strerror}") from None
-        try:
-            os.fchmod(fd, 0o644)
-            os.write(fd, self.content)
-        except OSError as exc:
-            os.unlink(self.tmp)
-            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
-                              f"{exc.strerror}") from None
-        finally:
-            os.close(fd)
-        self.published = False
-
-    def publish(self) -> None:
-        os.replace(self.tmp, self.path)
-        self.published = True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
-        if self.published:
-            self.published = False
-            with contextlib.suppress(OSError), open(self.path, "rb") as f:
-                if f.read(64) == self.content:
-                    os.unlink(self.path)
-
-
-def notify_systemd(state: str) -> None:
-    """Tell systemd (Type=notify units) how the service is doing; nothing outside one."""
-    where = os.environ.get("NOTIFY_SOCKET")
-    if not where or where[0] not in "@/":
-        return
-    address = "\0" + where[1:] if where[0] == "@" else where
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft limit on open files to the hard one: each client holds descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            log.debug("open files limit raised from %d to %d", soft, hard)
-
-
-def serve(config: ServeConfig) -> None:
-    Target(config).run()

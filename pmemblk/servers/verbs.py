@@ -27,7 +27,7 @@ from .. import durability, rdma
 from ..address import Address, TCPAddress
 from ..errors import ConfigError, PmemblkError, PmemError, TransportError
 from ..pmem import is_devdax
-from ..protocol import MAX_MESSAGE_SIZE, Commit, Reject
+from ..protocol import COMMIT_DEPTH, MAX_MESSAGE_SIZE, Commit, Reject
 from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
 from ..reactor import Reactor
 
@@ -100,8 +100,6 @@ class VerbsServer:
 
     def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float = 10.0
                  ) -> None:
-        from ..target import COMMIT_DEPTH
-
         rdma.require_pyverbs()
         if not isinstance(listen, TCPAddress):
             raise ConfigError(f"--listen {listen}: RDMA needs HOST:PORT, not a Unix socket")
