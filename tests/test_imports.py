@@ -1,0 +1,152 @@
+"""The shape of the package, as its imports give it (docs/design.md, "Modules"): no import
+circle, the client's side and the target's side import nothing of each other, and the on-media
+format knows no network. Every import counts: at the top, inside a function (a lazy import is
+still a dependency) and under ``TYPE_CHECKING``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pmemblk"
+
+#: What runs in the plugin's or attach's process, and what runs in the target's.
+CLIENT_SIDE = ("client", "blockmap", "flush", "transport", "nbdplugin", "nbdkit_plugin",
+               "attach", "install", "status")
+TARGET_SIDE = ("target", "service", "servers")
+#: The on-media format: the region header, atomic blocks, the mapping of the region.
+MEDIA = ("layout", "atomicblocks", "pmem")
+#: What moves bytes over a network, or speaks the wire protocol.
+NETWORK = ("transport", "servers", "rdma", "protocol", "auth", "control", "reactor", "unixsock",
+           "address", "client", "blockmap")
+
+
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Module name (relative to the package, "" for the package itself) → its file."""
+    found = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module → the package's modules it imports, by name (as ``modules`` names them)."""
+    mods = modules(package)
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        here = name.split(".") if name else []
+        if path.name != "__init__.py":
+            here = here[:-1]  # a module's relative imports start at its package
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name.removeprefix("pmemblk").lstrip(".") for a in node.names
+                           if a.name == "pmemblk" or a.name.startswith("pmemblk.")]
+            elif isinstance(node, ast.ImportFrom):
+                absolute = node.module or ""
+                if node.level:
+                    if node.level - 1 > len(here):
+                        continue
+                    base = here[:len(here) - node.level + 1] + ([absolute] if absolute else [])
+                elif absolute == "pmemblk" or absolute.startswith("pmemblk."):
+                    rest = absolute.removeprefix("pmemblk").lstrip(".")
+                    base = [rest] if rest else []
+                else:
+                    continue
+                module = ".".join(base)
+                for alias in node.names:  # `from . import x` names a module; else an attribute
+                    sub = f"{module}.{alias.name}" if module else alias.name
+                    targets.append(sub if sub in mods else module)
+            deps.update(t for t in targets if t in mods and t != name)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: each strongly connected set of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def within(name: str, areas: tuple[str, ...]) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in areas)
+
+
+def crossings(graph: dict[str, set[str]], side: tuple[str, ...],
+              forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(f"{m} imports {d}" for m, deps in graph.items() if within(m, side)
+                  for d in deps if within(d, forbidden))
+
+
+GRAPH = imports()
+
+
+def test_no_import_circle() -> None:
+    assert cycles(GRAPH) == []
+
+
+def test_the_client_side_imports_nothing_of_the_target_side() -> None:
+    assert crossings(GRAPH, CLIENT_SIDE, TARGET_SIDE) == []
+
+
+def test_the_target_side_imports_nothing_of_the_client_side() -> None:
+    assert crossings(GRAPH, TARGET_SIDE, CLIENT_SIDE) == []
+
+
+def test_the_media_layer_knows_no_network() -> None:
+    assert crossings(GRAPH, MEDIA, NETWORK) == []
+
+
+def test_every_area_named_exists() -> None:
+    """A renamed module must not make a rule above silently true."""
+    names = set(modules())
+    for area in CLIENT_SIDE + TARGET_SIDE + MEDIA + NETWORK:
+        assert any(within(n, (area,)) for n in names), area
+
+
+def test_the_walk_sees_every_kind_of_import(tmp_path: Path) -> None:
+    """The checks above are only as good as the walk: a circle made by a lazy import inside a
+    function, and one under TYPE_CHECKING, are both found."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import f\n")
+    (pkg / "c.py").write_text("from pmemblk import d\n")
+    (pkg / "d.py").write_text("import pmemblk.c\n")
+    graph = imports(pkg)
+    assert graph["a"] == {"sub.b"} and graph["sub.b"] == {"a"}
+    assert graph["c"] == {"d"} and graph["d"] == {"c"}
+    assert cycles(graph) == [["a", "sub.b"], ["c", "d"]]
