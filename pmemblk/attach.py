@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files, nbdplugin
-from .errors import ConfigError, PmemblkError, TransportError
+from .errors import ConfigError, PmemblkError, ServiceError
 from .transport.verbs import DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ def _start_nbdkit(att: Attachment) -> int:
         pid = _read_pid(pid_file)
         if pid is not None:
             _stop_process(pid)
-        raise TransportError(f"nbdkit did not start: {_log_tail(att)}")
+        raise ServiceError(f"nbdkit did not start: {_log_tail(att)}")
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         pid = att.nbdkit_pid()
@@ -453,7 +453,7 @@ def _start_nbdkit(att: Attachment) -> int:
         if gone or time.monotonic() > deadline:
             if pid is not None:
                 _stop_process(pid)
-            raise TransportError(f"nbdkit {'exited' if gone else 'did not start'}: "
+            raise ServiceError(f"nbdkit {'exited' if gone else 'did not start'}: "
                                  f"{_log_tail(att)}")
         time.sleep(0.05)
 
@@ -489,11 +489,11 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
         res = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
         _disconnect_device(device)  # whatever it did before it hung (it was killed)
-        raise TransportError(f"nbd-client did not connect {device} within {START_TIMEOUT:g}s "
+        raise ServiceError(f"nbd-client did not connect {device} within {START_TIMEOUT:g}s "
                              f"and was stopped; nbdkit said: {_log_tail(att)}") from None
     if res.returncode != 0:
         said = (res.stderr.strip() or res.stdout.strip()).splitlines()
-        raise TransportError(f"nbd-client could not connect {device}: "
+        raise ServiceError(f"nbd-client could not connect {device}: "
                              f"{said[-1] if said else 'exit ' + str(res.returncode)}; "
                              f"nbdkit said: {_log_tail(att)}")
     size = _sys_block(device) / "size"
@@ -504,7 +504,7 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
                 return
         if time.monotonic() > deadline:
             _disconnect_device(device)
-            raise TransportError(f"{device} did not get its size within {START_TIMEOUT:g}s")
+            raise ServiceError(f"{device} did not get its size within {START_TIMEOUT:g}s")
         time.sleep(0.05)
 
 
@@ -657,7 +657,7 @@ def live_status(att: Attachment) -> dict[str, Any]:
         return out
     try:
         out.update(ask_status(str(att.control_socket)))
-    except TransportError as exc:
+    except ServiceError as exc:
         out["state"] = f"not answering: {exc}"
     out["name"] = att.name
     return out

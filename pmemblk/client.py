@@ -49,7 +49,14 @@ from contextlib import contextmanager
 
 from . import durability
 from .blockmap import BlockMap
-from .errors import ConfigError, PmemblkError, RemoteError, RequestError, TransportError
+from .errors import (
+    ConfigError,
+    GaveUp,
+    PmemblkError,
+    RemoteError,
+    RequestError,
+    TransportError,
+)
 from .flush import make_policy
 from .protocol import FLUSH_METHODS, Welcome
 from .resource import Closeable
@@ -194,6 +201,9 @@ class Client(Closeable):
         assert self._reconnect is not None
         try:
             self._adopt(ch, self._reconnect())
+        except GaveUp:
+            self._unlist(ch)
+            raise
         except RemoteError as exc:
             self._unlist(ch)
             if exc.errno != errno.EBUSY or self.broken is not None:
@@ -231,7 +241,7 @@ class Client(Closeable):
         """Run ``op`` on the channel (whose lock the caller holds); on a lost connection,
         reconnect and run it again."""
         if self.broken is not None:
-            raise RemoteError(self.broken, errno.EIO)
+            raise GaveUp(self.broken)
         deadline: float | None = None
         delay = 0.0
         while True:
@@ -252,7 +262,7 @@ class Client(Closeable):
                                    f"(reconnect-timeout), on {self.reconnects} new connections: "
                                    f"{exc}")
                     log.error("%s: failing every request", self.broken)
-                    raise TransportError(self.broken) from None
+                    raise GaveUp(self.broken) from None
                 else:  # failed again on a fresh connection: back off before the next try
                     delay = min(max(delay * 2, 0.05), 2.0)
                     time.sleep(min(delay, deadline - now))
@@ -270,7 +280,7 @@ class Client(Closeable):
             ch.transport = None
         with self._recover_lock:
             if self.broken is not None:
-                raise RemoteError(self.broken, errno.EIO)
+                raise GaveUp(self.broken)
             # Found again since this connection was made: this channel only reconnects (and
             # keeps trying quietly if the target is busy with the others' connects).
             self._find_target(ch, cause, deadline, seen)
@@ -286,7 +296,7 @@ class Client(Closeable):
                                                    and exc.errno == errno.EBUSY):
                 raise TransportError(str(exc)) from None
             self.broken = f"reconnecting failed: {exc}"
-            raise RemoteError(self.broken, errno.EIO) from None
+            raise GaveUp(self.broken) from None
 
     def _find_target(self, ch: _Channel, cause: TransportError, deadline: float,
                      seen: int | None) -> None:
@@ -317,7 +327,7 @@ class Client(Closeable):
                 self.broken = (f"the target did not come back within "
                                f"{self.reconnect_timeout:g}s (reconnect-timeout): {last}")
                 log.error("%s: failing every request", self.broken)
-                raise TransportError(self.broken)
+                raise GaveUp(self.broken)
             log.debug("reconnect failed (%s): next try in %.2fs", last, delay)
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -344,7 +354,7 @@ class Client(Closeable):
             transport.close()
             self.broken = f"reconnected to the target, but {why}: failing every request"
             log.error("%s", self.broken)
-            raise RemoteError(self.broken, errno.EIO)
+            raise GaveUp(self.broken)
         with self._lock:
             if new.instance != self._instance or lost_in == self._generation:
                 self._instance = new.instance
@@ -452,7 +462,7 @@ class Client(Closeable):
         finally:
             self._idle.put(ch)
         if fua and self.lost is not None:  # persisted on a target that may have lost others
-            raise RemoteError(self.lost, errno.EIO)
+            raise GaveUp(self.lost)
 
     def _wrote(self, ch: _Channel, offset: int, length: int, unpersisted: bool,
                proven: bool = True) -> None:
@@ -474,9 +484,9 @@ class Client(Closeable):
 
     def _flush(self) -> None:
         if self.broken is not None:
-            raise RemoteError(self.broken, errno.EIO)
+            raise GaveUp(self.broken)
         if self.lost is not None:
-            raise RemoteError(self.lost, errno.EIO)
+            raise GaveUp(self.lost)
         # The flush lock first, then a channel: a thread never holds a channel while it waits
         # for the flush lock, so the flush below never waits for a channel held that way.
         with self._flush_lock:
@@ -502,7 +512,7 @@ class Client(Closeable):
             finally:
                 self._idle.put(own)
         if self.lost is not None:  # found out while reconnecting during this flush
-            raise RemoteError(self.lost, errno.EIO)
+            raise GaveUp(self.lost)
         with self._lock:
             self._flushed = max(self._flushed, covered)
 

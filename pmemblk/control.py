@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import TransportError
+from .errors import ServiceError
+from .resource import Closeable
 from .unixsock import listen_unix, unlink_if_ours
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MAX_ANSWER = 16 << 20
 REQUESTS = ("status", "metrics")
 
 
-class ControlServer:
+class ControlServer(Closeable):
     """Answers ``status`` and ``metrics`` on a Unix socket from its own thread. A context
     manager; ``close()`` is safe twice and removes the socket if it is still ours."""
 
@@ -90,11 +91,6 @@ class ControlServer:
         self.sock.close()
         unlink_if_ours(self.path, self._ident)
 
-    def __enter__(self) -> ControlServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _left(deadline: float) -> float:
@@ -107,7 +103,7 @@ def _left(deadline: float) -> float:
 
 def ask(path: str, request: str, timeout: float = TIMEOUT) -> bytes:
     """Send ``request`` to the control socket at ``path``; the answer within ``timeout``
-    seconds in all (TransportError if no one answers, RemoteError-free: an unknown request
+    seconds in all (ServiceError if no one answers, never a RemoteError: an unknown request
     comes back as text)."""
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -124,18 +120,18 @@ def ask(path: str, request: str, timeout: float = TIMEOUT) -> bytes:
                 parts.append(chunk)
                 size += len(chunk)
                 if size > MAX_ANSWER:
-                    raise TransportError(f"{path}: the answer is over {MAX_ANSWER} bytes")
+                    raise ServiceError(f"{path}: the answer is over {MAX_ANSWER} bytes")
         except (FileNotFoundError, ConnectionRefusedError):
-            raise TransportError(f"nothing answers on {path} (not running?)") from None
+            raise ServiceError(f"nothing answers on {path} (not running?)") from None
         except TimeoutError:
-            raise TransportError(f"{path} did not answer within {timeout:g}s") from None
+            raise ServiceError(f"{path} did not answer within {timeout:g}s") from None
         except OSError as exc:
-            raise TransportError(f"{path}: {exc.strerror or exc}") from None
+            raise ServiceError(f"{path}: {exc.strerror or exc}") from None
     return b"".join(parts)
 
 
 def ask_metrics(path: str) -> bytes:
-    """The Prometheus text ``path`` answers to ``metrics``; TransportError if the answer is
+    """The Prometheus text ``path`` answers to ``metrics``; ServiceError if the answer is
     not that format (a socket that is not ours must not reach stdout or a --textfile)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -146,7 +142,7 @@ def ask_metrics(path: str) -> bytes:
     except ValueError:
         names = []
     if not any(name.startswith("pmemblk_") for name in names):
-        raise TransportError(f"{path} answered something that is not pmemblk metrics: "
+        raise ServiceError(f"{path} answered something that is not pmemblk metrics: "
                              f"{raw[:80]!r}")
     return raw
 
@@ -156,8 +152,8 @@ def ask_status(path: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except ValueError:
-        raise TransportError(f"{path} answered something that is not pmemblk status: "
+        raise ServiceError(f"{path} answered something that is not pmemblk status: "
                              f"{raw[:80]!r}") from None
     if not isinstance(value, dict):
-        raise TransportError(f"{path} answered something that is not pmemblk status")
+        raise ServiceError(f"{path} answered something that is not pmemblk status")
     return value

@@ -16,9 +16,9 @@ import contextlib
 import errno
 import fcntl
 import os
-from types import TracebackType
 
 from .errors import ConfigError
+from .resource import Closeable
 
 PROC_LOCKS = "/proc/locks"
 
@@ -53,7 +53,7 @@ def path_holder(path: str) -> int | None:
         os.close(fd)
 
 
-class RegionLock:
+class RegionLock(Closeable):
     """A lock on the region at ``path``, held until ``close()`` (safe twice): exclusive, or
     shared among read-only servers (``shared``), which still excludes every writer.
 
@@ -90,9 +90,3 @@ class RegionLock:
         fd, self.fd = self.fd, -1
         os.close(fd)  # releases the flock
 
-    def __enter__(self) -> RegionLock:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

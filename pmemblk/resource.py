@@ -1,12 +1,16 @@
 """The base of every resource pmemblk opens: a context manager whose ``close()`` is safe to
-call twice (each subclass makes its own ``close()`` idempotent)."""
+call twice (each subclass makes its own ``close()`` idempotent), and whose ``__exit__`` never
+hides the error that ended the ``with`` block."""
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 from typing import TypeVar
 
 T = TypeVar("T", bound="Closeable")
+
+log = logging.getLogger(__name__)
 
 
 class Closeable:
@@ -24,4 +28,11 @@ class Closeable:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # the block's own error is the one the caller must see
+            log.warning("closing %s after %s also failed", type(self).__name__,
+                        type(exc).__name__, exc_info=True)

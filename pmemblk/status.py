@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import files
-from .errors import TransportError
+from .errors import ServiceError
 from .units import human
 
 
@@ -90,12 +90,12 @@ def render_target(st: dict[str, Any]) -> str:
 
 def render(st: dict[str, Any], target: str | None) -> str:
     """``st`` as people read it: a target's status (from the control socket ``target``) or an
-    attachment's; TransportError, one line, for an answer whose fields are missing or of the
+    attachment's; ServiceError, one line, for an answer whose fields are missing or of the
     wrong type (a socket that is not ours, or another version's)."""
     try:
         return render_target(st) if target else render_client(st)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         source = target or st.get("name", "?")
-        raise TransportError(f"{source} answered a status pmemblk cannot show "
+        raise ServiceError(f"{source} answered a status pmemblk cannot show "
                              f"({type(exc).__name__}: {exc}); pmemblk status --json prints "
                              "it as it came") from None

@@ -550,7 +550,7 @@ MUTANTS = (
     Mutant("a flush that met a new loss epoch while it reconnected is acknowledged",
            "pmemblk/client.py",
            "        if self.lost is not None:  # found out while reconnecting during this flush\n"
-           "            raise RemoteError(self.lost, errno.EIO)",
+           "            raise GaveUp(self.lost)",
            "        pass", (BARRIERS,), select="lost_power"),
     Mutant("a multi-frame FUA write's COMMIT covers only its first frame",
            "pmemblk/transport/stream.py",

@@ -15,6 +15,7 @@ from pmemblk.client import Client
 from pmemblk.errors import (
     ConfigError,
     ConnectionLost,
+    GaveUp,
     ProtocolError,
     RemoteError,
     RequestError,
@@ -267,10 +268,10 @@ def test_a_lost_write_is_issued_again_after_reconnecting() -> None:
 ])
 def test_a_refusal_other_than_busy_ends_the_connection(refusal: Exception) -> None:
     c = reconnecting(Dropping(drops=1), [refusal])
-    with pytest.raises(RemoteError, match=f"reconnecting failed: {refusal}") as exc:
+    with pytest.raises(GaveUp, match=f"reconnecting failed: {refusal}") as exc:
         c.pwrite(memoryview(b"x"), 0)
     assert exc.value.errno == errno.EIO
-    with pytest.raises(RemoteError):
+    with pytest.raises(GaveUp):
         c.pread(memoryview(bytearray(1)), 0)
 
 
@@ -296,20 +297,20 @@ def test_a_new_loss_epoch_fails_flush_only_if_writes_were_unflushed() -> None:
     c.pwrite(memoryview(b"c"), 2)
     assert c.lost is not None
     for _ in range(2):
-        with pytest.raises(RemoteError, match="loss epoch 1 → 2") as exc:
+        with pytest.raises(GaveUp, match="loss epoch 1 → 2") as exc:
             c.flush()
         assert exc.value.errno == errno.EIO
-    with pytest.raises(RemoteError, match="loss epoch"):  # FUA cannot promise either
+    with pytest.raises(GaveUp, match="loss epoch"):  # FUA cannot promise either
         c.pwrite(memoryview(b"d"), 3, fua=True)
 
 
 def test_a_different_region_is_refused_for_good() -> None:
     old = Dropping(drops=1)
     c = reconnecting(old, [same_region(old, region_uuid=uuid.uuid4())])
-    with pytest.raises(RemoteError, match="now serves region") as exc:
+    with pytest.raises(GaveUp, match="now serves region") as exc:
         c.pwrite(memoryview(b"x"), 0)
     assert exc.value.errno == errno.EIO
-    with pytest.raises(RemoteError, match="now serves region"):
+    with pytest.raises(GaveUp, match="now serves region"):
         c.flush()
 
 

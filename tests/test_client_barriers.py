@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pmemblk.client import Client
-from pmemblk.errors import ConnectionLost, RemoteError, TransportError
+from pmemblk.errors import ConnectionLost, GaveUp, TransportError
 from pmemblk.transport import Persist
 
 from .test_client import RcChannel, RcTarget
@@ -214,7 +214,7 @@ def test_barriers_that_fail_because_the_target_lost_power_fail_the_flush(method:
     target, c, _ = three_channels_wrote(method, reconnect_timeout=30)
     target.epoch += 1
     for _ in range(2):
-        with pytest.raises(RemoteError, match="loss epoch 0 → 1") as exc:
+        with pytest.raises(GaveUp, match="loss epoch 0 → 1") as exc:
             c.flush()
         assert exc.value.errno == errno.EIO
     assert not any(target.durable)
@@ -362,6 +362,6 @@ def test_a_write_that_completes_during_a_flush_is_still_unflushed(method: str) -
     target, c = write_during_flush(method)
     target.epoch += 1  # the power cut: every channel's connection is gone
     c.pread(memoryview(bytearray(10)), 0)  # reconnects, sees the new loss epoch
-    with pytest.raises(RemoteError, match="loss epoch") as exc:
+    with pytest.raises(GaveUp, match="loss epoch") as exc:
         c.flush()
     assert exc.value.errno == errno.EIO

@@ -19,7 +19,7 @@ import pytest
 
 from pmemblk import protocol as p
 from pmemblk.client import Client
-from pmemblk.errors import RemoteError, RequestError, TransportError
+from pmemblk.errors import GaveUp, RemoteError, RequestError, TransportError
 from pmemblk.nbdplugin import PluginConfig, connect
 
 from ..conftest import report
@@ -154,7 +154,7 @@ def test_a_lost_commit_reply_without_reconnect_is_an_error_not_a_success(
 
 KEEPS_FAILING = """
 import sys, time
-from pmemblk.errors import TransportError
+from pmemblk.errors import GaveUp
 from pmemblk.nbdplugin import PluginConfig, connect
 cfg = PluginConfig()
 for kv in (("target", sys.argv[1]), ("transport", "tcp"), ("flush", "gpspm"),
@@ -167,7 +167,7 @@ started = time.monotonic()
 try:
     c.flush()
     print("the flush succeeded")
-except TransportError as exc:
+except GaveUp as exc:
     print(f"failed after {time.monotonic() - started:.1f}s and {c.reconnects} reconnects: {exc}")
 """
 
@@ -228,7 +228,7 @@ def test_a_reconnect_inside_a_flush_sees_the_loss_epoch(region: str, tmp_path: P
     try:
         c.pwrite(memoryview(os.urandom(8192)), 1 << 20)  # acknowledged, never flushed
         t = power_cut(t)
-        with pytest.raises(RemoteError, match="loss epoch 0 → 1") as exc:
+        with pytest.raises(GaveUp, match="loss epoch 0 → 1") as exc:
             c.flush()
         assert exc.value.errno == errno.EIO and c.reconnects == 1
     finally:

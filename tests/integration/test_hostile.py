@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pmemblk import protocol as p
-from pmemblk.errors import RemoteError, TransportError
+from pmemblk.errors import GaveUp, RemoteError, TransportError
 from pmemblk.transport.stream import StreamTransport
 
 from ..conftest import ROOT, report, roundtrip
@@ -89,7 +89,7 @@ def test_a_second_serve_create_or_power_cut_is_refused_and_a_flush_of_lost_write
         t.kill()
         pmemblk("testing-power-cut", region, "--durable-image", str(image), "--keep", "0")
         t = t.restart()
-        with pytest.raises(RemoteError, match="loss epoch 0 → 1") as exc:
+        with pytest.raises(GaveUp, match="loss epoch 0 → 1") as exc:
             c.flush()
         assert exc.value.errno == errno.EIO
     finally:
