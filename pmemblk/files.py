@@ -2,12 +2,12 @@
 new one, never half of one), through a temporary name nobody can plant a link at, in folders
 nobody else can write.
 
-``write_atomic`` makes its temporary file with ``mkstemp`` beside the destination (O_EXCL: it
-never opens what is already there, a symlink included), ``fchmod``s and ``fsync``s the
-descriptor and renames it over the destination. On any failure (a full disk, a read-only
-place) the temporary file is removed and one ``ConfigError`` says what could not be written and
-why. ``check_folder`` refuses a folder that another user could write: root writing there would
-otherwise follow what that user planted.
+``write_atomic`` (or ``stage`` now and ``publish`` later) makes its temporary file with
+``mkstemp`` beside the destination (O_EXCL: it never opens what is already there, a symlink
+included), ``fchmod``s and ``fsync``s the descriptor and renames it over the destination. On
+any failure (a full disk, a read-only place) the temporary file is removed and one
+``ConfigError`` says what could not be written and why. ``check_folder`` refuses a folder that
+another user could write: root writing there would otherwise follow what that user planted.
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def check_replaceable(path: str, what: str) -> None:
 def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:
     """Replace ``path`` by ``data`` with permissions ``mode``; ConfigError on failure, with
     nothing left behind and ``path`` as it was."""
+    publish(stage(path, data, mode, what), path, what)
+
+
+def stage(path: str, data: bytes, mode: int, what: str = "") -> str:
+    """The first half of ``write_atomic``: ``data`` written whole to a new temporary file
+    beside ``path`` (returned), for ``publish`` to rename over it later — as a pid file is,
+    once the service it names is ready. ConfigError, with nothing left behind, on failure."""
     label = f"{what} {path}" if what else path
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -85,10 +92,22 @@ def write_atomic(path: str, data: bytes, mode: int, what: str = "") -> None:
             _write_all(fd, data)
         finally:
             os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write {label}: {exc.strerror}") from None
+    return tmp
+
+
+def publish(tmp: str, path: str, what: str = "") -> None:
+    """The second half: ``tmp`` (from ``stage``) renamed over ``path``; on failure it is
+    removed and ``path`` is as it was (ConfigError)."""
+    try:
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        label = f"{what} {path}" if what else path
         raise ConfigError(f"cannot write {label}: {exc.strerror}") from None
 
 

@@ -60,10 +60,6 @@ class Reactor:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop
-
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)

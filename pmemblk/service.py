@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import socket
-import tempfile
 
 from . import files, servers
 from .control import ControlServer
@@ -97,36 +96,21 @@ class Target:
 
 
 class PidFile:
-    """``--pid-file``: checked before anything starts, written once every listener is up (by
-    a rename, so a reader never sees it half-written), removed on exit only if still ours."""
+    """``--pid-file``: checked and written aside before anything starts, put in place once
+    every listener is up (by a rename, so a reader never sees it half-written: ``files.stage``
+    and ``files.publish``), removed on exit only if still ours."""
 
     def __init__(self, path: str, region: str) -> None:
         self.path = path
         if os.path.exists(path) and os.path.exists(region) and os.path.samefile(path, region):
             raise ConfigError(f"--pid-file {path} is the region itself")
         files.check_replaceable(path, "--pid-file")
-        folder = os.path.dirname(path) or "."
         self.content = f"{os.getpid()}\n".encode()
-        try:
-            # A name nobody can have planted a link at (O_EXCL), in place of a predictable one.
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                            dir=folder)
-        except OSError as exc:
-            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
-                              f"{exc.strerror}") from None
-        try:
-            os.fchmod(fd, 0o644)
-            os.write(fd, self.content)
-        except OSError as exc:
-            os.unlink(self.tmp)
-            raise ConfigError(f"--pid-file {path}: cannot write in {folder}: "
-                              f"{exc.strerror}") from None
-        finally:
-            os.close(fd)
+        self.tmp = files.stage(path, self.content, 0o644, "--pid-file")
         self.published = False
 
     def publish(self) -> None:
-        os.replace(self.tmp, self.path)
+        files.publish(self.tmp, self.path, "--pid-file")
         self.published = True
 
     def close(self) -> None:

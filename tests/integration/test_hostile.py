@@ -527,7 +527,7 @@ BAD = {
                                    "not a regular file"),
     "pid file in a missing folder": (["serve", "{r}", "--transport", "tcp", "--listen",
                                       "unix:{d}/s", "--pid-file", "{d}/no/p.pid"],
-                                     "cannot write in"),
+                                     "cannot write --pid-file"),
     "pid file is the region": (["serve", "{r}", "--transport", "tcp", "--listen", "unix:{d}/s",
                                 "--pid-file", "{r}"], "is the region itself"),
     "socket path too long": (["serve", "{r}", "--transport", "tcp", "--listen",
