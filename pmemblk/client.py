@@ -116,7 +116,6 @@ class Client(Closeable):
             raise ConfigError(str(exc)) from None
         #: What the first connection's WELCOME said: every later connection must agree.
         self.info: Welcome = info
-        self.flush_method = method
         #: Chosen once: what the writes since the last flush are, and how to persist them.
         self.policy = make_policy(method)
         #: Whether an acknowledged FLUSH/FUA survives a power cut (else: the target's memory).
@@ -156,6 +155,10 @@ class Client(Closeable):
                 "target's memory; it survives the target process, not a power cut", method)
         else:
             log.info("flush=%s: persistent", method)
+
+    @property
+    def flush_method(self) -> str:
+        return self.policy.name
 
     @property
     def transport(self) -> Transport:

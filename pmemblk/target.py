@@ -184,8 +184,7 @@ class Export:
             self._stack = stack.pop_all()
         self.region = region
         self.size = self.header.data_size
-        #: Admitted clients (sessions), and how many of them have a read-write channel.
-        self.clients = 0
+        #: How many admitted clients (sessions) have a read-write channel.
         self.writers = 0
         #: Guards the admission counts, sessions and totals: stream channels are served by
         #: threads of their own (servers/stream.py), the rest by the reactor.
@@ -338,7 +337,6 @@ class Export:
             self.sessions[session.number] = session
             if any(client_id):
                 self._by_client_id[client_id] = session
-            self.clients += 1
         session.channels += 1
         if not readonly:
             self.writers += not session.writers
@@ -453,6 +451,11 @@ class Export:
         with self.lock:
             return self.lost_reply.lose(kind)
 
+    @property
+    def clients(self) -> int:
+        """Admitted clients: a session lasts from its first channel to its last."""
+        return len(self.sessions)
+
     def client_left(self, admission: Admission) -> None:
         """One admitted connection is gone; its client goes with its last one."""
         session = admission.session
@@ -464,7 +467,6 @@ class Export:
                     self._release_lanes(session)
             session.channels -= 1
             if session.channels == 0:
-                self.clients -= 1
                 self.sessions.pop(session.number, None)
                 if self._by_client_id.get(session.client_id) is session:
                     del self._by_client_id[session.client_id]

@@ -47,9 +47,8 @@ class _Connection:
                  greeting: Greeting) -> None:
         self.number = number
         self.greeting = greeting
-        self.admitted = False  # AUTH checked, counted by the export
         self.handshaking = True  # counted by the export's handshake cap until AUTH or gone
-        self.admission: Admission | None = None
+        self.admission: Admission | None = None  # AUTH checked, counted by the export
         self.refused = False  # a REJECT is being sent; disconnect once it is
         self.cmid = cmid
         self.ep = ep
@@ -290,7 +289,7 @@ class VerbsServer:
 
     def _handshake_expired(self, conn: _Connection) -> None:
         conn.timer = None
-        if not conn.admitted and not conn.closed:
+        if conn.admission is None and not conn.closed:
             log.warning("client %d did not complete the handshake within %gs: disconnecting "
                         "it", conn.number, self.handshake_timeout)
             self._drop(conn, disconnect=True)
@@ -309,7 +308,6 @@ class VerbsServer:
             conn.refused = True
             self._send(conn, slot, admission.encode())
             return
-        conn.admitted = True
         conn.admission = admission
         started = time.monotonic()
         key = (admission.session.number, admission.readonly)
@@ -401,12 +399,11 @@ class VerbsServer:
         raw = bytes(conn.bufs.view[start:start + min(wc.byte_len, MAX_MESSAGE_SIZE)])
         if conn.refused:
             return
-        if not conn.admitted:
+        if conn.admission is None:
             self._on_auth(conn, slot, raw)
             return
         commit = Commit.decode(raw, self.export.size)  # ProtocolError drops the client
         conn.commits += 1
-        assert conn.admission is not None
         reply = self.export.commit(commit, conn.admission.session)
         if self.export.lose_reply("commit"):
             log.warning("client %d: losing its COMMIT reply (testing)", conn.number)
