@@ -388,10 +388,14 @@ class Commit:
         return cls(req_id, ranges)
 
 
-def commit_batches(ranges: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
-    """Split a list of ranges into COMMIT-sized batches."""
-    return [tuple(ranges[i:i + MAX_COMMIT_RANGES])
-            for i in range(0, len(ranges), MAX_COMMIT_RANGES)]
+def commit_batches(ranges: Sequence[tuple[int, int]], max_message_size: int = MAX_MESSAGE_SIZE
+                   ) -> list[tuple[tuple[int, int], ...]]:
+    """Split a list of ranges into COMMITs of at most ``max_message_size`` bytes (what the
+    target's WELCOME says it takes; never more than this side's own limit)."""
+    per = (min(max_message_size, MAX_MESSAGE_SIZE) - COMMIT.size) // RANGE.size
+    if per < 1:
+        raise ProtocolError(f"a COMMIT of one range does not fit in {max_message_size} bytes")
+    return [tuple(ranges[i:i + per]) for i in range(0, len(ranges), per)]
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,41 @@ def test_commit_encode_limits_and_batches() -> None:
     assert [r for b in batches for r in b] == ranges
     for b in batches:
         assert len(p.Commit(1, b).encode()) <= p.MAX_MESSAGE_SIZE
+    small = p.COMMIT.size + 3 * p.RANGE.size  # a target that takes smaller messages
+    assert [len(b) for b in p.commit_batches(ranges[:7], small)] == [3, 3, 1]
+    assert [len(b) for b in p.commit_batches(ranges[:7], 1 << 20)] == [7]  # never over ours
+    with pytest.raises(ProtocolError, match="does not fit"):
+        p.commit_batches(ranges, p.COMMIT.size + p.RANGE.size - 1)
+
+
+def test_a_channel_sends_commits_the_size_its_target_takes() -> None:
+    """The WELCOME's max message size is what the client's COMMITs are cut to."""
+    from pmemblk.transport import Channel
+
+    class Recording(Channel):
+        def __init__(self, info: p.Welcome) -> None:
+            self.peer, self.info, self.ids = "test", info, 0
+            self.sent: list[int] = []
+
+        def _request_id(self) -> int:
+            self.ids += 1
+            return self.ids
+
+        def _commit_exchange(self, message: bytes) -> bytes:
+            commit = p.Commit.decode(message, EXPORT)
+            self.sent.append(len(commit.ranges))
+            return p.CommitReply(commit.request_id, 0).encode()
+
+        def close(self) -> None:
+            pass
+
+    ranges = [(i * 8192, 4096) for i in range(5)]
+    t = Recording(welcome(max_message_size=p.COMMIT.size + 2 * p.RANGE.size))
+    t.commit(ranges)
+    assert t.sent == [2, 2, 1]
+    t = Recording(welcome())
+    t.commit(ranges)
+    assert t.sent == [5]
 
 
 def test_commit_reply_exact_length_and_status() -> None:

@@ -89,6 +89,7 @@ class Channel(Closeable):
     ``_request_id`` and ``_commit_exchange``."""
 
     peer: str
+    info: Welcome
     _broken: str | None = None
 
     def _check_usable(self) -> None:
@@ -148,7 +149,8 @@ class Channel(Closeable):
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its replies."""
         self._check_usable()
-        for batch in commit_batches(ranges):
+        # COMMITs as large as the target says it takes (its WELCOME's max message size).
+        for batch in commit_batches(ranges, self.info.max_message_size):
             request_id = self._request_id()
             try:
                 raw = self._commit_exchange(Commit(request_id, batch).encode())
