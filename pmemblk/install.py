@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 from importlib import resources
 
-from . import __version__, files
+from . import __version__, commands, files
 from .attach import package_root
-from .errors import ConfigError
+from .errors import ConfigError, ServiceError
 
 UNITS = ("pmemblk-serve@.service", "pmemblk-attach@.service")
 PLUGIN_NAME = "nbdkit-pmemblk-plugin"
@@ -23,9 +22,8 @@ PLUGIN_NAME = "nbdkit-pmemblk-plugin"
 
 def nbdkit_config() -> dict[str, str]:
     try:
-        res = subprocess.run(["nbdkit", "--dump-config"], capture_output=True, text=True,
-                             timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
+        res = commands.run(["nbdkit", "--dump-config"], timeout=30)
+    except ServiceError as exc:
         raise ConfigError(f"cannot ask nbdkit where its plugins go ({exc}): is nbdkit "
                           "installed? (apt install nbdkit nbdkit-plugin-python)") from None
     return dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
@@ -34,9 +32,9 @@ def nbdkit_config() -> dict[str, str]:
 def _system_python_finds_us() -> bool:
     """Whether nbdkit's Python (Debian's /usr/bin/python3) imports this very pmemblk."""
     probe = "import importlib.util as u; s = u.find_spec('pmemblk'); print(s and s.origin)"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res = subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True, text=True,
-                             timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+    with contextlib.suppress(ServiceError):
+        res = commands.run(["/usr/bin/python3", "-c", probe], timeout=30, check=False,
+                           env={"PATH": "/usr/bin:/bin"}, cwd="/")
         found = res.stdout.strip()
         return found != "None" and os.path.exists(found) and os.path.samefile(
             os.path.dirname(found), os.path.join(package_root(), "pmemblk"))
@@ -65,11 +63,10 @@ def install_plugin(plugindir: str | None) -> str:
     _write(path, plugin_script(nbdkit), 0o755)
     # Run it as nbdkit will: a plugin that cannot load is removed, not left to fail later.
     try:
-        res = subprocess.run([path, "--dump-plugin"], capture_output=True, text=True,
-                             timeout=60)
-        said = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        res = commands.run([path, "--dump-plugin"], timeout=60, check=False)
+        said = commands.said(res)
         loaded = res.returncode == 0 and f"pmemblk_version={__version__}" in res.stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except ServiceError as exc:
         said, loaded = str(exc), False
     if not loaded:
         os.unlink(path)
