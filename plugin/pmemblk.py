@@ -2,7 +2,7 @@
 """nbdkit plugin: a pmemblk target's region as an NBD export, over one-sided RDMA or TCP.
 
     nbdkit python plugin/pmemblk.py target=HOST:PORT|unix:PATH [transport=auto|verbs|tcp]
-           [flush=auto|gpspm|apm] [readonly=true] [secret-file=PATH] ...
+           [flush=auto|native|gpspm|apm] [readonly=true] [secret-file=PATH] ...
 
 The checkout's entry point: the callbacks are pmemblk.nbdkit_plugin's (docs/nbdkit-plugin.md).
 An installed pmemblk needs no path: ``pmemblk install-plugin``, then ``nbdkit pmemblk ...``.
