@@ -211,9 +211,9 @@ def test_commit_encode_limits_and_batches() -> None:
 
 def test_a_channel_sends_commits_the_size_its_target_takes() -> None:
     """The WELCOME's max message size is what the client's COMMITs are cut to."""
-    from pmemblk.transport import Channel
+    from pmemblk.transport import TransportBase
 
-    class Recording(Channel):
+    class Recording(TransportBase):
         def __init__(self, info: p.Welcome) -> None:
             self.peer, self.info, self.ids = "test", info, 0
             self.sent: list[int] = []

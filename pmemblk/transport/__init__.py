@@ -83,7 +83,7 @@ class Transport(Protocol):
         """Disconnect and free every resource; safe to call twice."""
 
 
-class Channel(Closeable):
+class TransportBase(Closeable):
     """What both client transports share: a connection that fails once and then stays failed,
     and the COMMIT loop (batches, request ids, the reply check). A transport supplies
     ``_request_id`` and ``_commit_exchange``."""

@@ -47,7 +47,7 @@ from ..protocol import (
     Welcome,
     message_type,
 )
-from . import Channel, Persist, check_commit_reply, refused
+from . import Persist, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ DEADLINE_SLACK = 0.25
 CLOSE_DRAIN = 64 << 10
 
 
-class StreamTransport(Channel):
+class StreamTransport(TransportBase):
     """A connection to a pmemblk target over TCP or a Unix socket."""
 
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,

@@ -37,7 +37,7 @@ from ..protocol import (
     message_type,
 )
 from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
-from . import Channel, Persist, check_commit_reply, refused
+from . import Persist, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 
-class VerbsTransport(Channel):
+class VerbsTransport(TransportBase):
     """A connection to a pmemblk target over RDMA (RC QP, RDMA CM)."""
 
     def __init__(self, host: str, port: int, *, readonly: bool = False,
