@@ -204,9 +204,6 @@ class Client(Closeable):
         assert self._reconnect is not None
         try:
             self._adopt(ch, self._reconnect())
-        except GaveUp:
-            self._unlist(ch)
-            raise
         except RemoteError as exc:
             self._unlist(ch)
             if exc.errno != errno.EBUSY or self.broken is not None:

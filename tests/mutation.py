@@ -66,6 +66,16 @@ class Mutant:
 
 
 MUTANTS = (
+    # -- the shape (issue 25): resources, COMMIT size, errors that mean what they say
+    Mutant("a close that fails hides the with block's own error", "pmemblk/resource.py",
+           "        except Exception:  # the block's own error is the one the caller must see",
+           "        except ZeroDivisionError:", ("tests/test_resource.py",)),
+    Mutant("a client's COMMITs ignore the size its target takes", "pmemblk/transport/__init__.py",
+           "commit_batches(ranges, self.info.max_message_size)", "commit_batches(ranges)",
+           ("tests/test_protocol.py",), select="channel_sends"),
+    Mutant("a new channel stays listed when the client gives up on it", "pmemblk/client.py",
+           "                raise\n        except BaseException:\n            self._unlist(ch)\n"
+           "            raise\n", "                raise\n", (CLIENT,), select="not_kept"),
     # -- target core (pmemblk/target.py)
     Mutant("COMMIT persists only its first range", "pmemblk/target.py",
            "for off, length in commit.ranges:", "for off, length in commit.ranges[:1]:",

@@ -475,6 +475,23 @@ def test_a_channel_that_fails_to_open_is_not_a_reconnect() -> None:
     assert c.channels == 2 and c.reconnects == 0
 
 
+def test_a_new_channel_that_finds_another_region_gives_up_and_is_not_kept() -> None:
+    """A channel opened while the first is busy reaches a target that now serves another
+    region: the client gives up for good, and the channel that never worked is not one of
+    its channels (nor handed out, nor closed twice)."""
+    first = MemoryTransport()
+    c = Client(first, "gpspm", reconnect=lambda: same_region(first, region_uuid=uuid.uuid4()),
+               reconnect_timeout=30)
+    busy = c._take()
+    with pytest.raises(GaveUp, match="now serves region"):
+        c._take()
+    assert c.channels == 1
+    c._idle.put(busy)
+    with pytest.raises(GaveUp, match="now serves region"):
+        c.pwrite(memoryview(b"x"), 0)
+    c.close()
+
+
 def test_native_flushes_the_dirty_ranges_and_fua_posts_the_flush_with_the_write() -> None:
     all3 = p.FLUSH_APM | p.FLUSH_GPSPM | p.FLUSH_NATIVE
     t = MemoryTransport(methods=all3)
