@@ -57,15 +57,9 @@ from .client import DEFAULT_CHANNELS, OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
-from .transport import Transport
-from .transport.stream import DEFAULT_CHUNK_SIZE as STREAM_CHUNK_SIZE
-from .transport.stream import StreamTransport
-from .transport.verbs import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_DEPTH,
-    DEFAULT_TIMEOUT,
-    VerbsTransport,
-)
+from .transport import ConnectOptions, Transport
+from .transport.registry import REGISTRY
+from .transport.verbs import DEFAULT_DEPTH, DEFAULT_TIMEOUT
 from .units import parse_size
 
 log = logging.getLogger(__name__)
@@ -74,7 +68,7 @@ KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "se
         "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control", "stats", "name",
         "log")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
-TRANSPORTS = ("auto", "verbs", "tcp")
+TRANSPORTS = ("auto", *REGISTRY)
 #: Names of devices and attachments (also directory names under /run/pmemblk).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TRUE = {"1", "true", "yes", "on"}
@@ -242,16 +236,9 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> tuple[Transport, str
 
 
 def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
-    if kind == "verbs":
-        assert isinstance(cfg.target, TCPAddress)  # rdma_ip checked it
-        return VerbsTransport(cfg.rdma_ip, cfg.target.port, readonly=readonly,
-                              timeout=cfg.timeout, depth=cfg.depth,
-                              chunk_size=cfg.chunk or DEFAULT_CHUNK_SIZE,
-                              secret=cfg.secret, client_id=cfg.client_id)
-    return StreamTransport(cfg.address, readonly=readonly, timeout=cfg.timeout,
-                           depth=cfg.depth,
-                           chunk_size=min(cfg.chunk or STREAM_CHUNK_SIZE, 4 << 20),
-                           secret=cfg.secret, client_id=cfg.client_id)
+    return REGISTRY[kind].connect(ConnectOptions(
+        cfg.address, readonly=readonly, timeout=cfg.timeout, depth=cfg.depth,
+        chunk_size=cfg.chunk, secret=cfg.secret, client_id=cfg.client_id))
 
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:
@@ -324,7 +311,7 @@ class PluginState:
                 self.opened += 1
         info = client.transport.info
         link = {
-            "transport": "verbs" if isinstance(client.transport, VerbsTransport) else "tcp",
+            "transport": client.transport.kind,
             "flush": client.flush_method, "persistent": client.persistent,
             "readonly": client.readonly, "export_size": client.size,
             "block_size": client.block_size, "region_uuid": str(info.region_uuid),
@@ -406,7 +393,7 @@ class PluginState:
 
 def describe(client: Client) -> str:
     info = client.transport.info
-    kind = "RDMA" if isinstance(client.transport, VerbsTransport) else "TCP"
+    kind = REGISTRY[client.transport.kind].label
     mode = "persistent" if client.persistent else "visibility only"
     return (f"pmemblk region {info.region_uuid} over {kind}: flush={client.flush_method} "
             f"({mode}), target is_pmem={int(info.is_pmem)}")

@@ -2,14 +2,18 @@
 
 A transport gives the client core (``pmemblk.client``) five primitives; the flush policy, range
 tracking and request validation live in the core so that every transport shares them.
+``ConnectOptions`` is what every one connects with; ``transport.registry`` maps each
+``transport=`` name to its module's ``connect``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from ..address import Address
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
 from ..resource import Closeable
@@ -23,6 +27,8 @@ Persist = Literal["barrier", "commit", "flush"]
 class Transport(Protocol):
     #: What the target said about the export in its WELCOME.
     info: Welcome
+    #: Its name in ``REGISTRY`` (``transport=``), for status and logs.
+    kind: str
 
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from export offset ``offset``."""
@@ -183,3 +189,20 @@ def check_commit_reply(raw: bytes, request_id: int, ranges: int) -> None:
         # an I/O error; the reason is in the message.
         raise RemoteError(f"the target could not persist {ranges} ranges: "
                           f"{os.strerror(reply.status)}", errno.EIO)
+
+
+# -- connecting (each transport module's ``connect``; transport.registry names them) -----------
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach the target and what to ask of it, whatever the transport."""
+
+    address: Address
+    readonly: bool = False
+    timeout: float = 30.0
+    #: Requests in flight per channel; None: the transport's default.
+    depth: int | None = None
+    #: The largest piece a request is cut into; None: the transport's default (each bounds it).
+    chunk_size: int | None = None
+    secret: bytes | None = field(default=None, repr=False)
+    client_id: bytes | None = None

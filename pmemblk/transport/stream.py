@@ -47,7 +47,7 @@ from ..protocol import (
     Welcome,
     message_type,
 )
-from . import Persist, TransportBase, check_commit_reply, refused
+from . import ConnectOptions, Persist, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ CLOSE_WAIT = 2.0
 #: a syscall on every socket call).
 DEADLINE_SLACK = 0.25
 CLOSE_DRAIN = 64 << 10
+
+
+def connect(options: ConnectOptions) -> StreamTransport:
+    """``REGISTRY``'s tcp: TCP or a Unix socket; a chunk is at most 4 MiB (a frame's body)."""
+    return StreamTransport(options.address, readonly=options.readonly, timeout=options.timeout,
+                           depth=options.depth or DEFAULT_DEPTH,
+                           chunk_size=min(options.chunk_size or DEFAULT_CHUNK_SIZE, 4 << 20),
+                           secret=options.secret, client_id=options.client_id)
 
 
 class StreamTransport(TransportBase):
@@ -323,6 +331,7 @@ class StreamTransport(TransportBase):
     #: receives it there), so the reply is the proof a READ barrier would give. Placement,
     #: not persistence: that is gpspm's COMMIT.
     placed_on_reply = True
+    kind = "tcp"
 
     def read_barrier(self, offset: int) -> None:
         self._usable()  # nothing left to prove (placed_on_reply)

@@ -22,9 +22,9 @@ import time
 from typing import Any
 
 from .. import rdma
-from ..address import resolve_ip
+from ..address import TCPAddress, resolve_ip
 from ..auth import ClientHandshake
-from ..errors import ConnectionLost, ProtocolError, TransportError
+from ..errors import ConfigError, ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
     FLUSH_NATIVE,
     MAX_MESSAGE_SIZE,
@@ -37,7 +37,7 @@ from ..protocol import (
     message_type,
 )
 from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
-from . import Persist, TransportBase, check_commit_reply, refused
+from . import ConnectOptions, Persist, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ Segment = tuple[int, int, "memoryview | None", "memoryview | None"]
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
+
+def connect(options: ConnectOptions) -> VerbsTransport:
+    """``REGISTRY``'s verbs: RDMA CM needs the target's IP address (``HOST:PORT``)."""
+    if not isinstance(options.address, TCPAddress):
+        raise ConfigError("RDMA needs target=HOST:PORT, not a unix: socket")
+    return VerbsTransport(options.address.rdma_ip("target"), options.address.port,
+                          readonly=options.readonly, timeout=options.timeout,
+                          depth=options.depth or DEFAULT_DEPTH,
+                          chunk_size=options.chunk_size or DEFAULT_CHUNK_SIZE,
+                          secret=options.secret, client_id=options.client_id)
+
 
 class VerbsTransport(TransportBase):
     """A connection to a pmemblk target over RDMA (RC QP, RDMA CM)."""
@@ -314,6 +325,7 @@ class VerbsTransport(TransportBase):
     #: An RDMA WRITE completes once the remote NIC acknowledged it, which does not order it
     #: before what arrives later on another queue pair: a barrier READ does.
     placed_on_reply = False
+    kind = "verbs"
 
     def read_barrier(self, offset: int) -> None:
         self.start_barrier(offset)
