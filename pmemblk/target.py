@@ -94,6 +94,11 @@ class ServeConfig:
     lose_reply: str | None = None
     #: A Unix socket answering ``pmemblk status --target`` (pmemblk.control).
     control: str | None = None
+    #: TLS on the stream transport (pmemblk.tls): off, on or require; the certificates
+    #: folder; whether clients must present a certificate the folder's CA signed.
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -650,7 +655,9 @@ class Target:
                 from .servers.stream import StreamServer
 
                 self.servers.append(StreamServer(self.reactor, self.config.listen,
-                                                 self.config.handshake_timeout))
+                                                 self.config.handshake_timeout,
+                                                 self.config.tls, self.config.tls_certificates,
+                                                 self.config.tls_verify_peer))
 
     def run(self) -> None:
         # SIGHUP too: a target started from a terminal that closes must stop cleanly, not die.
