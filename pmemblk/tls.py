@@ -173,6 +173,17 @@ def answered_in_plaintext(exc: BaseException) -> bool:
         "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
 
 
+def ended(exc: OSError) -> str | None:
+    """What a TLS error after the handshake says (an alert from the peer), or None."""
+    if not isinstance(exc, ssl.SSLError) or not exc.reason:
+        return None
+    hint = ""
+    if exc.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        hint = (f": the target verifies peers (--tls-verify-peer); put {CLIENT_CERT} and "
+                f"{CLIENT_KEY} signed by its CA in tls-certificates=")
+    return f"{_reason(exc)}{hint}"
+
+
 def handshake_error(peer: str, exc: BaseException) -> PmemblkError:
     """The error for a client's failed TLS handshake with ``peer``."""
     if isinstance(exc, ssl.SSLCertVerificationError):

@@ -53,7 +53,7 @@ from ..protocol import (
     Welcome,
     message_type,
 )
-from ..tls import ClientTls, answered_in_plaintext, handshake_error
+from ..tls import ClientTls, answered_in_plaintext, ended, handshake_error
 from . import Channel, Persist, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,9 @@ class StreamTransport(Channel):
         """A socket call's failure as the connection lost (a timeout is the deadline)."""
         if isinstance(exc, TimeoutError):
             return ConnectionLost(f"{self.peer} {timed_out} within {self._timeout:g}s")
+        alert = ended(exc) if self.tls else None
+        if alert is not None:
+            return ConnectionLost(f"{self.peer} ended the TLS connection: {alert}")
         return ConnectionLost(f"connection to {self.peer} failed: {exc}")
 
     def _check_usable(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pmemblk.client import Client
-from pmemblk.errors import ConfigError, RemoteError
+from pmemblk.errors import ConfigError, ConnectionLost, RemoteError
 from pmemblk.nbdplugin import PluginConfig
 from pmemblk.tls import make_certificates
 
@@ -122,7 +122,8 @@ def test_verify_peer_needs_a_client_certificate(region: str, tmp_path: Path,
         roundtrip(c, os.urandom(4096))
     # TLS 1.3: the client's handshake ends before the target checks the (absent) certificate;
     # the target's alert then ends the connection at the first read.
-    with pytest.raises(Exception, match="certificate required|closed the connection|failed"):
+    with pytest.raises(ConnectionLost, match="ended the TLS connection: tlsv13 alert "
+                                             "certificate required: the target verifies peers"):
         tls_client(t, "require", ca_only(certs, tmp_path / "ca-only"))
     t.wait_log("failed the TLS handshake")
 
@@ -140,7 +141,7 @@ def test_wrong_ca_and_expired_certificates_are_refused(region: str, tmp_path: Pa
     t.stop()
     expired = tmp_path / "expired"
     make_certificates(str(expired), server=["127.0.0.1"], days=1,
-                      not_before=datetime.datetime.now(datetime.timezone.utc)
+                      not_before=datetime.datetime.now(datetime.UTC)
                       - datetime.timedelta(days=10))
     t2 = tls_target(region, tmp_path, "require", expired)
     with pytest.raises(RemoteError, match="certificate has expired"):
@@ -208,7 +209,7 @@ def test_plugin_keys_are_checked(tmp_path: Path) -> None:
         complete(f"tls-certificates={tmp_path}")
     with pytest.raises(ConfigError, match="not a directory"):
         complete("tls=require", f"tls-certificates={tmp_path / 'none'}")
-    with pytest.raises(ConfigError, match="ca-cert.pem: No such file"):
+    with pytest.raises(ConfigError, match=r"ca-cert\.pem: No such file"):
         complete("tls=require", f"tls-certificates={tmp_path}")
     with pytest.raises(ConfigError, match="tls=require cannot use transport=verbs"):
         complete("tls=require", "transport=verbs")
