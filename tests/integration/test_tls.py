@@ -19,8 +19,8 @@ from pmemblk.errors import ConfigError, ConnectionLost, RemoteError
 from pmemblk.nbdplugin import PluginConfig
 from pmemblk.tls import make_certificates
 
-from ..procs import Target, pmemblk
-from .conftest import plugin_client, read
+from ..procs import Nbdkit, Target, pmemblk
+from .conftest import needs_nbdkit, plugin_client, read
 from .test_hostile import free_loopback_port
 
 
@@ -323,3 +323,24 @@ def test_an_eavesdropper_sees_none_of_the_data_with_tls_and_all_without(
     else:
         assert found == 0, f"{found} of {pieces} 16-byte pieces of the data crossed in the clear"
         assert len(seen) > 2 * len(data)  # it did cross (encrypted), both ways
+
+
+# -- through nbdkit ----------------------------------------------------------------------------
+
+@needs_nbdkit
+def test_nbdkit_plugin_over_tls(region: str, tmp_path: Path, certs: Path) -> None:
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    t = tls_target(region, tmp_path, "require", certs)
+    server = Nbdkit(tmp_path, *t.keys, "transport=tcp", "tls=require",
+                    f"tls-certificates={certs}").start()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(server.uri)
+        data = os.urandom(65536)
+        h.pwrite(data, 4096)
+        h.flush()
+        assert h.pread(65536, 4096) == data
+        h.shutdown()
+    finally:
+        server.stop()
+    assert ", TLS, session" in t.log()
