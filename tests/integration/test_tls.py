@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import socket
+import ssl
 import stat
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, ConnectionLost, RemoteError
-from pmemblk.nbdplugin import PluginConfig
+from pmemblk.nbdplugin import PluginConfig, auto_choice
 from pmemblk.tls import make_certificates
 
 from ..procs import Nbdkit, Target, pmemblk
@@ -239,6 +240,24 @@ def test_garbage_after_the_tls_byte_is_dropped(region: str, tmp_path: Path,
             while s.recv(4096):
                 pass
     t.wait_log("failed the TLS handshake")
+
+
+def test_tls_below_1_3_is_refused(region: str, tmp_path: Path, certs: Path) -> None:
+    t = tls_target(region, tmp_path, "require", certs)
+    ctx = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", t.port), timeout=30) as raw, \
+            pytest.raises(ssl.SSLError, match=r"PROTOCOL_VERSION|protocol version"):
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    t.wait_log("failed the TLS handshake")
+
+
+def test_auto_never_picks_rdma_for_tls_require() -> None:
+    cfg = PluginConfig()
+    cfg.set("target", "192.0.2.1:7000")
+    cfg.set("tls", "require")
+    kind, why = auto_choice(cfg)
+    assert kind == "tcp" and "RDMA traffic cannot be encrypted" in why
 
 
 # -- what an eavesdropper sees --------------------------------------------------------------------
