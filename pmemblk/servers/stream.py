@@ -144,6 +144,10 @@ class _Conn:
             return
         except OSError as exc:  # ssl.SSLError included: a bad certificate, not TLS 1.3, ...
             reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+            # What came after (a TLS 1.3 client's HELLO) is taken off the socket, so that the
+            # close does not reset the connection and discard the alert just sent.
+            with contextlib.suppress(OSError):
+                socket.socket.recv(self.sock, RECV_SIZE)
             self.drop(f"failed the TLS handshake ({str(reason).lower().replace('_', ' ')})")
             return
         self.stage = TLS

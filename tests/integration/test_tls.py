@@ -122,10 +122,12 @@ def test_verify_peer_needs_a_client_certificate(region: str, tmp_path: Path,
     with contextlib.closing(tls_client(t, "require", certs)) as c:  # presents alice's
         roundtrip(c, os.urandom(4096))
     # TLS 1.3: the client's handshake ends before the target checks the (absent) certificate;
-    # the target's alert then ends the connection at the first read.
-    with pytest.raises(ConnectionLost, match="ended the TLS connection: tlsv13 alert "
-                                             "certificate required: the target verifies peers"):
+    # the target's alert then ends the connection at the first read (the alert itself can be
+    # lost when the target's close crosses the client's HELLO: the connection ends all the same).
+    with pytest.raises(ConnectionLost) as lost:
         tls_client(t, "require", ca_only(certs, tmp_path / "ca-only"))
+    assert "certificate required: the target verifies peers" in str(lost.value) or \
+        "EOF occurred" in str(lost.value) or "reset" in str(lost.value), lost.value
     t.wait_log("failed the TLS handshake")
 
 
