@@ -1,4 +1,4 @@
-"""The ``pmemblk`` command: create, info, serve, secret, attach, detach, list, status.
+"""The ``pmemblk`` command: create, info, serve, secret, tls-certificates, attach, list, ...
 
 Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
 130 interrupted. Tracebacks only with ``--debug``.
@@ -207,7 +207,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         readonly=args.readonly, connections=args.connections, name=args.name,
         **({"threads": args.threads} if args.threads is not None else {}),
         reconnect_timeout=args.reconnect_timeout,
-        allow_visibility_only=args.allow_visibility_only))
+        allow_visibility_only=args.allow_visibility_only, tls=args.tls,
+        tls_certificates=args.tls_certificates))
     print(att.device or att.uri)
 
 
@@ -439,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long requests wait for a lost target to come back (default 60)")
     a.add_argument("--allow-visibility-only", action="store_true",
                    help="accept a flush method that is not persistent on this target")
+    a.add_argument("--tls", default="off", choices=("off", "on", "require"),
+                   help="TLS 1.3 over TCP (default off); require refuses a target without it")
+    a.add_argument("--tls-certificates", metavar="DIR",
+                   help="ca-cert.pem (and client-cert.pem, client-key.pem) for --tls")
     a.set_defaults(func=cmd_attach)
 
     d = sub.add_parser("detach", help="flush, disconnect and stop what attach started")

@@ -365,3 +365,25 @@ def test_nbdkit_plugin_over_tls(region: str, tmp_path: Path, certs: Path) -> Non
     finally:
         server.stop()
     assert ", TLS, session" in t.log()
+
+
+@needs_nbdkit
+def test_attach_over_tls(region: str, tmp_path: Path, certs: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(tmp_path / "run"))
+    t = tls_target(region, tmp_path, "require", certs)
+    refused = pmemblk("attach", t.listen, "--no-device", "--name", "plain", check=False)
+    assert refused.returncode == 1 and "requires TLS" in refused.stderr, refused.stderr
+    uri = pmemblk("attach", t.listen, "--no-device", "--name", "t0", "--transport", "tcp",
+                  "--tls", "require", "--tls-certificates", str(certs)).stdout.strip()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(b"tls!" * 1024, 0)
+        h.flush()
+        assert h.pread(4096, 0) == b"tls!" * 1024
+        h.shutdown()
+    finally:
+        pmemblk("detach", "t0")
+    assert ", TLS, session" in t.log()
