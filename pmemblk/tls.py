@@ -190,9 +190,12 @@ def handshake_error(peer: str, exc: BaseException) -> PmemblkError:
         return RemoteError(f"target {peer} is not the target you configured: its TLS "
                            f"{_reason(exc)} (checked against tls-certificates=)", errno.EACCES)
     if answered_in_plaintext(exc):
-        return RemoteError(f"target {peer} answered in plaintext, not TLS: it serves with "
-                           "--tls off (tls=require refuses a target without TLS; serve with "
-                           "--tls on or --tls require)", errno.EPROTO)
+        # A TransportError, which a reconnecting client tries again: a target that refuses a
+        # connection before reading it (too many handshakes: EBUSY) answers in plaintext too.
+        return TransportError(f"target {peer} answered in plaintext, not TLS: it serves with "
+                              "--tls off, or refused the connection before reading it (busy) "
+                              "(tls=require refuses a target without TLS; serve with --tls "
+                              "on or --tls require)")
     if isinstance(exc, ssl.SSLError):
         return RemoteError(f"the TLS handshake with target {peer} failed: {_reason(exc)}",
                            errno.EACCES)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pmemblk.client import Client
-from pmemblk.errors import ConfigError, ConnectionLost, RemoteError
+from pmemblk.errors import ConfigError, ConnectionLost, RemoteError, TransportError
 from pmemblk.nbdplugin import PluginConfig, auto_choice
 from pmemblk.tls import make_certificates
 
@@ -98,8 +98,8 @@ def test_on_serves_both(region: str, tmp_path: Path, certs: Path) -> None:
 def test_off_target_a_tls_client_is_refused_or_falls_back(region: str, tmp_path: Path,
                                                           certs: Path) -> None:
     t = tls_target(region, tmp_path, "off", None)
-    with pytest.raises(RemoteError, match="answered in plaintext, not TLS: it serves with "
-                                          "--tls off"):
+    with pytest.raises(TransportError, match="answered in plaintext, not TLS: it serves with "
+                                             "--tls off"):
         tls_client(t, "require", certs)
     assert "does not use TLS" in t.log()
     # tls=on: TLS where the target offers it, plaintext otherwise (nbdkit's meaning).
