@@ -353,6 +353,7 @@ class PluginState:
         info = client.transport.info
         link = {
             "transport": "verbs" if isinstance(client.transport, VerbsTransport) else "tcp",
+            "tls": isinstance(client.transport, StreamTransport) and client.transport.tls,
             "flush": client.flush_method, "persistent": client.persistent,
             "readonly": client.readonly, "export_size": client.size,
             "block_size": client.block_size, "region_uuid": str(info.region_uuid),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import ssl
@@ -383,6 +384,7 @@ def test_attach_over_tls(region: str, tmp_path: Path, certs: Path,
         h.pwrite(b"tls!" * 1024, 0)
         h.flush()
         assert h.pread(4096, 0) == b"tls!" * 1024
+        assert json.loads(pmemblk("status", "t0", "--json").stdout)["tls"] is True
         h.shutdown()
     finally:
         pmemblk("detach", "t0")
