@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from pmemblk.errors import ConfigError, ConnectionLost, RemoteError, TransportEr
 from pmemblk.nbdplugin import PluginConfig, auto_choice
 from pmemblk.tls import make_certificates
 
-from ..procs import Nbdkit, Target, pmemblk
+from ..procs import PY, Nbdkit, Target, pmemblk, run
 from .conftest import needs_nbdkit, plugin_client, read
 from .test_hostile import free_loopback_port
 
@@ -176,6 +177,12 @@ def test_tls_certificates_command(tmp_path: Path) -> None:
     assert (folder / "server-key.pem").read_bytes() == key
 
 
+def refused_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """``pmemblk serve ARGS``, expected to refuse at once: one that serves instead is stopped
+    (subprocess.run kills it at the timeout) and fails the test instead of hanging it."""
+    return run(PY, "-m", "pmemblk", "serve", *args, timeout=30, check=False)
+
+
 def test_bad_certificate_folder_is_one_line(region: str, tmp_path: Path, certs: Path) -> None:
     port = free_loopback_port()
     for args, expect in (
@@ -187,15 +194,14 @@ def test_bad_certificate_folder_is_one_line(region: str, tmp_path: Path, certs: 
             (["--tls", "require", "--tls-certificates", str(certs), "--transport", "verbs"],
              "RDMA moves data one-sided")):
         transport = [] if "--transport" in args else ["--transport", "tcp"]
-        res = pmemblk("serve", region, "--listen", f"127.0.0.1:{port}", *transport, *args,
-                      check=False)
+        res = refused_serve(region, "--listen", f"127.0.0.1:{port}", *transport, *args)
         assert res.returncode == 1, res.stderr
         assert res.stderr.count("\n") == 1 and expect in res.stderr, res.stderr
     loose = tmp_path / "loose"
     make_certificates(str(loose), server=["127.0.0.1"])
     (loose / "server-key.pem").chmod(0o644)
-    res = pmemblk("serve", region, "--listen", f"127.0.0.1:{port}", "--transport", "tcp",
-                  "--tls", "on", "--tls-certificates", str(loose), check=False)
+    res = refused_serve(region, "--listen", f"127.0.0.1:{port}", "--transport", "tcp",
+                        "--tls", "on", "--tls-certificates", str(loose))
     assert res.returncode == 1 and "server-key.pem is accessible by group or others" in \
         res.stderr and res.stderr.count("\n") == 1
 
