@@ -178,6 +178,10 @@ def check_tls(args: argparse.Namespace, transports: tuple[str, ...]) -> str:
                           "one-sided, NIC to memory, where the host cannot encrypt it (see "
                           "docs/security.md: IPsec or MACsec offload on the NIC); serve "
                           "--transport tcp")
+    if mode != "off":  # the certificates, before the region is opened: one line if unusable
+        from .servers.stream import server_tls
+
+        server_tls(mode, args.tls_certificates, args.tls_verify_peer)
     if mode == "on" and "verbs" in transports:
         log.warning("--tls on: TCP clients may use TLS; RDMA (verbs) traffic is never "
                     "encrypted by the host (docs/security.md)")

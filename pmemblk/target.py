@@ -655,9 +655,7 @@ class Target:
                 from .servers.stream import StreamServer
 
                 self.servers.append(StreamServer(self.reactor, self.config.listen,
-                                                 self.config.handshake_timeout,
-                                                 self.config.tls, self.config.tls_certificates,
-                                                 self.config.tls_verify_peer))
+                                                 self.config.handshake_timeout))
 
     def run(self) -> None:
         # SIGHUP too: a target started from a terminal that closes must stop cleanly, not die.

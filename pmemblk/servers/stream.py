@@ -375,19 +375,12 @@ class _Conn:
 
 class StreamServer:
 
-    def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float,
-                 tls_mode: str = "off", tls_certificates: str | None = None,
-                 tls_verify_peer: bool = False) -> None:
+    def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float) -> None:
         self.reactor = reactor
-        #: off, on (a client may use TLS or not) or require; and the context for TLS.
-        self.tls_mode = tls_mode
+        #: off, on (a client may use TLS or not) or require, from the export's ServeConfig;
+        #: and the context for TLS (start).
+        self.tls_mode = "off"
         self.tls_context: ssl.SSLContext | None = None
-        if tls_mode != "off":
-            if tls_certificates is None:
-                raise ConfigError(f"--tls {tls_mode} needs --tls-certificates DIR (with "
-                                  "server-cert.pem and server-key.pem; make them with pmemblk "
-                                  "tls-certificates DIR --server NAME)")
-            self.tls_context = server_context(tls_certificates, tls_verify_peer)
         self.listen = listen
         self.address: str | tuple[str, int]
         self.family, self.address = listen.socket_address()
@@ -408,6 +401,11 @@ class StreamServer:
 
     def start(self, export: Export) -> None:
         self.export = export
+        config = export.config
+        if config.tls != "off":  # checked before the region was opened (cli.check_tls)
+            self.tls_context = server_tls(config.tls, config.tls_certificates,
+                                          config.tls_verify_peer)
+            self.tls_mode = config.tls
         if self.family == socket.AF_UNIX:
             assert isinstance(self.address, str)
             sock, self._socket_id = listen_unix(self.address, f"--listen {self.listen}",
@@ -520,6 +518,16 @@ class StreamServer:
         if self._socket_id is not None:
             assert isinstance(self.address, str)
             unlink_if_ours(self.address, self._socket_id)
+
+
+def server_tls(mode: str, folder: str | None, verify_peer: bool) -> ssl.SSLContext:
+    """The target's TLS context for ``--tls mode`` (on or require); ConfigError, one line,
+    for a missing or unusable certificates folder."""
+    if folder is None:
+        raise ConfigError(f"--tls {mode} needs --tls-certificates DIR (with server-cert.pem "
+                          "and server-key.pem; make them with pmemblk tls-certificates DIR "
+                          "--server NAME)")
+    return server_context(folder, verify_peer)
 
 
 def set_keepalive(sock: socket.socket, idle: float) -> None:
