@@ -111,8 +111,12 @@ class _Conn:
                                                         "with tls=off"))
                 return False
             assert self.server.tls_context is not None
-            self.sock = self.server.tls_context.wrap_socket(
-                self.sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                self.sock = self.server.tls_context.wrap_socket(
+                    self.sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:  # it reset since the peek (ENOTCONN from getpeername)
+                self.drop(f"connection error: {exc.strerror or exc}", warn=False)
+                return False
             self.stage = TLS_HANDSHAKE
             return True
         if mode == "require":

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -249,6 +250,21 @@ def test_garbage_after_the_tls_byte_is_dropped(region: str, tmp_path: Path,
             while s.recv(4096):
                 pass
     t.wait_log("failed the TLS handshake")
+
+
+def test_a_tls_byte_then_a_reset_is_dropped(region: str, tmp_path: Path, certs: Path) -> None:
+    # The ClientHello's first byte, then a reset (SO_LINGER 0) before the target looked:
+    # wrapping the socket then fails ("closed before TLS handshake with data in recv buffer"),
+    # which killed the target's reactor before it was caught.
+    t = tls_target(region, tmp_path, "on", certs)
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", t.port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(b"\x16")
+        s.close()
+    with contextlib.closing(tls_client(t, "require", certs)) as c:  # and it still serves
+        roundtrip(c, os.urandom(4096))
+    assert t.proc is not None and t.proc.poll() is None
 
 
 def test_tls_below_1_3_is_refused(region: str, tmp_path: Path, certs: Path) -> None:
