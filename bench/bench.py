@@ -7,6 +7,7 @@
     python3 bench/bench.py stats-cost [--quick] [--out FILE]  # pmemblk with and without stats
     python3 bench/bench.py scale-out [--quick] [--out FILE]   # VM: one target, RAID0, RAID1
     python3 bench/bench.py native [--quick] [--out FILE]      # current VM: flush methods
+    python3 bench/bench.py tls-cost [--quick] [--out FILE]    # pmemblk over TCP, TLS or not
 
 Backends: nbdkit's ``memory`` plugin (C), a trivial in-memory Python plugin (the Python
 ceiling), pmemblk over TCP, and in the VM pmemblk over Soft-RoCE and perftest on the same rxe.
@@ -27,6 +28,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,8 +103,15 @@ class Server:
             pid = self.work / f"{self.name}.pid"
             pid.unlink(missing_ok=True)
             auth: list[str] = []
+            tls: list[str] = []
             if kind == "pmemblk-tcp":
                 listen, transport = f"unix:{self.work / 'target.sock'}", "tcp"
+            elif kind in ("pmemblk-tcp-lo", "pmemblk-tcp-tls"):  # TCP loopback (tls_cost)
+                listen, transport = f"127.0.0.1:{free_port()}", "tcp"
+                if kind == "pmemblk-tcp-tls":
+                    certs = tls_certificates(self.work)
+                    tls = ["--tls", "require", "--tls-certificates", str(certs)]
+                    extra = (*extra, "tls=require", f"tls-certificates={certs}")
             else:
                 listen, transport = f"{ADDR}:7500", "verbs"
                 secret = self.work / "secret"
@@ -112,7 +121,7 @@ class Server:
             target = subprocess.Popen(
                 [PY, "-m", "pmemblk", "serve", str(region), "--listen", listen, "--transport",
                  transport, "--pid-file", str(pid), "--shared",
-                 *(["--secret-file", auth[0].split("=", 1)[1]] if auth else [])],
+                 *(["--secret-file", auth[0].split("=", 1)[1]] if auth else []), *tls],
                 stderr=subprocess.DEVNULL, env=env, cwd=cwd)
             self.procs.append(target)
             wait_for(pid, target, "the target")
@@ -141,6 +150,22 @@ class Server:
                     proc.wait()
         self.procs.clear()
         self.sock.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tls_certificates(work: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 under ``work`` (made once)."""
+    from pmemblk.tls import make_certificates
+
+    certs = work / "tls"
+    if not (certs / "server-cert.pem").exists():
+        make_certificates(str(certs), server=["127.0.0.1"])
+    return certs
 
 
 @contextlib.contextmanager
@@ -197,6 +222,7 @@ def fio(target: list[str], job: dict[str, Any], runtime: int) -> dict[str, float
         "mbps": float(side["bw_bytes"]) / 1e6,
         "p50_us": float(pct.get("50.000000", 0)) / 1000,
         "p99_us": float(pct.get("99.000000", 0)) / 1000,
+        "ios": float(side.get("total_ios", 0)),
     }
 
 
@@ -511,6 +537,53 @@ def counted_cost(n: int = 200_000) -> float:
     return min(per_call(True) for _ in range(3)) - min(per_call(False) for _ in range(3))
 
 
+TLS_JOBS = ("randread-4k-qd16", "randwrite-4k-qd16", "read-1m", "write-1m")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tls_cost(quick: bool) -> dict[str, Any]:
+    """pmemblk over TCP loopback without TLS and with tls=require (TLS 1.3), the two
+    alternating in each repeat; fio's IOPS and MB/s, and the CPU time per request of nbdkit
+    (the plugin) and of the target, read from /proc around each job (steadier than
+    throughput on a busy machine: docs/benchmarks.md)."""
+    repeats, runtime = (2, 2) if quick else (5, 8)
+    modes = ("plain", "tls")
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "repeats": repeats, "runtime_s": runtime,
+                              **{mode: {j: [] for j in TLS_JOBS} for mode in modes}}
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    progress = tqdm(total=repeats * 2 * len(TLS_JOBS), unit="run", desc="tls cost",
+                    disable=not sys.stderr.isatty())
+    try:
+        for r in range(repeats):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                backend = "pmemblk-tcp-tls" if mode == "tls" else "pmemblk-tcp-lo"
+                with served(backend, work, "gpspm") as server:
+                    target, nbdkit = server.procs[0].pid, server.procs[-1].pid
+                    for name in TLS_JOBS:
+                        before = cpu_seconds(nbdkit), cpu_seconds(target)
+                        m = fio(["--ioengine=nbd", f"--uri={server.uri}"], JOBS[name], runtime)
+                        after = cpu_seconds(nbdkit), cpu_seconds(target)
+                        # fio's ramp time is not in total_ios: an overestimate, alike for both.
+                        ios = max(m["ios"], 1.0)
+                        m["nbdkit_cpu_us"] = (after[0] - before[0]) / ios * 1e6
+                        m["target_cpu_us"] = (after[1] - before[1]) / ios * 1e6
+                        result[mode][name].append(m)
+                        progress.update()
+                        log(f"tls-cost {mode} {name} #{r + 1}: {m['iops']:.0f} IOPS "
+                            f"{m['mbps']:.1f} MB/s, CPU/request nbdkit "
+                            f"{m['nbdkit_cpu_us']:.0f} us, target {m['target_cpu_us']:.0f} us")
+    finally:
+        progress.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 SCALE_JOBS = ("randread-4k-qd16", "randwrite-4k-qd16", "read-1m", "write-1m")
 SCALE_LAYOUTS = ("single", "raid0", "raid1")
 
@@ -628,7 +701,7 @@ def main() -> int:
                           help="also measure pmemblk as it was at this git revision")
     d = sub.add_parser("render")
     d.add_argument("file")
-    for extra in ("stats-cost", "scale-out", "native", "atomic"):
+    for extra in ("stats-cost", "tls-cost", "scale-out", "native", "atomic"):
         c = sub.add_parser(extra)
         c.add_argument("--quick", action="store_true")
         c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
@@ -651,12 +724,13 @@ def main() -> int:
         render(saved)
         return 0
 
-    if args.cmd == "stats-cost":
+    if args.cmd in ("stats-cost", "tls-cost"):
         saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
         if saved is None:
             log(f"{args.out} does not exist: run the whole bench first")
             return 1
-        saved["stats_cost"] = stats_cost(args.quick)
+        key = args.cmd.replace("-", "_")
+        saved[key] = stats_cost(args.quick) if key == "stats_cost" else tls_cost(args.quick)
         Path(args.out).write_text(json.dumps(saved, indent=1))
         from render import render
 
@@ -688,13 +762,15 @@ def main() -> int:
     }
     if Path(args.out).exists():
         saved = json.loads(Path(args.out).read_text())
-        for kept in ("stats_cost", "scale_out", "native"):  # measured on their own: kept
+        # Measured on their own (tls_cost: with the host part, kept for --only vm).
+        for kept in ("stats_cost", "tls_cost", "scale_out", "native"):
             if kept in saved:
                 results[kept] = saved[kept]
         if args.only:
             results["parts"] = saved["parts"]
     if args.only != "vm":
         results["parts"]["host"] = run_part("host", args.quick, args.baseline)
+        results["tls_cost"] = tls_cost(args.quick)
     if not args.no_vm and args.only != "host":
         vm = in_vm("vm", args.quick, args.baseline)
         if vm is not None:

@@ -166,6 +166,26 @@ def stats_table(cost: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tls_table(cost: dict[str, Any]) -> list[str]:
+    """What TLS costs: pmemblk over TCP loopback with tls=require against without."""
+    lines = [f"### What TLS costs ({cost['date']}, host, pmemblk over TCP loopback, "
+             f"{cost['repeats']} repeats × {cost['runtime_s']} s, TLS and plaintext "
+             "alternating)", "",
+             "| job | plaintext | TLS 1.3 | TLS / plaintext (median, range) | CPU per request, "
+             "TLS / plaintext: nbdkit, target |", "|---|---|---|---|---|"]
+    for job, runs in cost["plain"].items():
+        metric = JOB_METRIC[job]
+        unit = "MB/s" if metric == "mbps" else "IOPS"
+        plain = [float(r[metric]) for r in runs]
+        tls = [float(r[metric]) for r in cost["tls"][job]]
+        cpu = [fmt_ratio(ratio([float(r[k]) for r in cost["tls"][job]],
+                               [float(r[k]) for r in runs]))
+               for k in ("nbdkit_cpu_us", "target_cpu_us")]
+        lines.append(f"| {job} | {med(plain):.0f} {unit} | {med(tls):.0f} {unit} | "
+                     f"{fmt_ratio(ratio(tls, plain))} | {cpu[0]}, {cpu[1]} |")
+    return lines
+
+
 def scale_table(scale: dict[str, Any]) -> list[str]:
     """One target against md RAID0 and RAID1 over two (docs/scale-out.md)."""
     lines = [f"### Scale-out: md over two targets ({scale['date']}, VM, Soft-RoCE under TCG, "
@@ -257,6 +277,8 @@ def render(results: dict[str, Any]) -> None:
     lines += plots(parts)
     if "stats_cost" in results:
         lines += ["", *stats_table(results["stats_cost"])]
+    if "tls_cost" in results:
+        lines += ["", *tls_table(results["tls_cost"])]
     if "scale_out" in results:
         lines += ["", *scale_table(results["scale_out"])]
     if "native" in results:

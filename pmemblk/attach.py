@@ -81,6 +81,9 @@ class AttachOptions:
     name: str | None = None
     reconnect_timeout: float = nbdplugin.DEFAULT_RECONNECT_TIMEOUT
     allow_visibility_only: bool = False
+    #: Plugin keys tls= and tls-certificates= (pmemblk.tls).
+    tls: str = "off"
+    tls_certificates: str | None = None
 
 
 @dataclass
@@ -324,6 +327,10 @@ def plugin_keys(opts: AttachOptions) -> list[str]:
         keys.append("readonly=true")
     if opts.allow_visibility_only:
         keys.append("allow-visibility-only=true")
+    if opts.tls != "off":
+        keys.append(f"tls={opts.tls}")
+    if opts.tls_certificates:
+        keys.append(f"tls-certificates={os.path.abspath(opts.tls_certificates)}")
     return keys
 
 

@@ -1,4 +1,4 @@
-"""The ``pmemblk`` command: create, info, serve, secret, attach, detach, list, status.
+"""The ``pmemblk`` command: create, info, serve, secret, tls-certificates, attach, list, ...
 
 Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
 130 interrupted. Tracebacks only with ``--debug``.
@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--handshake-timeout must be more than 0 and at most 3600 seconds")
     if not 1 <= args.keepalive <= 3600:
         raise ConfigError("--keepalive must be from 1 to 3600 seconds")
+    tls = check_tls(args, transports)
     secret = load_secret(args.secret_file) if args.secret_file else None
     # A fault (SIGBUS if another program truncates the region under the target) then leaves
     # a line and a Python traceback in the log instead of a silent death.
@@ -162,7 +163,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       durable_image=args.testing_durable_image, secret=secret,
                       insecure_no_auth=args.insecure_no_auth,
                       fail_persist=args.testing_fail_persist,
-                      lose_reply=args.testing_lose_reply, control=args.control))
+                      lose_reply=args.testing_lose_reply, control=args.control,
+                      tls=tls, tls_certificates=args.tls_certificates,
+                      tls_verify_peer=args.tls_verify_peer))
+
+
+def check_tls(args: argparse.Namespace, transports: tuple[str, ...]) -> str:
+    """serve's TLS mode, checked against its other options."""
+    from .tls import parse_mode
+
+    mode = parse_mode(args.tls, "--tls ")
+    if mode == "off" and (args.tls_certificates or args.tls_verify_peer):
+        raise ConfigError("--tls-certificates and --tls-verify-peer need --tls on or require")
+    if mode == "require" and "verbs" in transports:
+        raise ConfigError("--tls require cannot serve --transport verbs: RDMA moves data "
+                          "one-sided, NIC to memory, where the host cannot encrypt it (see "
+                          "docs/security.md: IPsec or MACsec offload on the NIC); serve "
+                          "--transport tcp")
+    if mode != "off":  # the certificates, before the region is opened: one line if unusable
+        from .servers.stream import server_tls
+
+        server_tls(mode, args.tls_certificates, args.tls_verify_peer)
+    if mode == "on" and "verbs" in transports:
+        log.warning("--tls on: TCP clients may use TLS; RDMA (verbs) traffic is never "
+                    "encrypted by the host (docs/security.md)")
+    return mode
+
+
+def cmd_tls_certificates(args: argparse.Namespace) -> None:
+    from .tls import make_certificates
+
+    for path in make_certificates(args.folder, server=args.server, client=args.client,
+                                  days=args.days):
+        print(f"wrote {path}")
 
 
 def cmd_secret(args: argparse.Namespace) -> None:
@@ -180,7 +213,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         readonly=args.readonly, connections=args.connections, name=args.name,
         **({"threads": args.threads} if args.threads is not None else {}),
         reconnect_timeout=args.reconnect_timeout,
-        allow_visibility_only=args.allow_visibility_only))
+        allow_visibility_only=args.allow_visibility_only, tls=args.tls,
+        tls_certificates=args.tls_certificates))
     print(att.device or att.uri)
 
 
@@ -367,6 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s.add_argument("--control", metavar="PATH",
                    help="answer pmemblk status --target PATH on this Unix socket (mode 600)")
+    s.add_argument("--tls", default="off", metavar="off|on|require",
+                   help="tcp: TLS 1.3 (default off); on: clients may use it, require: they "
+                   "must (docs/security.md)")
+    s.add_argument("--tls-certificates", metavar="DIR",
+                   help="server-cert.pem, server-key.pem (and ca-cert.pem for "
+                   "--tls-verify-peer); make them with pmemblk tls-certificates")
+    s.add_argument("--tls-verify-peer", action="store_true",
+                   help="clients must present a certificate signed by DIR/ca-cert.pem")
+
+    tc = sub.add_parser("tls-certificates", help="make a CA (once) and a server or client "
+                        "certificate signed by it, for TLS (files mode 600, never overwritten)")
+    tc.add_argument("folder", metavar="DIR")
+    who = tc.add_mutually_exclusive_group(required=True)
+    who.add_argument("--server", metavar="NAME", action="append",
+                     help="the host name or IP address clients connect to (repeat for more)")
+    who.add_argument("--client", metavar="NAME", help="a client certificate's name")
+    tc.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    tc.set_defaults(func=cmd_tls_certificates)
 
     k = sub.add_parser("secret", help="write a new random shared secret to a file (mode 600)")
     k.add_argument("path")
@@ -394,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long requests wait for a lost target to come back (default 60)")
     a.add_argument("--allow-visibility-only", action="store_true",
                    help="accept a flush method that is not persistent on this target")
+    a.add_argument("--tls", default="off", choices=("off", "on", "require"),
+                   help="TLS 1.3 over TCP (default off); require refuses a target without it")
+    a.add_argument("--tls-certificates", metavar="DIR",
+                   help="ca-cert.pem (and client-cert.pem, client-key.pem) for --tls")
     a.set_defaults(func=cmd_attach)
 
     d = sub.add_parser("detach", help="flush, disconnect and stop what attach started")

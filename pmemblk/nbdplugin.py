@@ -34,6 +34,10 @@ Keys::
     stats=true|false      count requests and their latency (default true)
     name=NAME             this device's name in status and metrics (default: the target)
     log=FILE              also append the plugin's messages (info and up) to FILE
+    tls=off|on|require    TLS 1.3 over TCP (default off); on: TLS if the target offers it;
+                          require: refuse a target without it (RDMA is never encrypted)
+    tls-certificates=DIR  ca-cert.pem checks the target (default: the system's CAs); with
+                          client-cert.pem and client-key.pem, for serve --tls-verify-peer
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from .client import DEFAULT_CHANNELS, OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
 from .protocol import FLUSH_METHODS
+from .tls import ClientTls, client_context, parse_mode
 from .transport import ConnectOptions, Transport
 from .transport.registry import REGISTRY
 from .transport.verbs import DEFAULT_DEPTH, DEFAULT_TIMEOUT
@@ -66,7 +71,7 @@ log = logging.getLogger(__name__)
 
 KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
         "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control", "stats", "name",
-        "log")
+        "log", "tls", "tls-certificates")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", *REGISTRY)
 #: Names of devices and attachments (also directory names under /run/pmemblk).
@@ -115,6 +120,10 @@ class PluginConfig:
     name: str = ""
     log: str = ""
     seen: set[str] = field(default_factory=set)
+    tls: str = "off"
+    tls_certificates: str = ""
+    #: Made by complete() for tls=on|require.
+    tls_client: ClientTls | None = field(default=None, repr=False)
     #: Every channel of this plugin instance says it is this one client.
     client_id: bytes = field(default_factory=auth.new_client_id, repr=False)
 
@@ -173,6 +182,12 @@ class PluginConfig:
             if not value:
                 raise ConfigError("log=: expected a file to append the plugin's messages to")
             self.log = value
+        elif key == "tls":
+            self.tls = parse_mode(value, "tls=")
+        elif key == "tls-certificates":
+            if not value:
+                raise ConfigError("tls-certificates=: expected a folder")
+            self.tls_certificates = value
 
     def complete(self) -> None:
         if self.target is None:
@@ -183,6 +198,17 @@ class PluginConfig:
             if not isinstance(self.target, TCPAddress):
                 raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
             _ = self.rdma_ip  # refuses loopback and wildcard addresses now
+        if self.tls == "off":
+            if self.tls_certificates:
+                raise ConfigError("tls-certificates= needs tls=on or tls=require")
+            return
+        if self.tls == "require" and self.transport == "verbs":
+            raise ConfigError("tls=require cannot use transport=verbs: RDMA moves data "
+                              "one-sided, NIC to memory, where the host cannot encrypt it (see "
+                              "docs/security.md: IPsec or MACsec offload on the NIC); use "
+                              "transport=tcp or auto")
+        self.tls_client = ClientTls(self.tls, client_context(
+            self.tls_certificates or None, isinstance(self.target, TCPAddress)))
 
     @property
     def address(self) -> Address:
@@ -202,6 +228,8 @@ def auto_choice(cfg: PluginConfig) -> tuple[str, str]:
     """(transport, why) for transport=auto, before trying to connect."""
     if isinstance(cfg.target, UnixAddress):
         return "tcp", "the target is a Unix socket"
+    if cfg.tls == "require":
+        return "tcp", "tls=require, and RDMA traffic cannot be encrypted by the host"
     if not rdma.HAVE_PYVERBS:
         return "tcp", "pyverbs is not importable"
     devices = rdma.active_rdma_devices()
@@ -238,7 +266,7 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> tuple[Transport, str
 def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
     return REGISTRY[kind].connect(ConnectOptions(
         cfg.address, readonly=readonly, timeout=cfg.timeout, depth=cfg.depth,
-        chunk_size=cfg.chunk, secret=cfg.secret, client_id=cfg.client_id))
+        chunk_size=cfg.chunk, secret=cfg.secret, client_id=cfg.client_id, tls=cfg.tls_client))
 
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:
@@ -311,7 +339,7 @@ class PluginState:
                 self.opened += 1
         info = client.transport.info
         link = {
-            "transport": client.transport.kind,
+            "transport": client.transport.kind, "tls": client.transport.tls,
             "flush": client.flush_method, "persistent": client.persistent,
             "readonly": client.readonly, "export_size": client.size,
             "block_size": client.block_size, "region_uuid": str(info.region_uuid),

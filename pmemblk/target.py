@@ -87,6 +87,11 @@ class ServeConfig:
     lose_reply: str | None = None
     #: A Unix socket answering ``pmemblk status --target`` (pmemblk.control).
     control: str | None = None
+    #: TLS on the stream transport (pmemblk.tls): off, on or require; the certificates
+    #: folder; whether clients must present a certificate the folder's CA signed.
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
 
 
 @dataclass(frozen=True)

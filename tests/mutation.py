@@ -50,6 +50,7 @@ BARRIERS = "tests/test_client_barriers.py"
 FUA_FRAMES = "tests/integration/test_fua_frames.py"
 CRASH = "tests/crash/test_crash.py"
 AUDIT = "tests/integration/test_audit.py"
+TLS_IT = "tests/integration/test_tls.py"
 
 
 @dataclass(frozen=True)
@@ -703,6 +704,51 @@ MUTANTS = (
     Mutant("planted: a plugin client that lost data is not shown failing", "pmemblk/nbdplugin.py",
            'broken = [c.broken or c.lost for c in clients if c.broken or c.lost]',
            'broken = [c.broken for c in clients if c.broken]', (PLANTED,), select="shown_failing"),
+    # -- branch tls (issue 27 item 3): TLS on the stream transport
+    Mutant("a target with --tls require serves a plaintext HELLO", "pmemblk/servers/stream.py",
+           '        if mode == "require":\n            self._refuse_first',
+           '        if mode == "never":\n            self._refuse_first', (TLS_IT,), "require"),
+    Mutant("the TLS handshake blocks the target's reactor", "pmemblk/servers/stream.py",
+           "            self.stage = TLS_HANDSHAKE\n            return True",
+           "            self.stage = TLS_HANDSHAKE\n            self.sock.setblocking(True)\n"
+           "            return True", (TLS_IT,), "stalled"),
+    Mutant("--tls-verify-peer does not require a client certificate", "pmemblk/tls.py",
+           "        ctx.verify_mode = ssl.CERT_REQUIRED\n    ctx.num_tickets = 0",
+           "        ctx.verify_mode = ssl.CERT_OPTIONAL\n    ctx.num_tickets = 0",
+           (TLS_IT,), "verify_peer"),
+    Mutant("TLS 1.2 is accepted", "pmemblk/tls.py",
+           "ctx.minimum_version = ssl.TLSVersion.TLSv1_3",
+           "ctx.minimum_version = ssl.TLSVersion.TLSv1_2", (TLS_IT,), "below"),
+    Mutant("a certificate key readable by others is used", "pmemblk/tls.py",
+           "    if key and st.st_mode & 0o077:", "    if False:", (TLS_IT,), "bad_certificate"),
+    Mutant("tls-certificates writes files others can read", "pmemblk/tls.py",
+           "    files.create_exclusive(str(path), data, 0o600, what)",
+           "    files.create_exclusive(str(path), data, 0o644, what)", (TLS_IT,),
+           "certificates_command"),
+    Mutant("the client never starts TLS", "pmemblk/transport/stream.py",
+           "            if tls is not None:\n                self._start_tls",
+           "            if False:\n                self._start_tls", (TLS_IT,),
+           "eavesdropper or require_serves"),
+    Mutant("tls=require falls back to plaintext", "pmemblk/transport/stream.py",
+           'if tls.mode != "on" or not answered_in_plaintext(exc):',
+           "if not answered_in_plaintext(exc):", (TLS_IT,), "off_target"),
+    Mutant("the client does not check the target's name", "pmemblk/nbdplugin.py",
+           "self.tls_certificates or None, isinstance(self.target, TCPAddress)))",
+           "self.tls_certificates or None, False))", (TLS_IT,), "wrong_ca"),
+    Mutant("a TLS channel replies with sendmsg", "pmemblk/servers/channel.py",
+           "self._send = self._send_tls if isinstance(sock, ssl.SSLSocket) else self._send_plain",
+           "self._send = self._send_plain", (TLS_IT,), "on_serves"),
+    Mutant("transport=verbs takes tls=require", "pmemblk/nbdplugin.py",
+           'if self.tls == "require" and self.transport == "verbs":',
+           'if self.tls == "require" and self.transport == "rdma":', (TLS_IT,), "plugin_keys"),
+    Mutant("a reset after the TLS byte escapes the target's reactor",
+           "pmemblk/servers/stream.py",
+           "            except OSError as exc:  # it reset since the peek",
+           "            except ValueError as exc:  # it reset since the peek", (TLS_IT,),
+           "then_a_reset"),
+    Mutant("transport=auto picks RDMA under tls=require", "pmemblk/nbdplugin.py",
+           '    if cfg.tls == "require":\n        return "tcp"',
+           '    if cfg.tls == "never":\n        return "tcp"', (TLS_IT,), "auto_never"),
 )
 
 

@@ -63,6 +63,7 @@ class MemoryTransport:
     #: Like RDMA: a write's completion does not prove placement; a barrier does.
     placed_on_reply = False
     kind = "memory"
+    tls = False
 
     def read_barrier(self, offset: int) -> None:
         self.durable[:] = self.mem  # apm: everything written on this QP is placed
@@ -336,6 +337,7 @@ class RcTarget:
 class RcChannel:
     placed_on_reply = False
     kind = "memory"
+    tls = False
 
     def __init__(self, target: RcTarget) -> None:
         self.target = target

@@ -12,6 +12,10 @@ Requests on one channel are handled in order, so replies come back in order. Mem
 channel is a header buffer and one COMMIT: a client that sends requests and never reads the
 replies blocks its thread in ``sendmsg`` once the kernel's socket buffers are full, and nothing
 more of it is read. A frame is validated before its body is read, as in the handshake.
+
+Over TLS the socket is an ``ssl`` socket, which has no ``sendmsg``: a reply and its payload
+are then sent with ``sendall`` (joined into one record when small), chosen once per channel;
+the plain path keeps its one ``sendmsg`` from the mapping.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -57,6 +62,8 @@ log = logging.getLogger(__name__)
 DISCARD_SIZE = 64 << 10
 #: How long a stopping target waits for a channel's thread (it is in a persist at most).
 JOIN_TIMEOUT = 30.0
+#: Over TLS, a reply and a payload up to this size are sent as one record (one copy).
+TLS_JOIN = 64 << 10
 #: What is read first of every request: the smallest frame a client may send once admitted.
 FIRST_READ = IO.size
 assert min(COMMIT.size + RANGE.size, HELLO.size, AUTH.size) >= FIRST_READ
@@ -102,6 +109,7 @@ class DataChannel:
         self._on_exit = on_exit
         self._header = bytearray(max(IO.size, COMMIT.size, HELLO.size, AUTH.size))
         self._stopping = False
+        self._send = self._send_tls if isinstance(sock, ssl.SSLSocket) else self._send_plain
         self.thread = threading.Thread(target=self._run, name=f"pmemblk-channel-{number}",
                                        daemon=True)
 
@@ -112,7 +120,9 @@ class DataChannel:
         """End the thread: its blocked recv or send returns (called from another thread)."""
         self._stopping = True
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The socket's own shutdown, also under TLS: SSLSocket.shutdown would drop its
+            # TLS state under the thread that is reading.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def join(self) -> None:
         if self.thread.ident is None:  # never started (its thread could not be made)
@@ -178,7 +188,15 @@ class DataChannel:
             pos += n
         return pos
 
-    def _send(self, head: bytes, body: memoryview | None = None) -> None:
+    def _send_tls(self, head: bytes, body: memoryview | None = None) -> None:
+        """``_send`` over TLS."""
+        if body is None or len(body) <= TLS_JOIN:
+            self.sock.sendall(head if body is None else b"".join((head, body)))
+        else:
+            self.sock.sendall(head)
+            self.sock.sendall(body)
+
+    def _send_plain(self, head: bytes, body: memoryview | None = None) -> None:
         """A reply, and its payload straight from the mapping, in one system call when the
         socket takes it all."""
         parts: list[bytes | memoryview] = [head] if body is None else [head, body]

@@ -7,6 +7,12 @@ header gives the frame size, and only then is the body awaited, so no length is 
 it is checked. Any invalid frame, a client silent past the handshake deadline, or one that
 leaves mid-frame is logged and disconnected; the others are not affected.
 
+With ``--tls on|require`` a connection's first byte is looked at without taking it: a TLS
+ClientHello (0x16) gets the TLS handshake, on the reactor too (non-blocking, under the same
+handshake deadline), and the pmemblk handshake then runs inside TLS; a plaintext HELLO is
+served (``on``) or refused with the reason (``require``). ``off`` refuses a ClientHello
+(docs/protocol.md, "TLS").
+
 Once admitted (WELCOME), the connection is handed to a ``DataChannel`` (``servers/channel.py``),
 a thread that serves its requests straight between the socket and the region, concurrently
 with every other channel. Requests on a channel are answered in order; several may be in
@@ -20,12 +26,13 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from ..address import Address
-from ..errors import PmemblkError, ProtocolError, TransportError
+from ..errors import ConfigError, PmemblkError, ProtocolError, TransportError
 from ..protocol import (
     MSG_AUTH,
     MSG_HELLO,
@@ -36,6 +43,7 @@ from ..protocol import (
     request_header_size,
 )
 from ..reactor import Reactor
+from ..tls import TLS_HANDSHAKE_BYTE, server_context
 from ..unixsock import listen_unix, unlink_if_ours
 from .channel import DataChannel
 
@@ -54,6 +62,11 @@ ACCEPT_PAUSE = 0.25
 #: Refusals and accept failures are logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 10.0
 KEEPALIVE_PROBES = 3
+#: Where a connection is before its pmemblk handshake: its first byte not yet seen, in the TLS
+#: handshake, or speaking plaintext or TLS.
+FIRST, TLS_HANDSHAKE, PLAIN, TLS = "first", "tls-handshake", "plain", "tls"
+#: A non-blocking ssl socket's "try again when ready", like BlockingIOError for a plain one.
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Conn:
@@ -73,25 +86,112 @@ class _Conn:
         self.timer: int | None = None
         #: Counted by the export's handshake cap until admitted, refused or gone.
         self.handshaking = True
+        self.stage = FIRST
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    def _first_byte(self) -> bool:
+        """Look at the first byte (without taking it): TLS or not, and whether this target
+        serves that; True to go on reading."""
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.drop(f"connection error: {exc.strerror}", warn=False)
+            return False
+        if not first:
+            self.drop("disconnected", warn=False)
+            return False
+        mode = self.server.tls_mode
+        if first[0] == TLS_HANDSHAKE_BYTE:
+            if mode == "off":
+                self._refuse_first(Reject(errno.EPROTO, "this target does not use TLS (it "
+                                                        "serves with --tls off): connect "
+                                                        "with tls=off"))
+                return False
+            assert self.server.tls_context is not None
+            try:
+                self.sock = self.server.tls_context.wrap_socket(
+                    self.sock, server_side=True, do_handshake_on_connect=False)
+            except OSError as exc:  # it reset since the peek (ENOTCONN from getpeername)
+                self.drop(f"connection error: {exc.strerror or exc}", warn=False)
+                return False
+            self.stage = TLS_HANDSHAKE
+            return True
+        if mode == "require":
+            self._refuse_first(Reject(errno.EACCES, "this target requires TLS (it serves with "
+                                                    "--tls require): connect with tls=require "
+                                                    "and tls-certificates=DIR"))
+            return False
+        self.stage = PLAIN
+        return True
+
+    def _refuse_first(self, reject: Reject) -> None:
+        """Refuse before the first frame: what the peer sent is read first, so that closing
+        with it unread does not reset the connection before the REJECT is read."""
+        with contextlib.suppress(OSError):
+            self.sock.recv(RECV_SIZE)
+        self._refuse(reject)
+        self._update_interest()
+
+    def _tls_handshake(self) -> None:
+        """One step of the server's TLS handshake; then the HELLO inside it."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.server.reactor.modify(self.fd, self.on_readable, None)
+            return
+        except ssl.SSLWantWriteError:
+            self.server.reactor.modify(self.fd, self.on_readable, self.on_writable)
+            return
+        except OSError as exc:  # ssl.SSLError included: a bad certificate, not TLS 1.3, ...
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+            # What came after (a TLS 1.3 client's HELLO) is taken off the socket, so that the
+            # close does not reset the connection and discard the alert just sent.
+            with contextlib.suppress(OSError):
+                socket.socket.recv(self.sock, RECV_SIZE)
+            self.drop(f"failed the TLS handshake ({str(reason).lower().replace('_', ' ')})")
+            return
+        self.stage = TLS
+        log.debug("client %d (%s): TLS handshake done (%s, %s)", self.number, self.peer,
+                  self.sock.version(), self.sock.cipher())
+        self.server.reactor.modify(self.fd, self.on_readable, None)
+        self._receive()  # the HELLO may have come with the handshake's last message
 
     # -- reading ---------------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        if self.stage == FIRST and not self._first_byte():
             return
-        except OSError as exc:
-            self.drop(f"connection error: {exc.strerror}", warn=False)
+        if self.stage == TLS_HANDSHAKE:
+            self._tls_handshake()
             return
-        if not data:
-            if self.rbuf:
-                self.drop(f"left in the middle of a frame ({len(self.rbuf)} bytes of it read)")
-            else:
-                self.drop("disconnected", warn=False)
-            return
-        self.rbuf += data
-        self._process()
+        self._receive()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self.drop(f"connection error: {exc.strerror or exc}", warn=False)
+                return
+            if not data:
+                if self.rbuf:
+                    self.drop(f"left in the middle of a frame ({len(self.rbuf)} bytes of it "
+                              "read)")
+                else:
+                    self.drop("disconnected", warn=False)
+                return
+            self.rbuf += data
+            self._process()
+            # TLS: what was decrypted but not yet taken makes the socket no more readable.
+            if (self.closed or self.close_after_send or self.stage != TLS
+                    or not isinstance(self.sock, ssl.SSLSocket) or not self.sock.pending()):
+                return
 
     def _process(self) -> None:
         """Handle the handshake's complete frames; once admitted, hand the connection over."""
@@ -186,9 +286,10 @@ class _Conn:
         self.closed = True
         self.server.conns.pop(self.number, None)
         self.wq.clear()
-        log.info("client %d connected from %s (%s, session %d, %d clients)", self.number,
+        log.info("client %d connected from %s (%s%s, session %d, %d clients)", self.number,
                  self.peer, "read-only" if admission.readonly else "read-write",
-                 admission.session.number, export.clients)
+                 ", TLS" if self.stage == TLS else "", admission.session.number,
+                 export.clients)
 
     def _refuse(self, reject: Reject, quiet: bool = False) -> None:
         """Send ``reject`` and close. ``quiet``: a refusal a flood repeats, logged at most
@@ -229,7 +330,7 @@ class _Conn:
                     self.wq[0] = head[n:]
                     break
                 self.wq.popleft()
-        except BlockingIOError:
+        except _WOULD_BLOCK:
             pass
         except OSError as exc:
             self.drop(f"connection error: {exc.strerror}", warn=False)
@@ -237,6 +338,9 @@ class _Conn:
         return True
 
     def on_writable(self) -> None:
+        if self.stage == TLS_HANDSHAKE:
+            self._tls_handshake()
+            return
         if self._flush():
             self._update_interest()
 
@@ -247,6 +351,8 @@ class _Conn:
             self.drop("refused", warn=False)
             return
         reading = not self.close_after_send
+        if self.stage == TLS_HANDSHAKE:  # its own wants (_tls_handshake)
+            return
         self.server.reactor.modify(self.fd, self.on_readable if reading else None,
                                    self.on_writable if self.wq else None)
 
@@ -275,6 +381,10 @@ class StreamServer:
 
     def __init__(self, reactor: Reactor, listen: Address, handshake_timeout: float) -> None:
         self.reactor = reactor
+        #: off, on (a client may use TLS or not) or require, from the export's ServeConfig;
+        #: and the context for TLS (start).
+        self.tls_mode = "off"
+        self.tls_context: ssl.SSLContext | None = None
         self.listen = listen
         self.address: str | tuple[str, int]
         self.family, self.address = listen.socket_address()
@@ -295,6 +405,11 @@ class StreamServer:
 
     def start(self, export: Export) -> None:
         self.export = export
+        config = export.config
+        if config.tls != "off":  # checked before the region was opened (cli.check_tls)
+            self.tls_context = server_tls(config.tls, config.tls_certificates,
+                                          config.tls_verify_peer)
+            self.tls_mode = config.tls
         if self.family == socket.AF_UNIX:
             assert isinstance(self.address, str)
             sock, self._socket_id = listen_unix(self.address, f"--listen {self.listen}",
@@ -315,9 +430,10 @@ class StreamServer:
         region = export.region
         log.info(
             "serving %s (%d bytes, block size %d, uuid %s, is_pmem=%d, persistence by %s%s) "
-            "on %s over TCP", region.path, export.size, export.header.block_size,
+            "on %s over TCP%s", region.path, export.size, export.header.block_size,
             export.header.uuid, int(region.is_pmem), region.persist_method,
-            ", read-only" if export.readonly else "", self.listen)
+            ", read-only" if export.readonly else "", self.listen,
+            f" (TLS {self.tls_mode})" if self.tls_mode != "off" else "")
 
     def _on_accept(self) -> None:
         assert self.sock is not None and self.export is not None
@@ -406,6 +522,16 @@ class StreamServer:
         if self._socket_id is not None:
             assert isinstance(self.address, str)
             unlink_if_ours(self.address, self._socket_id)
+
+
+def server_tls(mode: str, folder: str | None, verify_peer: bool) -> ssl.SSLContext:
+    """The target's TLS context for ``--tls mode`` (on or require); ConfigError, one line,
+    for a missing or unusable certificates folder."""
+    if folder is None:
+        raise ConfigError(f"--tls {mode} needs --tls-certificates DIR (with server-cert.pem "
+                          "and server-key.pem; make them with pmemblk tls-certificates DIR "
+                          "--server NAME)")
+    return server_context(folder, verify_peer)
 
 
 def set_keepalive(sock: socket.socket, idle: float) -> None:

@@ -17,6 +17,7 @@ from ..address import Address
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
 from ..resource import Closeable
+from ..tls import ClientTls
 
 #: A FUA write's persistence step, posted with the write itself so that both take one wait:
 #: "barrier" (apm: a small READ behind the writes), "commit" (gpspm: a COMMIT of the range),
@@ -27,8 +28,10 @@ Persist = Literal["barrier", "commit", "flush"]
 class Transport(Protocol):
     #: What the target said about the export in its WELCOME.
     info: Welcome
-    #: Its name in ``REGISTRY`` (``transport=``), for status and logs.
+    #: Its name in ``transport.registry`` (``transport=``), for status and logs.
     kind: str
+    #: Whether the connection is encrypted (TLS over TCP; RDMA never is).
+    tls: bool
 
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from export offset ``offset``."""
@@ -206,3 +209,5 @@ class ConnectOptions:
     chunk_size: int | None = None
     secret: bytes | None = field(default=None, repr=False)
     client_id: bytes | None = None
+    #: TLS over TCP (tls=on|require); RDMA moves data one-sided and cannot use it.
+    tls: ClientTls | None = field(default=None, repr=False)

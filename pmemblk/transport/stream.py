@@ -4,6 +4,11 @@ READ, WRITE and ZERO are tagged frames; a request larger than ``chunk_size`` is 
 ``depth`` frames are in flight. READ payloads are received straight into the caller's buffer.
 The target applies requests in order, so ``read_barrier`` (flush=apm) is a small READ after the
 writes, exactly as over RDMA; COMMIT (flush=gpspm) is the same message as over RDMA.
+
+With TLS (``tls``: docs/protocol.md, "TLS") the TLS handshake comes first and the pmemblk
+handshake runs inside it. The scatter-gather calls (one ``sendmsg`` and one ``recvmsg_into`` per
+request, READ data straight into the caller's buffer) are chosen at connect time for a plain
+socket; an ``ssl`` socket has neither, and gets ``sendall`` and ``recv_into`` instead.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 
-from ..address import Address, parse_address
+from ..address import Address, TCPAddress, parse_address
 from ..auth import ClientHandshake
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
 from ..protocol import (
@@ -47,6 +53,7 @@ from ..protocol import (
     Welcome,
     message_type,
 )
+from ..tls import ClientTls, answered_in_plaintext, ended, handshake_error
 from . import ConnectOptions, Persist, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ CLOSE_WAIT = 2.0
 #: a syscall on every socket call).
 DEADLINE_SLACK = 0.25
 CLOSE_DRAIN = 64 << 10
+#: Over TLS, a frame and its payload up to this size go in one record (one copy, one call).
+TLS_JOIN = 64 << 10
 
 
 def connect(options: ConnectOptions) -> StreamTransport:
@@ -66,7 +75,8 @@ def connect(options: ConnectOptions) -> StreamTransport:
     return StreamTransport(options.address, readonly=options.readonly, timeout=options.timeout,
                            depth=options.depth or DEFAULT_DEPTH,
                            chunk_size=min(options.chunk_size or DEFAULT_CHUNK_SIZE, 4 << 20),
-                           secret=options.secret, client_id=options.client_id)
+                           secret=options.secret, client_id=options.client_id,
+                           tls=options.tls)
 
 
 class StreamTransport(TransportBase):
@@ -74,11 +84,16 @@ class StreamTransport(TransportBase):
 
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
                  depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 secret: bytes | None = None, client_id: bytes | None = None) -> None:
+                 secret: bytes | None = None, client_id: bytes | None = None,
+                 tls: ClientTls | None = None) -> None:
         if isinstance(address, str):
             address = parse_address(address, "target")
         family, addr = address.socket_address()
         self.peer = str(address)
+        self.tls = False  # whether this connection speaks TLS
+        #: One request's scatter-gather send and receive, chosen once (``_start_tls``).
+        self._sendv: Callable[[Sequence[bytes | memoryview]], int] = self._sendv_plain
+        self._recvv: Callable[[Sequence[memoryview]], int] = self._recvv_plain
         self.depth = depth
         self.chunk_size = min(chunk_size, MAX_IO)
         self._broken: str | None = None
@@ -91,29 +106,83 @@ class StreamTransport(TransportBase):
         self._deadline = time.monotonic() + timeout
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(addr)
-            except OSError as exc:
-                raise TransportError(
-                    f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
-            if family != socket.AF_UNIX:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._connect(family, addr)
+            if tls is not None:
+                self._start_tls(tls, address, family, addr)
             self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id))
         except BaseException:
             self.close()
             raise
-        log.info("connected to %s over TCP: export %d bytes, block size %d, region %s, "
-                 "is_pmem=%d, %s", self.peer, self.info.export_size, self.info.block_size,
-                 self.info.region_uuid, int(self.info.is_pmem),
-                 "read-only" if self.info.readonly else "read-write")
+        log.info("connected to %s over TCP%s: export %d bytes, block size %d, region %s, "
+                 "is_pmem=%d, %s", self.peer, " with TLS" if self.tls else "",
+                 self.info.export_size, self.info.block_size, self.info.region_uuid,
+                 int(self.info.is_pmem), "read-only" if self.info.readonly else "read-write")
+
+    def _connect(self, family: int, addr: str | tuple[str, int]) -> None:
+        self.sock.settimeout(self._timeout)
+        self._sock_timeout = self._timeout
+        try:
+            self._left()
+            self.sock.connect(addr)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
+        if family != socket.AF_UNIX:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _start_tls(self, tls: ClientTls, address: Address, family: int,
+                   addr: str | tuple[str, int]) -> None:
+        """The TLS handshake, within the connection's deadline. tls=on: a target that answers
+        in plaintext (it serves --tls off) is connected to again, without TLS."""
+        host = address.host if isinstance(address, TCPAddress) else None
+        try:
+            self._left()
+            self.sock = tls.context.wrap_socket(self.sock, server_hostname=host)
+        except TimeoutError as exc:
+            raise self._lost(exc, "did not finish the TLS handshake") from None
+        except OSError as exc:
+            if tls.mode != "on" or not answered_in_plaintext(exc):
+                raise handshake_error(self.peer, exc) from None
+            log.warning("target %s does not offer TLS: connecting without it (tls=on; "
+                        "tls=require would refuse)", self.peer)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self._connect(family, addr)
+            return
+        self.tls = True
+        self._sendv = self._sendv_tls
+        self._recvv = self._recvv_tls
 
     # -- socket helpers --------------------------------------------------------------------
+
+    def _sendv_plain(self, parts: Sequence[bytes | memoryview]) -> int:
+        """Send ``parts`` in one call where the socket can: how many bytes went."""
+        return self.sock.sendmsg(parts)
+
+    def _recvv_plain(self, buffers: Sequence[memoryview]) -> int:
+        """Receive into ``buffers`` in one call where the socket can: how many bytes came."""
+        return self.sock.recvmsg_into(buffers)[0]
+
+    def _sendv_tls(self, parts: Sequence[bytes | memoryview]) -> int:
+        total = sum(len(p) for p in parts)
+        if total <= TLS_JOIN:
+            self.sock.sendall(b"".join(parts))
+        else:
+            for part in parts:
+                self.sock.sendall(part)
+        return total
+
+    def _recvv_tls(self, buffers: Sequence[memoryview]) -> int:
+        return self.sock.recv_into(buffers[0])
 
     def _lost(self, exc: OSError, timed_out: str = "did not answer") -> ConnectionLost:
         """A socket call's failure as the connection lost (a timeout is the deadline)."""
         if isinstance(exc, TimeoutError):
             return ConnectionLost(f"{self.peer} {timed_out} within {self._timeout:g}s")
+        alert = ended(exc) if self.tls else None
+        if alert is not None:
+            return ConnectionLost(f"{self.peer} ended the TLS connection: {alert}")
         return ConnectionLost(f"connection to {self.peer} failed: {exc}")
 
     def _check_usable(self) -> None:
@@ -203,12 +272,12 @@ class StreamTransport(TransportBase):
                 if src is None:
                     self.sock.sendall(head)
                 else:
-                    sent = self.sock.sendmsg((head, src))
+                    sent = self._sendv((head, src))
                     if sent < IO.size + length:
                         self.sock.sendall(head[sent:] if sent < IO.size else b"")
                         self.sock.sendall(src[max(0, sent - IO.size):])
                 self._left()
-                got = self.sock.recvmsg_into((hdr, dst) if dst is not None else (hdr,))[0]
+                got = self._recvv((hdr, dst) if dst is not None else (hdr,))
             except OSError as exc:
                 raise self._lost(exc) from None
             if got == 0:

@@ -326,6 +326,7 @@ class VerbsTransport(TransportBase):
     #: before what arrives later on another queue pair: a barrier READ does.
     placed_on_reply = False
     kind = "verbs"
+    tls = False  # one-sided RDMA: the host cannot encrypt it (docs/security.md)
 
     def read_barrier(self, offset: int) -> None:
         self.start_barrier(offset)
