@@ -418,7 +418,7 @@ class Client(Closeable):
                 if blocks is not None:
                     self._write(lambda t, step: blocks.write(t, data, offset, len(data),
                                                              self.policy.persist_now,
-                                                             self.policy.fua_step),
+                                                             self.policy.fua_step(t)),
                                 offset, len(data), fua)
                 else:
                     self._write(lambda t, step: t.write(data, offset, step), offset,
@@ -433,7 +433,7 @@ class Client(Closeable):
                 if blocks is not None:
                     self._write(lambda t, step: blocks.write(t, None, offset, length,
                                                              self.policy.persist_now,
-                                                             self.policy.fua_step),
+                                                             self.policy.fua_step(t)),
                                 offset, length, fua)
                 else:
                     self._write(lambda t, step: t.write_zeroes(offset, length, step), offset,
@@ -447,13 +447,13 @@ class Client(Closeable):
         Once acknowledged the write is at risk until a flush: if the target loses power first,
         it may be lost. (A write whose connection broke is sent again in full, with its step,
         so it is only at risk from then on.)"""
-        step = self.policy.fua_step if fua else None
         persisted = fua or self.blocks is not None
+        policy = self.policy
         ch = self._take()
         try:
             with ch.lock:
                 try:
-                    self._run(ch, lambda t: op(t, step))
+                    self._run(ch, lambda t: op(t, policy.fua_step(t) if fua else None))
                 except BaseException:
                     if fua and self.blocks is None:  # maybe written, not persisted: the next
                         self._wrote(ch, offset, length, True, proven=False)  # flush covers it
@@ -517,10 +517,7 @@ class Client(Closeable):
             self._flushed = max(self._flushed, covered)
 
     def _commit(self, own: _Channel, ranges: list[tuple[int, int]]) -> None:
-        if self.policy.fua_step == "flush":
-            self._run(own, lambda t: t.native_flush(ranges))
-        else:
-            self._run(own, lambda t: t.commit(ranges))
+        self._run(own, lambda t: self.policy.persist_now(t, ranges))
         own.wrote_at = None  # the COMMIT (FLUSH) came after its writes on the same channel
 
     def _barriers(self, chans: list[_Channel], own: _Channel, with_own: bool) -> None:

@@ -20,21 +20,23 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from .errors import TransportError
 from .ranges import RangeSet
-from .transport import Persist, Transport
+from .transport import PersistStep, Transport
 
 #: Orders every write completed on any channel (``True``: the flushing channel's own too)
 #: before what follows on the flushing channel.
 Barriers = Callable[[bool], None]
-#: Persists these ranges on the flushing channel, by the policy's ``fua_step`` ("commit": a
-#: COMMIT; "flush": the FLUSH verb).
+#: Persists these ranges on the flushing channel (a COMMIT, or the FLUSH verb: ``persist_now``).
 Commit = Callable[[list[tuple[int, int]]], None]
 
 
 class FlushPolicy(Protocol):
     name: str
-    #: FUA: the step the transport posts with the write itself (one wait for both).
-    fua_step: Persist
+
+    def fua_step(self, t: Transport) -> PersistStep:
+        """FUA: the step ``t`` posts with the write itself (one wait for both), one of those
+        the transport made when it connected."""
 
     def wrote(self, offset: int, length: int) -> None:
         """A write of ``[offset, offset+length)`` completed; the next flush must cover it.
@@ -56,7 +58,9 @@ class FlushPolicy(Protocol):
 
 class Apm:
     name = "apm"
-    fua_step: Persist = "barrier"
+
+    def fua_step(self, t: Transport) -> PersistStep:
+        return t.barrier_step
 
     def wrote(self, offset: int, length: int) -> None:
         pass  # the barriers are all: the client knows which channels wrote
@@ -73,7 +77,9 @@ class Apm:
 
 class Gpspm:
     name = "gpspm"
-    fua_step: Persist = "commit"
+
+    def fua_step(self, t: Transport) -> PersistStep:
+        return t.commit_step
 
     def __init__(self) -> None:
         self._dirty = RangeSet()
@@ -109,7 +115,11 @@ class Native(Gpspm):
     writes, and it persists what is placed in the range, whoever wrote it)."""
 
     name = "native"
-    fua_step: Persist = "flush"
+
+    def fua_step(self, t: Transport) -> PersistStep:
+        if t.flush_step is None:  # chosen only where the WELCOME offers it: over RDMA
+            raise TransportError("flush=native needs an RDMA connection with the FLUSH verb")
+        return t.flush_step
 
     def persist_now(self, t: Transport, ranges: list[tuple[int, int]]) -> None:
         t.native_flush(ranges)

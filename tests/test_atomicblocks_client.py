@@ -177,7 +177,7 @@ def test_a_sole_writers_round_of_several_blocks_holds_every_blocks_lock(
     monkeypatch.setattr(bm, "_locks", [SignalLock(t.waited) for _ in range(blockmap.BLOCK_LOCKS)])
 
     def write(data: bytes, offset: int) -> None:
-        bm.write(t, memoryview(data), offset, len(data), commit, "commit")
+        bm.write(t, memoryview(data), offset, len(data), commit, t.commit_step)
     t.lba_at = info.map_at(other[0])
     errors: list[BaseException] = []
 

@@ -21,7 +21,7 @@ from pmemblk.errors import (
     RequestError,
     TransportError,
 )
-from pmemblk.transport import Persist
+from pmemblk.transport import Persist, PersistStep
 
 SIZE = 1 << 20
 
@@ -53,17 +53,20 @@ class MemoryTransport:
         self._persist(persist, offset, length)
 
     def _persist(self, persist: Persist | None, offset: int, length: int) -> None:
-        if persist == "barrier":
+        if persist is self.barrier_step:
             self.read_barrier(offset)
-        elif persist == "commit":
+        elif persist is self.commit_step:
             self.commit([(offset, length)])
-        elif persist == "flush":
+        elif persist is self.flush_step:
             self.native_flush([(offset, length)])
 
     #: Like RDMA: a write's completion does not prove placement; a barrier does.
     placed_on_reply = False
     kind = "memory"
     tls = False
+    barrier_step = PersistStep("barrier")
+    commit_step = PersistStep("commit")
+    flush_step: PersistStep | None = PersistStep("flush")
 
     def read_barrier(self, offset: int) -> None:
         self.durable[:] = self.mem  # apm: everything written on this QP is placed
@@ -338,6 +341,9 @@ class RcChannel:
     placed_on_reply = False
     kind = "memory"
     tls = False
+    barrier_step = PersistStep("barrier")
+    commit_step = PersistStep("commit")
+    flush_step: PersistStep | None = PersistStep("flush")
 
     def __init__(self, target: RcTarget) -> None:
         self.target = target
@@ -358,9 +364,9 @@ class RcChannel:
         if self.target.gate is not None:
             self.target.gate.wait(timeout=10)
         self.pending.append((offset, bytes(data)))
-        if persist == "commit":
+        if persist is self.commit_step:
             self.commit([(offset, len(data))])
-        elif persist == "barrier":
+        elif persist is self.barrier_step:
             self._place()
 
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:

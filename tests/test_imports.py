@@ -150,3 +150,45 @@ def test_the_walk_sees_every_kind_of_import(tmp_path: Path) -> None:
     assert graph["a"] == {"sub.b"} and graph["sub.b"] == {"a"}
     assert graph["c"] == {"d"} and graph["d"] == {"c"}
     assert cycles(graph) == [["a", "sub.b"], ["c", "d"]]
+
+
+#: Where a flush method is a name: the wire (protocol), what each guarantees (durability), the
+#: policy objects (flush). Everywhere else a method or its FUA step is an object.
+FLUSH_NAMES = {"apm", "gpspm", "native", "barrier", "commit", "flush"}
+NAMED_HERE = ("protocol", "durability", "flush")
+
+
+def name_comparisons(package: Path = PACKAGE) -> list[str]:
+    """Every ``x == "gpspm"`` or ``x in ("apm", ...)`` with a flush method's or FUA step's
+    name, outside the modules allowed to know them (``"flush" in status``, a key looked up,
+    is not one)."""
+    def named(node: ast.expr) -> bool:
+        values = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+        return any(isinstance(v, ast.Constant) and v.value in FLUSH_NAMES for v in values)
+
+    found = []
+    for name, path in modules(package).items():
+        if within(name, NAMED_HERE):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare) and any(
+                    named(right) or (isinstance(op, ast.Eq | ast.NotEq) and named(left))
+                    for op, left, right in zip(node.ops, [node.left, *node.comparators[:-1]],
+                                               node.comparators, strict=True)):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_flush_method_is_compared_by_name() -> None:
+    assert name_comparisons() == []
+
+
+def test_the_name_search_finds_a_comparison(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "client.py").write_text('def f(step, st):\n'
+                                   '    return (step == "flush" or step in ("apm",)\n'
+                                   '            or "commit" in st)\n')
+    (pkg / "flush.py").write_text('def g(m):\n    return m == "gpspm"\n')  # allowed there
+    assert name_comparisons(pkg) == ["client.py:2", "client.py:2"]  # == and in: not "in st"

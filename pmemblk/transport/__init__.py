@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ..address import Address
 from ..errors import ConnectionLost, ProtocolError, RemoteError, TransportError
@@ -19,10 +19,24 @@ from ..protocol import Commit, CommitReply, Reject, Welcome, commit_batches
 from ..resource import Closeable
 from ..tls import ClientTls
 
-#: A FUA write's persistence step, posted with the write itself so that both take one wait:
-#: "barrier" (apm: a small READ behind the writes), "commit" (gpspm: a COMMIT of the range),
-#: "flush" (native: the FLUSH verb on the range, over RDMA).
-Persist = Literal["barrier", "commit", "flush"]
+
+class PersistStep:
+    """A FUA write's persistence step, posted with the write itself so that both take one
+    wait. Each transport makes its own when it connects (``barrier_step``: a small READ behind
+    the writes, for apm; ``commit_step``: a COMMIT of the range, gpspm; ``flush_step``: the
+    FLUSH verb on it, native, where the connection has it) and reads only those it made; the
+    flush policy picks one (``FlushPolicy.fua_step``). A new flush method is a new step in
+    each transport, not a new name compared in all of them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # for logs
+
+    def __repr__(self) -> str:
+        return f"<{self.name} step>"
+
+
+#: A FUA write's step, as a transport's write methods take it.
+Persist = PersistStep
 
 
 class Transport(Protocol):
@@ -32,6 +46,11 @@ class Transport(Protocol):
     kind: str
     #: Whether the connection is encrypted (TLS over TCP; RDMA never is).
     tls: bool
+    #: The FUA persistence steps this connection posts behind a write (``PersistStep``);
+    #: ``flush_step`` is None where it has no FLUSH verb.
+    barrier_step: PersistStep
+    commit_step: PersistStep
+    flush_step: PersistStep | None
 
     def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from export offset ``offset``."""
@@ -147,13 +166,12 @@ class TransportBase(Closeable):
                    persist: Persist | None = None) -> None:
         for offset, data in items:
             self.write(data, offset)
-        ranges = [(offset, len(data)) for offset, data in items]
-        if persist == "commit":
-            self.commit(ranges)
-        elif persist == "flush":
-            self.native_flush(ranges)
-        elif persist == "barrier":
-            self.read_barrier(ranges[0][0])
+        if persist is not None:
+            self._persist_after([(offset, len(data)) for offset, data in items], persist)
+
+    def _persist_after(self, ranges: list[tuple[int, int]], step: PersistStep) -> None:
+        """``step``, on its own, after writes of ``ranges`` completed (its transport's way)."""
+        raise NotImplementedError
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """GPSPM: ask the target to persist these ranges and wait for its replies."""

@@ -54,7 +54,7 @@ from ..protocol import (
     message_type,
 )
 from ..tls import ClientTls, answered_in_plaintext, ended, handshake_error
-from . import ConnectOptions, Persist, TransportBase, check_commit_reply, refused
+from . import ConnectOptions, Persist, PersistStep, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,20 @@ def connect(options: ConnectOptions) -> StreamTransport:
                            chunk_size=min(options.chunk_size or DEFAULT_CHUNK_SIZE, 4 << 20),
                            secret=options.secret, client_id=options.client_id,
                            tls=options.tls)
+
+
+class _Step(PersistStep):
+    """A stream's FUA step: a COMMIT frame right behind the write's frames, or nothing (a
+    write's reply already proves placement: apm's barrier has nothing left to prove)."""
+
+    def __init__(self, name: str, commit: bool) -> None:
+        super().__init__(name)
+        self.commit = commit
+
+
+def _commits(step: PersistStep | None) -> bool:
+    assert step is None or isinstance(step, _Step), f"{step!r} is not a stream's step"
+    return step is not None and step.commit
 
 
 class StreamTransport(TransportBase):
@@ -372,10 +386,10 @@ class StreamTransport(TransportBase):
         self._pipeline(MSG_READ, offset, len(buf), dst=buf)
 
     def write(self, data: memoryview, offset: int, persist: Persist | None = None) -> None:
-        self._pipeline(MSG_WRITE, offset, len(data), src=data, commit=persist == "commit")
+        self._pipeline(MSG_WRITE, offset, len(data), src=data, commit=_commits(persist))
 
     def write_zeroes(self, offset: int, length: int, persist: Persist | None = None) -> None:
-        self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO, commit=persist == "commit")
+        self._pipeline(MSG_ZERO, offset, length, chunk=MAX_IO, commit=_commits(persist))
 
     def compare_swap(self, offset: int, expected: int, new: int) -> int:
         self._usable()
@@ -401,6 +415,15 @@ class StreamTransport(TransportBase):
     #: not persistence: that is gpspm's COMMIT.
     placed_on_reply = True
     kind = "tcp"
+    barrier_step: PersistStep = _Step("barrier", commit=False)
+    commit_step: PersistStep = _Step("commit", commit=True)
+    flush_step: PersistStep | None = None  # no FLUSH verb over a stream
+
+    def _persist_after(self, ranges: list[tuple[int, int]], step: PersistStep) -> None:
+        if _commits(step):
+            self.commit(ranges)
+        else:
+            self._usable()
 
     def read_barrier(self, offset: int) -> None:
         self._usable()  # nothing left to prove (placed_on_reply)

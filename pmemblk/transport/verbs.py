@@ -37,7 +37,7 @@ from ..protocol import (
     message_type,
 )
 from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
-from . import ConnectOptions, Persist, TransportBase, check_commit_reply, refused
+from . import ConnectOptions, Persist, PersistStep, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ class VerbsTransport(TransportBase):
         if message_type(raw) == MSG_REJECT:
             raise refused(self.peer, Reject.decode(raw))
         self.info = self._usable_here(hs.check(Welcome.decode(raw)))
+        #: The FLUSH verb, where both ends can post it on this connection (flush=native).
+        self.flush_step = (PersistStep("flush") if self.info.flush_methods & FLUSH_NATIVE
+                           else None)
         if not self.info.remote_addr:
             raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
         log.info(
@@ -252,7 +255,7 @@ class VerbsTransport(TransportBase):
                     piece = next(pieces, None)
                 if persist is not None and piece is None and commit_id == 0:
                     # Behind the last chunk, before waiting: one wait for the whole.
-                    if persist == "flush":  # one per range: as many as the queue takes
+                    if persist is self.flush_step:  # one per range: as many as the queue takes
                         flushes, commit_id = list(ranges), -1
                     else:
                         commit_id = self._post_persist(ep, bufs, persist, ranges[0][0],
@@ -280,7 +283,7 @@ class VerbsTransport(TransportBase):
                     if dst is not None:
                         dst[:n] = bufs.view[slot * chunk:slot * chunk + n]
                     free.append(slot)
-            if persist == "commit":
+            if persist is self.commit_step:
                 assert answer is not None
                 check_commit_reply(answer, commit_id, len(ranges))  # a bad status: RemoteError
         except (TransportError, ProtocolError) as exc:
@@ -290,7 +293,7 @@ class VerbsTransport(TransportBase):
                       offset: int, ranges: list[tuple[int, int]], steps: dict[int, str]) -> int:
         """Post a barrier READ (at ``offset``) or a COMMIT of ``ranges`` behind the writes;
         the COMMIT's request id (or -1)."""
-        if persist == "barrier":  # a small READ: cannot complete before the writes are placed
+        if persist is self.barrier_step:  # a small READ: cannot complete before the writes
             n = min(8, self.info.export_size - offset)
             wr_id = self._wr_id()
             ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
@@ -326,6 +329,9 @@ class VerbsTransport(TransportBase):
     #: before what arrives later on another queue pair: a barrier READ does.
     placed_on_reply = False
     kind = "verbs"
+    barrier_step = PersistStep("barrier")
+    commit_step = PersistStep("commit")
+    flush_step: PersistStep | None = None  # until the WELCOME says (connect)
     tls = False  # one-sided RDMA: the host cannot encrypt it (docs/security.md)
 
     def read_barrier(self, offset: int) -> None:

@@ -44,7 +44,7 @@ def test_a_writer_gone_after_its_map_moves_is_recovered_so_a_power_cut_keeps_the
 
     first = b"".join(stamp(1, lba) for lba in range(8))
     try:
-        bm.write(t1, memoryview(first), 0, len(first), dies, "commit")
+        bm.write(t1, memoryview(first), 0, len(first), dies, t1.commit_step)
     except ConnectionLost:
         pass
     else:
