@@ -258,10 +258,12 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:
-    from .install import install_plugin
+    from .install import install_man_pages, install_plugin
 
     path = install_plugin(args.plugindir)
     print(f"installed {path}: nbdkit pmemblk target=... now works")
+    for page in install_man_pages(args.mandir):
+        print(f"installed {page}")
 
 
 def cmd_install_units(args: argparse.Namespace) -> None:
@@ -421,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("install-plugin", help="install the plugin where nbdkit finds it, so "
                         "that nbdkit pmemblk target=... works")
     ip.add_argument("--plugindir", help="default: nbdkit's own (nbdkit --dump-config)")
+    ip.add_argument("--mandir", default="/usr/local/share/man", metavar="DIR",
+                    help="install the man pages pmemblk(8) and nbdkit-pmemblk-plugin(1) "
+                    "under DIR/man8 and DIR/man1 (default /usr/local/share/man)")
     ip.set_defaults(func=cmd_install_plugin)
 
     iu = sub.add_parser("install-units", help="install the systemd units "

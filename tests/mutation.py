@@ -703,6 +703,19 @@ MUTANTS = (
     Mutant("planted: a plugin client that lost data is not shown failing", "pmemblk/nbdplugin.py",
            'broken = [c.broken or c.lost for c in clients if c.broken or c.lost]',
            'broken = [c.broken for c in clients if c.broken]', (PLANTED,), select="shown_failing"),
+    # -- wt-man (issue 28 items 3, 4; issue 25 item 5's key table): man pages, completion, alerts
+    Mutant("man: a plugin key sets nothing", "pmemblk/nbdplugin.py",
+           "setattr(self, spec.field, spec.parse(key, value))", "spec.parse(key, value)",
+           ("tests/test_plugin_keys.py",)),
+    Mutant("man: the plugin page leaves out the last key", "pmemblk/manpages.py",
+           "    for key in KEY_TABLE:\n", "    for key in KEY_TABLE[:-1]:\n",
+           ("tests/test_manpages.py",)),
+    Mutant("man: a line of help starting with a dot becomes a roff request", "pmemblk/manpages.py",
+           """"\\\\&" + line if line[:1] in (".", "'") else line""", "line",
+           ("tests/test_manpages.py",), select="looks_like_roff"),
+    Mutant("man: the plugin page is installed in section 8's folder", "pmemblk/install.py",
+           '"nbdkit-pmemblk-plugin.1": "man1"', '"nbdkit-pmemblk-plugin.1": "man8"',
+           ("tests/test_manpages.py",), select="man_finds"),
 )
 
 
