@@ -436,7 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # Bash asking for completions (share/bash-completion/completions/pmemblk): argcomplete
+        # answers from this parser and exits.
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose or args.debug else (
         logging.INFO if args.command == "serve" else logging.WARNING)
     # pyverbs logs every object it creates (one logger per class): keep -v to pmemblk's own.

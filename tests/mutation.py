@@ -716,6 +716,9 @@ MUTANTS = (
     Mutant("man: the plugin page is installed in section 8's folder", "pmemblk/install.py",
            '"nbdkit-pmemblk-plugin.1": "man1"', '"nbdkit-pmemblk-plugin.1": "man8"',
            ("tests/test_manpages.py",), select="man_finds"),
+    Mutant("man: pmemblk does not answer bash's completion", "pmemblk/cli.py",
+           "        argcomplete.autocomplete(parser)\n", "        del argcomplete\n",
+           ("tests/test_completion.py",)),
 )
 
 
