@@ -719,6 +719,19 @@ MUTANTS = (
     Mutant("man: pmemblk does not answer bash's completion", "pmemblk/cli.py",
            "        argcomplete.autocomplete(parser)\n", "        del argcomplete\n",
            ("tests/test_completion.py",)),
+    Mutant("man: the target counts every client as a writer", "pmemblk/target.py",
+           'sum(c["mode"] == "read-write" for c in st["clients"])', 'len(st["clients"])',
+           ("tests/test_monitoring.py",), select="writers"),
+    Mutant("man: the target calls every flush method persistent", "pmemblk/target.py",
+           "[st[\"region\"], g.method], int(g.persistent))", "[st[\"region\"], g.method], 1)",
+           ("tests/test_monitoring.py",), select="writers"),
+    Mutant("man: the visibility-only alert looks for the wrong value",
+           "pmemblk/monitoring/pmemblk-alerts.yml", "and pmemblk_client_persistent == 0",
+           "and pmemblk_client_persistent == 2", ("tests/test_monitoring.py",),
+           select="promtool"),
+    Mutant("man: a writer that leaves for a moment is an alert at once",
+           "pmemblk/monitoring/pmemblk-alerts.yml", "        for: 2m\n", "",
+           ("tests/test_monitoring.py",), select="promtool"),
 )
 
 
