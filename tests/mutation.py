@@ -732,6 +732,9 @@ MUTANTS = (
     Mutant("man: a writer that leaves for a moment is an alert at once",
            "pmemblk/monitoring/pmemblk-alerts.yml", "        for: 2m\n", "",
            ("tests/test_monitoring.py",), select="promtool"),
+    Mutant("man: pip install leaves pmemblk(8) out of share/man", "pyproject.toml",
+           '"share/man/man8" = ["pmemblk/man/pmemblk.8"]\n', "", ("tests/test_manpages.py",),
+           select="wheel"),
 )
 
 

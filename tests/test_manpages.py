@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from pmemblk import manpages
 from pmemblk.cli import build_parser
 from pmemblk.nbdplugin import KEY_TABLE
+
+from .conftest import ROOT
 
 needs_groff = pytest.mark.skipif(shutil.which("groff") is None,
                                  reason="groff is not installed (scripts/setup: groff-base)")
@@ -85,3 +88,27 @@ def test_man_finds_the_installed_pages(tmp_path: Path) -> None:
         res = subprocess.run(["man", "-M", str(mandir), "-w", section, page], capture_output=True,
                              text=True, timeout=60, check=True)
         assert res.stdout.strip() == str(mandir / f"man{section}" / f"{page}.{section}")
+
+
+def test_a_wheel_installs_the_pages_completion_and_monitoring(tmp_path: Path) -> None:
+    """What pip install puts where man and bash-completion look (PREFIX/share/...), and the
+    package data install-plugin and docs/services.md use. (An editable install has no data
+    files: there, install-plugin installs the pages.)"""
+    import zipfile
+
+    tree = tmp_path / "tree"  # what the build reads, so it writes nothing into ROOT
+    shutil.copytree(ROOT / "pmemblk", tree / "pmemblk",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                          "--no-build-isolation", str(tree), "-w", str(tmp_path / "wheel")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = (tmp_path / "wheel").glob("pmemblk-*.whl")
+    names = {n.split(".data/data/", 1)[-1] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {"share/man/man8/pmemblk.8", "share/man/man1/nbdkit-pmemblk-plugin.1",
+            "share/bash-completion/completions/pmemblk", "pmemblk/man/pmemblk.8",
+            "pmemblk/man/nbdkit-pmemblk-plugin.1", "pmemblk/monitoring/pmemblk-alerts.yml",
+            "pmemblk/monitoring/pmemblk-alerts.test.yml",
+            "pmemblk/monitoring/pmemblk-dashboard.json"} <= names
