@@ -258,8 +258,9 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:
-    from .install import install_man_pages, install_plugin
+    from .install import check_mandir, install_man_pages, install_plugin
 
+    check_mandir(args.mandir)  # a bad --mandir is refused before the plugin is written
     path = install_plugin(args.plugindir)
     print(f"installed {path}: nbdkit pmemblk target=... now works")
     for page in install_man_pages(args.mandir):

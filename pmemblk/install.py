@@ -79,9 +79,15 @@ def install_plugin(plugindir: str | None) -> str:
     return path
 
 
+def check_mandir(mandir: str) -> None:
+    """Refuse a man directory that is missing or that others can write, before anything is
+    installed."""
+    files.check_folder(mandir, "man directory")
+
+
 def install_man_pages(mandir: str) -> list[str]:
     """pmemblk(8) and nbdkit-pmemblk-plugin(1) under ``mandir``/man8 and /man1."""
-    files.check_folder(mandir, "man directory")
+    check_mandir(mandir)
     written = []
     for name, section in MAN_PAGES.items():
         folder = os.path.join(mandir, section)

@@ -735,6 +735,9 @@ MUTANTS = (
     Mutant("man: pip install leaves pmemblk(8) out of share/man", "pyproject.toml",
            '"share/man/man8" = ["pmemblk/man/pmemblk.8"]\n', "", ("tests/test_manpages.py",),
            select="wheel"),
+    Mutant("man: install-plugin writes the plugin before it checks --mandir", "pmemblk/cli.py",
+           "    check_mandir(args.mandir)  # a bad --mandir", "    (args.mandir)  # a bad --mandir",
+           ("tests/test_manpages.py",), select="bad_mandir"),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,17 @@ def test_a_wheel_installs_the_pages_completion_and_monitoring(tmp_path: Path) ->
             "pmemblk/man/nbdkit-pmemblk-plugin.1", "pmemblk/monitoring/pmemblk-alerts.yml",
             "pmemblk/monitoring/pmemblk-alerts.test.yml",
             "pmemblk/monitoring/pmemblk-dashboard.json"} <= names
+
+
+def test_install_plugin_refuses_a_bad_mandir_before_writing_anything(tmp_path: Path) -> None:
+    plugins, mandir = tmp_path / "plugins", tmp_path / "man"
+    plugins.mkdir()
+    mandir.mkdir(mode=0o777)
+    mandir.chmod(0o777)
+    for bad, message in ((tmp_path / "nope", "No such file"), (mandir, "can be written by other")):
+        res = subprocess.run([sys.executable, "-m", "pmemblk", "install-plugin", "--plugindir",
+                              str(plugins), "--mandir", str(bad)], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert res.returncode == 1 and message in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert list(plugins.iterdir()) == []
