@@ -11,6 +11,8 @@ checked-in ones differ. After changing an option or a key::
 
 from __future__ import annotations
 
+import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -36,6 +38,16 @@ SEE_ALSO = ("nbdkit(1), nbdkit-python-plugin(3), nbd-client(8), daxctl(1), "
             "the pmemblk source")
 
 
+#: The width argparse formats usage lines to in pmemblk(8).
+WIDTH = 80
+
+
+def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and its subcommands' parsers."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for a in subs for p in a.choices.values())]
+
+
 def pmemblk_page() -> str:
     """pmemblk(8), roff, from cli.build_parser()."""
     from argparse_manpage.manpage import Manpage
@@ -44,6 +56,9 @@ def pmemblk_page() -> str:
 
     parser = build_parser()
     parser.description = None  # the DESCRIPTION section below says more
+    # argparse wraps usage to the terminal's width ($COLUMNS): the page must not depend on it.
+    for each in parsers(parser):
+        each.formatter_class = functools.partial(argparse.HelpFormatter, width=WIDTH)
     page = Manpage(parser, {"project_name": "pmemblk", "version": __version__,
                             "manual_section": 8, "manual_title": "System Administration",
                             "description": "remote persistent memory as a Linux block device"},

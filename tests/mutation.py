@@ -738,6 +738,9 @@ MUTANTS = (
     Mutant("man: install-plugin writes the plugin before it checks --mandir", "pmemblk/cli.py",
            "    check_mandir(args.mandir)  # a bad --mandir", "    (args.mandir)  # a bad --mandir",
            ("tests/test_manpages.py",), select="bad_mandir"),
+    Mutant("man: pmemblk(8) wraps to the terminal it was made in", "pmemblk/manpages.py",
+           "        each.formatter_class = functools.partial(argparse.HelpFormatter, width=WIDTH)",
+           "        pass", ("tests/test_manpages.py",), select="current"),
 )
 
 
