@@ -292,10 +292,13 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:
-    from .install import install_plugin
+    from .install import check_mandir, install_man_pages, install_plugin
 
+    check_mandir(args.mandir)  # a bad --mandir is refused before the plugin is written
     path = install_plugin(args.plugindir)
     print(f"installed {path}: nbdkit pmemblk target=... now works")
+    for page in install_man_pages(args.mandir):
+        print(f"installed {page}")
 
 
 def cmd_install_units(args: argparse.Namespace) -> None:
@@ -477,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("install-plugin", help="install the plugin where nbdkit finds it, so "
                         "that nbdkit pmemblk target=... works")
     ip.add_argument("--plugindir", help="default: nbdkit's own (nbdkit --dump-config)")
+    ip.add_argument("--mandir", default="/usr/local/share/man", metavar="DIR",
+                    help="install the man pages pmemblk(8) and nbdkit-pmemblk-plugin(1) "
+                    "under DIR/man8 and DIR/man1 (default /usr/local/share/man)")
     ip.set_defaults(func=cmd_install_plugin)
 
     iu = sub.add_parser("install-units", help="install the systemd units "
@@ -487,7 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # Bash asking for completions (share/bash-completion/completions/pmemblk): argcomplete
+        # answers from this parser and exits.
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose or args.debug else (
         logging.INFO if args.command == "serve" else logging.WARNING)
     # pyverbs logs every object it creates (one logger per class): keep -v to pmemblk's own.

@@ -1,5 +1,6 @@
 """Installing pmemblk's pieces where other programs look for them: the nbdkit plugin in
-nbdkit's plugin directory (``nbdkit pmemblk ...``), the systemd units in /etc/systemd/system.
+nbdkit's plugin directory (``nbdkit pmemblk ...``) with the man pages where ``man`` finds them,
+the systemd units in /etc/systemd/system.
 
 Both are written from what is running now, so they name this pmemblk's files and nothing else.
 """
@@ -18,6 +19,9 @@ from .errors import ConfigError, ServiceError
 
 UNITS = ("pmemblk-serve@.service", "pmemblk-attach@.service")
 PLUGIN_NAME = "nbdkit-pmemblk-plugin"
+#: The checked-in man pages (pmemblk/man/, made by pmemblk.manpages), by section.
+MAN_PAGES = {"pmemblk.8": "man8", "nbdkit-pmemblk-plugin.1": "man1"}
+DEFAULT_MANDIR = "/usr/local/share/man"
 
 
 def nbdkit_config() -> dict[str, str]:
@@ -73,6 +77,25 @@ def install_plugin(plugindir: str | None) -> str:
         raise ConfigError(f"the installed plugin did not load under nbdkit ({said}); "
                           f"removed {path}")
     return path
+
+
+def check_mandir(mandir: str) -> None:
+    """Refuse a man directory that is missing or that others can write, before anything is
+    installed."""
+    files.check_folder(mandir, "man directory")
+
+
+def install_man_pages(mandir: str) -> list[str]:
+    """pmemblk(8) and nbdkit-pmemblk-plugin(1) under ``mandir``/man8 and /man1."""
+    check_mandir(mandir)
+    written = []
+    for name, section in MAN_PAGES.items():
+        folder = os.path.join(mandir, section)
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        path = os.path.join(folder, name)
+        _write(path, resources.files("pmemblk").joinpath("man", name).read_text(), 0o644)
+        written.append(path)
+    return written
 
 
 def _executable() -> str:

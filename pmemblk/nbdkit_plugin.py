@@ -23,16 +23,18 @@ import nbdkit
 import pmemblk
 from pmemblk.client import Client
 from pmemblk.errors import PmemblkError
-from pmemblk.nbdplugin import KEYS, PluginState, describe
+from pmemblk.nbdplugin import KEYS, PluginState, describe, keys_help
 
 __all__ = [
     "API_VERSION", "after_fork", "block_size", "can_fast_zero", "can_flush", "can_fua",
     "can_multi_conn", "can_trim", "can_write", "can_zero", "cleanup", "close", "config",
-    "config_complete", "dump_plugin", "export_description", "flush", "get_size",
+    "config_complete", "config_help", "dump_plugin", "export_description", "flush", "get_size",
     "is_rotational", "open", "pread", "pwrite", "thread_model", "zero",
 ]
 
 API_VERSION = 2
+# nbdkit's config_help (its Python plugin does not read it yet; the man page has the same).
+config_help = keys_help()
 
 # nbdkit prints a failed callback with traceback.format_exception, which honours this limit:
 # expected errors (PmemblkError) then read as one line. Unexpected ones are bugs: _guard logs

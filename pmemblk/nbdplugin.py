@@ -8,36 +8,8 @@ model"). A FLUSH on any connection therefore covers the writes of all of them (m
 ``plugin/pmemblk.py`` is a thin shim that nbdkit loads; it forwards each callback here and maps
 errors to ``nbdkit.set_error``. Keeping the logic here lets it be tested on any host.
 
-Keys::
-
-    target=HOST:PORT      the target (required); unix:PATH for a Unix socket (tcp transport)
-    transport=auto|verbs|tcp
-                          auto (default): verbs when an RDMA device with an active port reaches
-                          the target, otherwise TCP; the choice and its reason are logged
-    flush=auto|native|gpspm|apm  flush method (default auto: one the target says is persistent;
-                          see docs/persistence.md)
-    allow-visibility-only=true
-                          accept a flush method that gives only visibility (not persistence)
-    readonly=true|false   open the export read-only (default false)
-    secret-file=PATH      the target's shared secret (when it serves with --secret-file)
-    reconnect-timeout=SECONDS
-                          how long to keep reconnecting to a lost target before requests
-                          fail with EIO (default 60; 0: fail at once)
-    timeout=SECONDS       deadline for every completion (default 30)
-    channels=N            connections to the target this plugin instance opens at most, as
-                          its threads need them (default 8, 1..64): the most requests in
-                          flight at once
-    depth=N               RDMA work requests in flight per request (default 8, 1..64)
-    chunk=SIZE            bytes per RDMA work request or stream frame (4K..16M, a power of
-                          two; default 256K over RDMA, 1M over a stream)
-    control=PATH          answer ``pmemblk status`` on this Unix socket (mode 600)
-    stats=true|false      count requests and their latency (default true)
-    name=NAME             this device's name in status and metrics (default: the target)
-    log=FILE              also append the plugin's messages (info and up) to FILE
-    tls=off|on|require    TLS 1.3 over TCP (default off); on: TLS if the target offers it;
-                          require: refuse a target without it (RDMA is never encrypted)
-    tls-certificates=DIR  ca-cert.pem checks the target (default: the system's CAs); with
-                          client-cert.pem and client-key.pem, for serve --tls-verify-peer
+Keys (``KEY_TABLE`` below: one row per key, its parser and its help; the plugin's help,
+this docstring's list and nbdkit-pmemblk-plugin(1) are made from it):
 """
 
 from __future__ import annotations
@@ -47,9 +19,10 @@ import functools
 import logging
 import os
 import re
+import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +42,6 @@ from .units import parse_size
 
 log = logging.getLogger(__name__)
 
-KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
-        "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control", "stats", "name",
-        "log", "tls", "tls-certificates")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", *REGISTRY)
 #: Names of devices and attachments (also directory names under /run/pmemblk).
@@ -98,6 +68,147 @@ def _seconds(key: str, value: str, allow_zero: bool) -> float:
         raise ConfigError(f"{key}={value!r}: must be {'at least' if allow_zero else 'more than'}"
                           " 0 and at most 3600")
     return n
+
+
+def _transport(key: str, value: str) -> str:
+    if value not in TRANSPORTS:
+        raise ConfigError(f"transport={value!r}: use auto, verbs or tcp")
+    return value
+
+
+def _flush(key: str, value: str) -> str:
+    if value != "auto" and value not in FLUSH_METHODS:
+        raise ConfigError(f"flush={value!r}: use auto, native, gpspm or apm")
+    return value
+
+
+def _whole(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(key: str, value: str) -> int:
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise ConfigError(f"{key}={value!r}: expected a whole number from {low} to {high}")
+        return int(value)
+    return parse
+
+
+def _chunk(key: str, value: str) -> int:
+    n = parse_size(value)
+    if n & (n - 1) or not 4096 <= n <= 16 << 20:
+        raise ConfigError(f"chunk={value!r}: expected a power of two from 4K to 16M")
+    return n
+
+
+def _control(key: str, value: str) -> str:
+    if not value or len(value.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"control={value!r}: expected a socket path of at most "
+                          f"{UNIX_PATH_MAX} bytes")
+    return value
+
+
+def _name(key: str, value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ConfigError(f"name={value!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    return value
+
+
+def _log(key: str, value: str) -> str:
+    if not value:
+        raise ConfigError("log=: expected a file to append the plugin's messages to")
+    return value
+
+
+def _tls_certificates(key: str, value: str) -> str:
+    if not value:
+        raise ConfigError("tls-certificates=: expected a folder")
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: how its value is written, what it means, how it is parsed (to
+    a value or ConfigError, one line) and the PluginConfig field it sets."""
+
+    name: str
+    value: str
+    help: str
+    parse: Callable[[str, str], object]
+    field: str
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name}={self.value}"
+
+
+#: Every key the plugin takes, in the order its help lists them. A new key is one row here
+#: (and its field in PluginConfig); set(), the help and the man page follow.
+KEY_TABLE: tuple[Key, ...] = (
+    Key("target", "HOST:PORT|unix:PATH",
+        "where pmemblk serve listens (required); unix:PATH for a Unix socket (tcp transport)",
+        lambda key, value: parse_address(value, "target="), "target"),
+    Key("transport", "auto|verbs|tcp",
+        "auto (default): verbs when an RDMA device with an active port reaches the target, "
+        "otherwise TCP; the choice and its reason are logged. verbs refuses loopback addresses",
+        _transport, "transport"),
+    Key("flush", "auto|native|gpspm|apm",
+        "flush method (default auto: native where the target says native is persistent, then "
+        "apm where apm is, otherwise gpspm; see docs/persistence.md)", _flush, "flush"),
+    Key("allow-visibility-only", "true|false",
+        "accept a flush method that only proves the data reached the target's memory "
+        "(survives the target process, not a power cut); default false",
+        parse_bool, "allow_visibility_only"),
+    Key("readonly", "true|false", "open the export read-only (default false)",
+        parse_bool, "readonly"),
+    Key("secret-file", "PATH",
+        "the shared secret of a target that serves with --secret-file (mode 600); the plugin "
+        "then also refuses a target that cannot prove it holds the secret",
+        lambda key, value: value, "secret_file"),
+    Key("reconnect-timeout", "SECONDS",
+        "how long to keep reconnecting to a lost target before requests fail with EIO "
+        f"(default {DEFAULT_RECONNECT_TIMEOUT:g}; 0: fail at once)",
+        lambda key, value: _seconds(key, value, allow_zero=True), "reconnect_timeout"),
+    Key("timeout", "SECONDS",
+        f"deadline for every completion or reply (default {DEFAULT_TIMEOUT:g}); then the "
+        "connection counts as lost",
+        lambda key, value: _seconds(key, value, allow_zero=False), "timeout"),
+    Key("channels", "N",
+        "connections to the target this plugin instance opens at most, as its threads need "
+        f"them (default {DEFAULT_CHANNELS}, 1..64): the most requests in flight at once",
+        _whole(1, 64), "channels"),
+    Key("depth", "N", f"work requests in flight per request (default {DEFAULT_DEPTH}, 1..64)",
+        _whole(1, 64), "depth"),
+    Key("chunk", "SIZE",
+        "bytes per RDMA work request or stream frame (a power of two from 4K to 16M; default "
+        "256K over RDMA, 1M over a stream; a stream uses at most 4M)", _chunk, "chunk"),
+    Key("control", "PATH",
+        "answer pmemblk status (JSON) and Prometheus requests on this Unix socket (mode 600)",
+        _control, "control"),
+    Key("stats", "true|false", "count requests and their latency (default true)",
+        parse_bool, "stats"),
+    Key("name", "NAME", "this device's name in status and metrics (default: the target)",
+        _name, "name"),
+    Key("log", "FILE",
+        "also append the plugin's messages (info and up) to FILE: nbdkit in the background "
+        "has no stderr", _log, "log"),
+    Key("tls", "off|on|require",
+        "TLS 1.3 over TCP (default off); on: TLS where the target offers it, plaintext where "
+        "it does not; require: refuse a target without it (RDMA is never encrypted)",
+        lambda key, value: parse_mode(value, "tls="), "tls"),
+    Key("tls-certificates", "DIR",
+        "ca-cert.pem checks the target (default: the system's CAs); with client-cert.pem and "
+        "client-key.pem, for a target that serves with --tls-verify-peer",
+        _tls_certificates, "tls_certificates"),
+)
+KEYS = tuple(k.name for k in KEY_TABLE)
+KEYS_BY_NAME = {k.name: k for k in KEY_TABLE}
+
+
+def keys_help(width: int = 92) -> str:
+    """The keys as plain text, for the docstring and ``--dump-plugin``."""
+    lines = []
+    for k in KEY_TABLE:
+        lines.append(f"    {k.usage}")
+        lines += textwrap.wrap(k.help, width, initial_indent=" " * 10,
+                               subsequent_indent=" " * 10)
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -128,66 +239,13 @@ class PluginConfig:
     client_id: bytes = field(default_factory=auth.new_client_id, repr=False)
 
     def set(self, key: str, value: str) -> None:
-        if key not in KEYS:
+        spec = KEYS_BY_NAME.get(key)
+        if spec is None:
             raise ConfigError(f"unknown key {key!r}: this plugin takes {', '.join(KEYS)}")
         if key in self.seen:
             raise ConfigError(f"{key} given twice")
         self.seen.add(key)
-        if key == "target":
-            self.target = parse_address(value, "target=")
-        elif key == "transport":
-            if value not in TRANSPORTS:
-                raise ConfigError(f"transport={value!r}: use auto, verbs or tcp")
-            self.transport = value
-        elif key == "flush":
-            if value != "auto" and value not in FLUSH_METHODS:
-                raise ConfigError(f"flush={value!r}: use auto, native, gpspm or apm")
-            self.flush = value
-        elif key == "allow-visibility-only":
-            self.allow_visibility_only = parse_bool(key, value)
-        elif key == "readonly":
-            self.readonly = parse_bool(key, value)
-        elif key == "secret-file":
-            self.secret_file = value
-        elif key == "reconnect-timeout":
-            self.reconnect_timeout = _seconds(key, value, allow_zero=True)
-        elif key == "timeout":
-            self.timeout = _seconds(key, value, allow_zero=False)
-        elif key == "channels":
-            if not value.isdigit() or not 1 <= int(value) <= 64:
-                raise ConfigError(f"channels={value!r}: expected a whole number from 1 to 64")
-            self.channels = int(value)
-        elif key == "depth":
-            if not value.isdigit() or not 1 <= int(value) <= 64:
-                raise ConfigError(f"depth={value!r}: expected a whole number from 1 to 64")
-            self.depth = int(value)
-        elif key == "chunk":
-            n = parse_size(value)
-            if n & (n - 1) or not 4096 <= n <= 16 << 20:
-                raise ConfigError(f"chunk={value!r}: expected a power of two from 4K to 16M")
-            self.chunk = n
-        elif key == "control":
-            if not value or len(value.encode()) > UNIX_PATH_MAX:
-                raise ConfigError(f"control={value!r}: expected a socket path of at most "
-                                  f"{UNIX_PATH_MAX} bytes")
-            self.control = value
-        elif key == "stats":
-            self.stats = parse_bool(key, value)
-        elif key == "name":
-            if not NAME_RE.fullmatch(value):
-                raise ConfigError(f"name={value!r}: use letters, digits, '.', '_' and '-' "
-                                  "(at most 64)")
-            self.name = value
-        elif key == "log":
-            if not value:
-                raise ConfigError("log=: expected a file to append the plugin's messages to")
-            self.log = value
-        elif key == "tls":
-            self.tls = parse_mode(value, "tls=")
-        elif key == "tls-certificates":
-            if not value:
-                raise ConfigError("tls-certificates=: expected a folder")
-            self.tls_certificates = value
+        setattr(self, spec.field, spec.parse(key, value))
 
     def complete(self) -> None:
         if self.target is None:
@@ -425,3 +483,6 @@ def describe(client: Client) -> str:
     mode = "persistent" if client.persistent else "visibility only"
     return (f"pmemblk region {info.region_uuid} over {kind}: flush={client.flush_method} "
             f"({mode}), target is_pmem={int(info.is_pmem)}")
+
+
+__doc__ = (__doc__ or "") + "\n" + keys_help()

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__, atomicblocks, auth, durability, layout, stats
 from .address import Address
@@ -573,6 +573,15 @@ class Export:
                               st["loss_epoch"], labels)
             yield stats.gauge("pmemblk_target_is_pmem", "1 if the region is persistent memory",
                               int(st["is_pmem"]), labels)
+            yield stats.gauge("pmemblk_target_writers", "Read-write clients connected now",
+                              sum(c["mode"] == "read-write" for c in st["clients"]), labels)
+            persistent = GaugeMetricFamily(
+                "pmemblk_target_flush_persistent",
+                "1 if an acknowledged FLUSH by this method survives a power cut",
+                labels=["region", "method"])
+            for g in self.guarantees:
+                persistent.add_metric([st["region"], g.method], int(g.persistent))
+            yield persistent
             for key, value in st["totals"].items():
                 yield stats.counter(f"pmemblk_target_{key}", f"Total {key.replace('_', ' ')}",
                                     value, labels)

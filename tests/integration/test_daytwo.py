@@ -198,8 +198,14 @@ def test_detach_after_nbdkit_died(target: Target, run_dir: Path) -> None:
 
 
 def test_install_plugin_runs_under_nbdkit(tmp_path: Path) -> None:
-    """The installed file is what `nbdkit pmemblk` runs (nbdkit execs its #! line)."""
-    out = pmemblk("install-plugin", "--plugindir", str(tmp_path)).stdout
+    """The installed file is what `nbdkit pmemblk` runs (nbdkit execs its #! line); the man
+    pages are installed beside, where man finds them."""
+    (tmp_path / "man").mkdir()
+    out = pmemblk("install-plugin", "--plugindir", str(tmp_path), "--mandir",
+                  str(tmp_path / "man")).stdout
+    for page in ("man8/pmemblk.8", "man1/nbdkit-pmemblk-plugin.1"):
+        assert f"installed {tmp_path / 'man' / page}\n" in out
+        assert (tmp_path / "man" / page).read_text().startswith(".TH ")
     installed = tmp_path / "nbdkit-pmemblk-plugin"
     assert f"installed {installed}:" in out and os.access(installed, os.X_OK)
     assert installed.read_text().startswith("#!")
