@@ -526,10 +526,10 @@ MUTANTS = (
            "                ch.transport.read_barrier(at)  # type: ignore[union-attr]",
            (BARRIERS,), select="connection_breaks"),
     Mutant("a failed COMMIT still counts as ordering its channel", "pmemblk/client.py",
-           "            self._run(own, lambda t: t.commit(ranges))\n"
+           "        self._run(own, lambda t: self.policy.persist_now(t, ranges))\n"
            "        own.wrote_at = None",
-           "            own.wrote_at = None\n"
-           "            self._run(own, lambda t: t.commit(ranges))",
+           "        own.wrote_at = None\n"
+           "        self._run(own, lambda t: self.policy.persist_now(t, ranges))",
            (BARRIERS,), select="failed_commit"),
     Mutant("gpspm commits before it orders the other channels", "pmemblk/flush.py",
            "            barriers(False)  # the COMMIT itself orders the flushing channel's writes\n"
