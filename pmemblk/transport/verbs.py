@@ -270,14 +270,14 @@ class VerbsTransport(Channel):
                 remote, self.info.rkey)
         self._inflight[wr_id] = (_BARRIER, remote, n, -1, None)
 
-    def _post_flushes(self, ep: Endpoint, ranges: list[tuple[int, int]]) -> None:
-        """One FLUSH per range (executed after this queue pair's writes), as many in flight
-        as the send queue takes."""
+    def _post_flushes(self, ep: Endpoint, ranges: list[tuple[int, int]], limit: int) -> None:
+        """One FLUSH per range (executed after this queue pair's writes), with at most
+        ``limit`` work requests in flight."""
         persistent = self._flush_persistent
         base, rkey, inflight = self.info.remote_addr, self.info.rkey, self._inflight
         for off, n in ranges:
-            if len(inflight) >= self._send_depth:
-                self._drain(ep, self._send_depth - 1)
+            if len(inflight) >= limit:
+                self._drain(ep, limit - 1)
             wr_id = self._wr_id()
             ep.post_flush(wr_id, base + off, n, rkey, persistent)
             inflight[wr_id] = (_FLUSH, base + off, n, -1, None)
@@ -312,13 +312,14 @@ class VerbsTransport(Channel):
         posted before any is waited for, the persistence step covering every one of them."""
         ep, bufs = self._usable()
         chunk, lkey, addr, view = self.chunk_size, bufs.lkey, bufs.addr, bufs.view
-        base, rkey, inflight = self.info.remote_addr, self.info.rkey, self._inflight
+        base, rkey, inflight, free = (self.info.remote_addr, self.info.rkey, self._inflight,
+                                      self._free)
         kind = _READ if opcode == rdma.e.IBV_WR_RDMA_READ else _WRITE
         try:
             for off, length, src, dst in segments:
                 for pos in range(0, length, chunk):
                     n = min(chunk, length - pos)
-                    slot = self._slot(ep)
+                    slot = free.pop() if free else self._slot(ep)
                     if src is None and dst is None:  # zeroes: the shared zero chunk
                         laddr = addr + self._zero_off
                     else:
@@ -332,8 +333,8 @@ class VerbsTransport(Channel):
             request_id = 0
             if persist is not None:  # behind the last chunk, before waiting: one wait
                 ranges = [(off, n) for off, n, _, _ in segments]
-                if persist == "flush":
-                    self._post_flushes(ep, ranges)
+                if persist == "flush":  # behind the writes, as the send queue has room
+                    self._post_flushes(ep, ranges, self._send_depth)
                 elif persist == "barrier":
                     self._post_barrier(ep, bufs, ranges[0][0])
                 else:
@@ -394,13 +395,12 @@ class VerbsTransport(Channel):
         return bool(self.info.durable_methods & FLUSH_NATIVE)
 
     def native_flush(self, ranges: list[tuple[int, int]]) -> None:
-        """One FLUSH per range, as many in flight as the send queue takes, then every one
-        waited for."""
+        """One FLUSH per range, up to ``depth`` in flight, then every one waited for."""
         ep, _ = self._usable()
         if not self.info.flush_methods & FLUSH_NATIVE:
             raise TransportError(f"{self.peer} offers no native FLUSH on this connection")
         try:
-            self._post_flushes(ep, ranges)
+            self._post_flushes(ep, ranges, self.depth)
             self._drain(ep)
         except TransportError as exc:
             raise self._fail(exc) from None
