@@ -623,11 +623,12 @@ class Endpoint(Closeable):
 
 def wc_failure(wc: Any, what: str, remote_addr: int = 0, rkey: int = 0, length: int = 0
                ) -> TransportError:
-    """A failed completion as an error, logged once with every field that matters."""
+    """A failed completion as an error naming every field of its work request that matters
+    (librpma's way). Not logged here: whoever decides what the failure means (the client:
+    reconnect or fail the request; the target: drop the client) logs it, once."""
     status = WC_STATUS_NAMES.get(wc.status, str(wc.status))
     msg = (f"{what} failed: completion status {status} (vendor error 0x{wc.vendor_err:x}); "
            f"remote address 0x{remote_addr:x}, rkey 0x{rkey:x}, length {length}")
-    log.error("%s", msg)
     if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:
         return ConnectionLost(msg)
     return TransportError(msg)

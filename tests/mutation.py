@@ -51,6 +51,8 @@ FUA_FRAMES = "tests/integration/test_fua_frames.py"
 CRASH = "tests/crash/test_crash.py"
 AUDIT = "tests/integration/test_audit.py"
 TLS_IT = "tests/integration/test_tls.py"
+RDMA = "tests/test_rdma.py"
+VERBS_SHAPE = "tests/test_verbs_shape.py"
 
 
 @dataclass(frozen=True)
@@ -787,6 +789,33 @@ MUTANTS = (
     Mutant("man: pmemblk(8) wraps to the terminal it was made in", "pmemblk/manpages.py",
            "        each.formatter_class = functools.partial(argparse.HelpFormatter, width=WIDTH)",
            "        pass", ("tests/test_manpages.py",), select="current"),
+    # -- verbs (issue 25 item 2): one post-and-wait engine in pmemblk/transport/verbs.py
+    Mutant("a failed completion is logged where it is taken, and again by who decides",
+           "pmemblk/rdma.py",
+           "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
+           "    log.error(\"%s\", msg)\n"
+           "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
+           (RDMA,)),
+    Mutant("a failed completion's error does not name the rkey", "pmemblk/rdma.py",
+           'f"remote address 0x{remote_addr:x}, rkey 0x{rkey:x}, length {length}")',
+           'f"remote address 0x{remote_addr:x}, length {length}")', (RDMA,)),
+    Mutant("a flushed work request is not taken for a lost connection", "pmemblk/rdma.py",
+           "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
+           "    if HAVE_PYVERBS and wc.status == e.IBV_WC_REM_ACCESS_ERR:", (RDMA,)),
+    Mutant("the drain takes completions without checking their status",
+           "pmemblk/transport/verbs.py",
+           "                if wc.status != rdma.e.IBV_WC_SUCCESS:\n"
+           "                    raise rdma.wc_failure(",
+           "                if False:\n"
+           "                    raise rdma.wc_failure(", (VERBS_SHAPE,)),
+    Mutant("finishing a barrier waits on its own, past the drain's checks",
+           "pmemblk/transport/verbs.py",
+           "            self._drain(self.ep)\n",
+           "            self.ep.wait(time.monotonic() + self.timeout)\n", (VERBS_SHAPE,)),
+    Mutant("native FLUSH keeps a table of its own", "pmemblk/transport/verbs.py",
+           "            self._post_flushes(ep, ranges, self.depth)\n",
+           "            pending: dict[int, int] = {}\n"
+           "            self._post_flushes(ep, ranges, self.depth)\n", (VERBS_SHAPE,)),
 )
 
 

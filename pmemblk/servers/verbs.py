@@ -382,7 +382,8 @@ class VerbsServer:
             if wc.status == e.IBV_WC_WR_FLUSH_ERR:
                 log.info("client %d: queue pair flushed: the client left", conn.number)
             else:
-                rdma.wc_failure(wc, f"client {conn.number}: message")
+                log.error("client %d: %s: disconnecting it", conn.number,
+                          rdma.wc_failure(wc, "message"))
             self._drop(conn, disconnect=True)
             return
         if _SEND_BASE <= wc.wr_id < _SEND_BASE + self.depth:

@@ -4,13 +4,18 @@ Buffer layout (one registration per connection, made at connect time)::
 
     [ slot 0 | ... | slot depth-1 | zero chunk | send message | receive message | atomics ]
 
-The atomics area holds one 8-byte word per compare-and-swap in flight (``depth`` of them).
+The atomics area holds one 8-byte word per slot: a compare-and-swap in flight takes a slot and
+its old value lands in that slot's word.
 
 Each data slot is ``chunk_size`` bytes. A request is split into chunks and pipelined with up to
 ``depth`` work requests in flight, each in its own slot; a slot is reused only after its
 completion. The zero chunk is never written, so every in-flight zeroing WRITE may share it.
 A connection is one thread's channel (``pmemblk.client``): requests on it never overlap, so the
 pool is never shared between two requests.
+
+Every work request posted is recorded in one in-flight table and every completion is taken by
+one drain (``VerbsTransport._drain``) that checks its status and its id; each verb is its
+posting plus that one call.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import rdma
@@ -48,6 +54,16 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 
+# What a work request in flight is: the first field of its record in ``_inflight``, and the
+# name a failure of it is reported under.
+_WRITE, _READ, _BARRIER, _FLUSH, _SEND, _RECV, _CAS, _ATOMIC_WRITE = range(8)
+_WHAT = ("RDMA WRITE", "RDMA READ", "barrier RDMA READ", "native FLUSH", "SEND", "RECV",
+         "compare-and-swap", "ATOMIC WRITE")
+#: A work request in flight: (what, remote address or 0, length, pool slot or -1, where a
+#: READ's data goes or None).
+_Request = tuple[int, int, int, int, "memoryview | None"]
+
+
 def connect(options: ConnectOptions) -> VerbsTransport:
     """``REGISTRY``'s verbs: RDMA CM needs the target's IP address (``HOST:PORT``)."""
     if not isinstance(options.address, TCPAddress):
@@ -57,6 +73,17 @@ def connect(options: ConnectOptions) -> VerbsTransport:
                           depth=options.depth or DEFAULT_DEPTH,
                           chunk_size=options.chunk_size or DEFAULT_CHUNK_SIZE,
                           secret=options.secret, client_id=options.client_id)
+
+
+class _Step(PersistStep):
+    """A FUA step over RDMA: how it is posted behind the writes, on the same queue pair (which
+    orders it after them), so that one drain waits for the whole; a COMMIT's request id, or 0."""
+
+    def __init__(self, name: str,
+                 post: Callable[[VerbsTransport, Endpoint, RegisteredBuffer,
+                                 list[tuple[int, int]]], int]) -> None:
+        super().__init__(name)
+        self.post = post
 
 
 class VerbsTransport(TransportBase):
@@ -74,7 +101,12 @@ class VerbsTransport(TransportBase):
         self._broken: str | None = None
         self._next_id = 1
         self._closed = False
-        self._barrier: tuple[int, int, int] | None = None  # posted, not yet waited for
+        self._barrier = False  # posted, not yet waited for
+        self._inflight: dict[int, _Request] = {}  # every work request posted, by wr_id
+        self._free = list(range(depth))  # the pool's free slots (data, and atomics words)
+        self._slot_item = [0] * depth  # the compare-and-swap each atomics word answers
+        self._found: list[int] = []  # the values the compare-and-swaps found
+        self._answer: bytes | None = None  # the message received
         self.cmid: Any = None
         self.device: Device | None = None
         self.buffers: RegisteredBuffer | None = None
@@ -151,13 +183,13 @@ class VerbsTransport(TransportBase):
         except rdma.PyverbsError as exc:
             raise rdma.rdma_error(f"establishing the connection to {self.peer} failed",
                                   exc) from None
-        raw = self._exchange(hs.answer(challenge).encode(), "the handshake")
+        raw = self._exchange(hs.answer(challenge).encode())
         if message_type(raw) == MSG_REJECT:
             raise refused(self.peer, Reject.decode(raw))
         self.info = self._usable_here(hs.check(Welcome.decode(raw)))
         #: The FLUSH verb, where both ends can post it on this connection (flush=native).
-        self.flush_step = (PersistStep("flush") if self.info.flush_methods & FLUSH_NATIVE
-                           else None)
+        self.flush_step = (_Step("flush", VerbsTransport._flush_step)
+                           if self.info.flush_methods & FLUSH_NATIVE else None)
         if not self.info.remote_addr:
             raise ProtocolError(f"{self.peer} offered no RDMA region in its WELCOME")
         log.info(
@@ -188,7 +220,14 @@ class VerbsTransport(TransportBase):
         return dataclasses.replace(welcome, flush_methods=methods, durable_methods=durable,
                                    region_flags=flags)
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- the post-and-wait engine ----------------------------------------------------------
+    #
+    # Every work request posted is recorded in one table, ``_inflight`` (wr_id: what it is,
+    # remote address, length, pool slot or -1, buffer a READ lands in), and every completion
+    # goes through one drain, ``_drain``, which checks its status and its id, once, and does
+    # what the completion of that kind of request does (copy a READ out, free its slot, keep
+    # a compare-and-swap's old value or a received message). A verb is its posting plus one
+    # ``_drain``; the table and the pool are the connection's, allocated at connect time.
 
     def _wr_id(self) -> int:
         self._next_id += 1
@@ -196,6 +235,10 @@ class VerbsTransport(TransportBase):
 
     def _usable(self) -> tuple[Endpoint, RegisteredBuffer]:
         self._check_usable()
+        if self._inflight:  # a request was interrupted (not by an error, which breaks it)
+            raise self._fail(TransportError(
+                f"{len(self._inflight)} work requests of an interrupted request are still in "
+                "flight: the connection is out of step"))
         assert self.ep is not None and self.buffers is not None
         return self.ep, self.buffers
 
@@ -209,8 +252,79 @@ class VerbsTransport(TransportBase):
                                      f"({event_name(etype)})")
             log.debug("ignoring CM event %s", event_name(etype))
 
-    def _wait(self, ep: Endpoint) -> list[Any]:
-        return ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event)
+    def _drain(self, ep: Endpoint, keep: int = 0) -> None:
+        """Take completions until at most ``keep`` work requests are in flight, each wait
+        bounded by the timeout (and ended by the target's leaving). A completion that failed
+        or that answers no work request in flight is an error, raised, not logged: whoever
+        decides what it means (reconnect, fail the request) says so, once. The caller marks
+        the connection broken."""
+        inflight, free = self._inflight, self._free
+        assert self.buffers is not None
+        view, chunk = self.buffers.view, self.chunk_size
+        while len(inflight) > keep:
+            for wc in ep.wait(time.monotonic() + self.timeout, self.events, self._on_cm_event):
+                wr = inflight.pop(wc.wr_id, None)
+                if wr is None:
+                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
+                kind, remote, length, slot, dst = wr
+                if wc.status != rdma.e.IBV_WC_SUCCESS:
+                    raise rdma.wc_failure(wc, _WHAT[kind], remote,
+                                          self.info.rkey if remote else 0, length)
+                if dst is not None:  # an RDMA READ's data, out of its slot
+                    dst[:] = view[slot * chunk:slot * chunk + length]
+                elif kind == _CAS:
+                    at = self._atomic_off + 8 * slot
+                    self._found[self._slot_item[slot]] = int.from_bytes(view[at:at + 8],
+                                                                        "little")
+                elif kind == _RECV:
+                    self._answer = bytes(view[self._recv_off:self._recv_off + wc.byte_len])
+                if slot >= 0:
+                    free.append(slot)
+
+    def _slot(self, ep: Endpoint) -> int:
+        """A free slot of the pool, once a completion has freed one if need be."""
+        while not self._free:
+            self._drain(ep, len(self._inflight) - 1)
+        return self._free.pop()
+
+    def _post_barrier(self, ep: Endpoint, bufs: RegisteredBuffer, offset: int) -> None:
+        """A small READ at ``offset``: it cannot complete before this queue pair's earlier
+        writes are placed."""
+        n = min(8, self.info.export_size - offset)
+        remote = self.info.remote_addr + offset
+        wr_id = self._wr_id()
+        ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
+                remote, self.info.rkey)
+        self._inflight[wr_id] = (_BARRIER, remote, n, -1, None)
+
+    def _post_flushes(self, ep: Endpoint, ranges: list[tuple[int, int]], limit: int) -> None:
+        """One FLUSH per range (executed after this queue pair's writes), with at most
+        ``limit`` work requests in flight."""
+        persistent = self._flush_persistent
+        base, rkey, inflight = self.info.remote_addr, self.info.rkey, self._inflight
+        for off, n in ranges:
+            if len(inflight) >= limit:
+                self._drain(ep, limit - 1)
+            wr_id = self._wr_id()
+            ep.post_flush(wr_id, base + off, n, rkey, persistent)
+            inflight[wr_id] = (_FLUSH, base + off, n, -1, None)
+
+    def _post_message(self, ep: Endpoint, bufs: RegisteredBuffer, msg: bytes) -> None:
+        """A receive for the answer, then the SEND of ``msg``."""
+        recv_id, send_id = self._wr_id(), self._wr_id()
+        self._answer = None
+        ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
+        self._inflight[recv_id] = (_RECV, 0, MAX_MESSAGE_SIZE, -1, None)
+        bufs.view[self._send_off:self._send_off + len(msg)] = msg
+        ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg), bufs.lkey)
+        self._inflight[send_id] = (_SEND, 0, len(msg), -1, None)
+
+    def _take_answer(self) -> bytes:
+        answer, self._answer = self._answer, None
+        assert answer is not None, "drained without the answer's receive"
+        return answer
+
+    # -- the verbs -------------------------------------------------------------------------
 
     def _pipeline(self, opcode: int, offset: int, length: int, *, src: memoryview | None = None,
                   dst: memoryview | None = None, persist: Persist | None = None) -> None:
@@ -224,90 +338,56 @@ class VerbsTransport(TransportBase):
         """``_pipeline`` over several segments (offset, length, source, destination), all
         posted before any is waited for, the persistence step covering every one of them."""
         ep, bufs = self._usable()
-        chunk = self.chunk_size
-        base, rkey = self.info.remote_addr, self.info.rkey
-        free = list(range(self.depth))
-        inflight: dict[int, tuple[int, int, int, memoryview | None]] = {}
-        pieces = ((off + pos, min(chunk, n - pos), None if src is None else src[pos:],
-                   None if dst is None else dst[pos:])
-                  for off, n, src, dst in segments for pos in range(0, n, chunk))
-        piece = next(pieces, None)
-        name = rdma.OPCODE_NAMES.get(opcode, str(opcode))
-        steps: dict[int, str] = {}  # the persistence step's work requests, until complete
-        commit_id = 0
-        answer: bytes | None = None
-        ranges = [(off, n) for off, n, _, _ in segments]
-        flushes: list[tuple[int, int]] = []  # FLUSHes to post as the send queue has room
+        chunk, lkey, addr, view = self.chunk_size, bufs.lkey, bufs.addr, bufs.view
+        base, rkey, inflight, free = (self.info.remote_addr, self.info.rkey, self._inflight,
+                                      self._free)
+        kind = _READ if opcode == rdma.e.IBV_WR_RDMA_READ else _WRITE
         try:
-            while piece is not None or inflight or steps or flushes:
-                while piece is not None and free:
-                    off, n, src, dst = piece
-                    slot = free.pop()
-                    if src is None and dst is None:
-                        laddr = bufs.addr + self._zero_off
+            for off, length, src, dst in segments:
+                for pos in range(0, length, chunk):
+                    n = min(chunk, length - pos)
+                    slot = free.pop() if free else self._slot(ep)
+                    if src is None and dst is None:  # zeroes: the shared zero chunk
+                        laddr = addr + self._zero_off
                     else:
-                        laddr = bufs.addr + slot * chunk
+                        laddr = addr + slot * chunk
                         if src is not None:
-                            bufs.view[slot * chunk:slot * chunk + n] = src[:n]
+                            view[slot * chunk:slot * chunk + n] = src[pos:pos + n]
                     wr_id = self._wr_id()
-                    ep.post(wr_id, opcode, laddr, n, bufs.lkey, base + off, rkey)
-                    inflight[wr_id] = (slot, off, n, dst)
-                    piece = next(pieces, None)
-                if persist is not None and piece is None and commit_id == 0:
-                    # Behind the last chunk, before waiting: one wait for the whole.
-                    if persist is self.flush_step:  # one per range: as many as the queue takes
-                        flushes, commit_id = list(ranges), -1
-                    else:
-                        commit_id = self._post_persist(ep, bufs, persist, ranges[0][0],
-                                                       ranges, steps)
-                while flushes and len(inflight) + len(steps) < self._send_depth:
-                    off, n = flushes.pop()
-                    wr_id = self._wr_id()  # the FLUSH verb: executed after this QP's writes
-                    ep.post_flush(wr_id, base + off, n, rkey, self._flush_persistent)
-                    steps[wr_id] = "native FLUSH (FUA)"
-                for wc in self._wait(ep):
-                    step = steps.pop(wc.wr_id, None)
-                    if step is not None:
-                        if wc.status != rdma.e.IBV_WC_SUCCESS:
-                            raise rdma.wc_failure(wc, step, base + ranges[0][0], rkey)
-                        if step == "COMMIT reply":
-                            answer = bytes(bufs.view[self._recv_off:
-                                                     self._recv_off + wc.byte_len])
-                        continue
-                    item = inflight.pop(wc.wr_id, None)
-                    if item is None:
-                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
-                    slot, off, n, dst = item
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, f"RDMA {name}", base + off, rkey, n)
-                    if dst is not None:
-                        dst[:n] = bufs.view[slot * chunk:slot * chunk + n]
-                    free.append(slot)
-            if persist is self.commit_step:
-                assert answer is not None
-                check_commit_reply(answer, commit_id, len(ranges))  # a bad status: RemoteError
+                    ep.post(wr_id, opcode, laddr, n, lkey, base + off + pos, rkey)
+                    inflight[wr_id] = (kind, base + off + pos, n, slot,
+                                       None if dst is None else dst[pos:pos + n])
+            request_id = 0
+            if persist is not None:  # behind the last chunk, before waiting: one wait
+                assert isinstance(persist, _Step), f"{persist!r} is not an RDMA step"
+                request_id = persist.post(self, ep, bufs,
+                                          [(off, n) for off, n, _, _ in segments])
+            self._drain(ep)
+            if request_id:  # a bad status: RemoteError
+                check_commit_reply(self._take_answer(), request_id, len(segments))
         except (TransportError, ProtocolError) as exc:
             raise self._fail(exc) from None
 
-    def _post_persist(self, ep: Endpoint, bufs: RegisteredBuffer, persist: Persist,
-                      offset: int, ranges: list[tuple[int, int]], steps: dict[int, str]) -> int:
-        """Post a barrier READ (at ``offset``) or a COMMIT of ``ranges`` behind the writes;
-        the COMMIT's request id (or -1)."""
-        if persist is self.barrier_step:  # a small READ: cannot complete before the writes
-            n = min(8, self.info.export_size - offset)
-            wr_id = self._wr_id()
-            ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
-                    self.info.remote_addr + offset, self.info.rkey)
-            steps[wr_id] = "RDMA READ (FUA)"
-            return -1
+    def _barrier_step(self, ep: Endpoint, bufs: RegisteredBuffer,
+                      ranges: list[tuple[int, int]]) -> int:
+        self._post_barrier(ep, bufs, ranges[0][0])
+        return 0
+
+    def _commit_step(self, ep: Endpoint, bufs: RegisteredBuffer,
+                     ranges: list[tuple[int, int]]) -> int:
         request_id = self._wr_id()
-        msg = Commit(request_id, tuple(ranges)).encode()
-        recv_id, send_id = self._wr_id(), self._wr_id()
-        ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
-        bufs.view[self._send_off:self._send_off + len(msg)] = msg
-        ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg), bufs.lkey)
-        steps[recv_id], steps[send_id] = "COMMIT reply", "COMMIT message"
+        self._post_message(ep, bufs, Commit(request_id, tuple(ranges)).encode())
         return request_id
+
+    def _flush_step(self, ep: Endpoint, bufs: RegisteredBuffer,
+                    ranges: list[tuple[int, int]]) -> int:
+        self._post_flushes(ep, ranges, self._send_depth)  # as the send queue has room
+        return 0
+
+    barrier_step: PersistStep = _Step("barrier", _barrier_step)
+    commit_step: PersistStep = _Step("commit", _commit_step)
+    #: Made at connect where both ends can post the FLUSH verb (flush=native).
+    flush_step: PersistStep | None = None
 
     # -- Transport API ---------------------------------------------------------------------
 
@@ -329,9 +409,6 @@ class VerbsTransport(TransportBase):
     #: before what arrives later on another queue pair: a barrier READ does.
     placed_on_reply = False
     kind = "verbs"
-    barrier_step = PersistStep("barrier")
-    commit_step = PersistStep("commit")
-    flush_step: PersistStep | None = None  # until the WELCOME says (connect)
     tls = False  # one-sided RDMA: the host cannot encrypt it (docs/security.md)
 
     def read_barrier(self, offset: int) -> None:
@@ -340,23 +417,19 @@ class VerbsTransport(TransportBase):
 
     def start_barrier(self, offset: int) -> None:
         ep, bufs = self._usable()
-        n = min(8, self.info.export_size - offset)
-        remote = self.info.remote_addr + offset
-        wr_id = self._wr_id()
         try:
-            ep.post(wr_id, rdma.e.IBV_WR_RDMA_READ, bufs.addr + self._recv_off, n, bufs.lkey,
-                    remote, self.info.rkey)
+            self._post_barrier(ep, bufs, offset)
         except TransportError as exc:
             raise self._fail(exc) from None
-        self._barrier = (wr_id, remote, n)
+        self._barrier = True
 
     def finish_barrier(self) -> None:
-        ep, _ = self._usable()
-        assert self._barrier is not None, "finish_barrier without start_barrier"
-        wr_id, remote, n = self._barrier
-        self._barrier = None
+        self._check_usable()  # the barrier is in flight: not _usable()
+        assert self._barrier, "finish_barrier without start_barrier"
+        assert self.ep is not None
+        self._barrier = False
         try:
-            self._wait_for(ep, wr_id, "RDMA READ (flush)", remote, n)
+            self._drain(self.ep)
         except TransportError as exc:
             raise self._fail(exc) from None
 
@@ -371,37 +444,11 @@ class VerbsTransport(TransportBase):
         ep, _ = self._usable()
         if not self.info.flush_methods & FLUSH_NATIVE:
             raise TransportError(f"{self.peer} offers no native FLUSH on this connection")
-        persistent = self._flush_persistent
-        todo = list(ranges)
-        inflight: dict[int, tuple[int, int]] = {}
         try:
-            while todo or inflight:
-                while todo and len(inflight) < self.depth:
-                    off, n = todo.pop()
-                    wr_id = self._wr_id()
-                    ep.post_flush(wr_id, self.info.remote_addr + off, n, self.info.rkey,
-                                  persistent)
-                    inflight[wr_id] = (off, n)
-                for wc in self._wait(ep):
-                    item = inflight.pop(wc.wr_id, None)
-                    if item is None:
-                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, "native FLUSH", self.info.remote_addr + item[0],
-                                              self.info.rkey, item[1])
+            self._post_flushes(ep, ranges, self.depth)
+            self._drain(ep)
         except TransportError as exc:
             raise self._fail(exc) from None
-
-    def _wait_for(self, ep: Endpoint, wr_id: int, what: str, remote: int, length: int) -> None:
-        """Wait for the one work request in flight, ``wr_id``: a failed or unknown
-        completion is an error (the caller marks the connection broken)."""
-        while True:
-            for wc in self._wait(ep):
-                if wc.status != rdma.e.IBV_WC_SUCCESS:
-                    raise rdma.wc_failure(wc, what, remote, self.info.rkey, length)
-                if wc.wr_id == wr_id:
-                    return
-                raise TransportError(f"completion for unknown work request {wc.wr_id}")
 
     def _check_word(self, offset: int, what: str) -> int:
         if offset % 8 or not 0 <= offset <= self.info.export_size - 8:
@@ -433,65 +480,40 @@ class VerbsTransport(TransportBase):
     def _atomics(self, items: list[tuple[int, int, int]], store: bool) -> list[int]:
         ep, bufs = self._usable()
         what = "ATOMIC WRITE" if store else "compare-and-swap"
-        found = [0] * len(items)
-        # (index, remote address, expected, new), each word checked before anything is posted
-        todo = [(i, self._check_word(offset, f"an {what}"), expected, new)
-                for i, (offset, expected, new) in enumerate(items)]
-        inflight: dict[int, tuple[int, int, int]] = {}  # wr_id: item, slot, remote
-        slots = list(range(self.depth))
+        # (remote address, expected, new), each word checked before anything is posted
+        todo = [(self._check_word(offset, f"an {what}"), expected, new)
+                for offset, expected, new in items]
+        found = self._found = [0] * len(items)
+        rkey, inflight = self.info.rkey, self._inflight
         try:
-            while todo or inflight:
-                while todo and slots:
-                    i, remote, expected, new = todo.pop()
-                    slot = slots.pop()
-                    wr_id = self._wr_id()
-                    if store:
-                        ep.post_atomic_write(wr_id, remote, self.info.rkey,
-                                             new.to_bytes(8, "little"))
-                    else:
-                        ep.post_compare_swap(wr_id, bufs.addr + self._atomic_off + 8 * slot,
-                                             bufs.lkey, remote, self.info.rkey, expected, new)
-                    inflight[wr_id] = (i, slot, remote)
-                for wc in self._wait(ep):
-                    item = inflight.pop(wc.wr_id, None)
-                    if item is None:
-                        raise TransportError(f"completion for unknown work request {wc.wr_id}")
-                    i, slot, remote = item
-                    if wc.status != rdma.e.IBV_WC_SUCCESS:
-                        raise rdma.wc_failure(wc, what, remote, self.info.rkey, 8)
-                    at = self._atomic_off + 8 * slot
-                    found[i] = int.from_bytes(bufs.view[at:at + 8], "little")
-                    slots.append(slot)
+            for i, (remote, expected, new) in enumerate(todo):
+                slot = self._slot(ep)  # its word of the atomics area
+                wr_id = self._wr_id()
+                if store:
+                    ep.post_atomic_write(wr_id, remote, rkey, new.to_bytes(8, "little"))
+                    inflight[wr_id] = (_ATOMIC_WRITE, remote, 8, slot, None)
+                else:
+                    ep.post_compare_swap(wr_id, bufs.addr + self._atomic_off + 8 * slot,
+                                         bufs.lkey, remote, rkey, expected, new)
+                    self._slot_item[slot] = i
+                    inflight[wr_id] = (_CAS, remote, 8, slot, None)
+            self._drain(ep)
         except TransportError as exc:
             raise self._fail(exc) from None
         return found
 
-    def _exchange(self, msg: bytes, what: str) -> bytes:
+    def _exchange(self, msg: bytes) -> bytes:
         """SEND ``msg`` and return the message the target answers with."""
         ep, bufs = self._usable()
-        recv_id, send_id = self._wr_id(), self._wr_id()
-        answer: bytes | None = None
-        ep.post_recv(recv_id, bufs.addr + self._recv_off, MAX_MESSAGE_SIZE, bufs.lkey)
-        bufs.view[self._send_off:self._send_off + len(msg)] = msg
-        ep.post(send_id, rdma.e.IBV_WR_SEND, bufs.addr + self._send_off, len(msg), bufs.lkey)
-        sent = False
-        while not (sent and answer is not None):
-            for wc in self._wait(ep):
-                if wc.status != rdma.e.IBV_WC_SUCCESS:
-                    raise rdma.wc_failure(wc, what, length=len(msg))
-                if wc.wr_id == send_id:
-                    sent = True
-                elif wc.wr_id == recv_id:
-                    answer = bytes(bufs.view[self._recv_off:self._recv_off + wc.byte_len])
-                else:
-                    raise TransportError(f"completion for unknown work request {wc.wr_id}")
-        return answer
+        self._post_message(ep, bufs, msg)
+        self._drain(ep)
+        return self._take_answer()
 
     def _request_id(self) -> int:
         return self._wr_id()
 
     def _commit_exchange(self, message: bytes) -> bytes:
-        return self._exchange(message, "COMMIT message")
+        return self._exchange(message)
 
     def close(self) -> None:
         if self._closed:

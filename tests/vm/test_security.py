@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import re
 import statistics
 import time
@@ -154,3 +156,30 @@ def test_an_unauthenticated_rdma_peer_learns_nothing_and_is_dropped(target: Targ
     target.wait_log("did not complete the handshake within 2s")
     with Client(verbs(target), "gpspm") as good:
         good.pwrite(memoryview(b"still serving"), 0, fua=True)
+
+
+def test_a_write_the_device_refuses_is_reported_once_with_its_work_request(
+        target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    """A WRITE with an rkey the target never gave (here: its own, altered) fails at the
+    remote NIC; the error names the work request (opcode, remote address, rkey, length),
+    and it is logged once: by the client, which decides to reconnect, not also where the
+    completion was taken. The write then goes through on the new connection."""
+    first = verbs(target)
+    bad = first.info.rkey ^ 0x5A5A0000
+    remote = first.info.remote_addr + PROBE
+    first.info = dataclasses.replace(first.info, rkey=bad)
+    caplog.set_level(logging.INFO, logger="pmemblk")
+    with Client(first, "gpspm", reconnect=lambda: verbs(target), reconnect_timeout=20) as c:
+        c.pwrite(memoryview(b"\x5a" * 4096), PROBE, fua=True)
+        assert c.reconnects == 1
+        buf = bytearray(4096)
+        c.pread(memoryview(buf), PROBE)
+    assert bytes(buf) == b"\x5a" * 4096
+    told = [r for r in caplog.records if "REM_ACCESS_ERR" in r.getMessage()]
+    assert len(told) == 1, [f"{r.name}: {r.getMessage()}" for r in told]
+    line = told[0].getMessage()
+    for field in ("RDMA WRITE failed", f"remote address 0x{remote:x}", f"rkey 0x{bad:x}",
+                  "length 4096"):
+        assert field in line, (field, line)
+    assert told[0].name == "pmemblk.client", told[0].name
+    report(f"refused WRITE logged once, by {told[0].name}: {line}")
