@@ -791,23 +791,23 @@ MUTANTS = (
            "        pass", ("tests/test_manpages.py",), select="current"),
     # -- verbs (issue 25 item 2): one post-and-wait engine in pmemblk/transport/verbs.py
     Mutant("a failed completion is logged where it is taken, and again by who decides",
-           "pmemblk/rdma.py",
+           "pmemblk/endpoint.py",
            "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
            "    log.error(\"%s\", msg)\n"
            "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
            (RDMA,)),
-    Mutant("a failed completion's error does not name the rkey", "pmemblk/rdma.py",
+    Mutant("a failed completion's error does not name the rkey", "pmemblk/endpoint.py",
            'f"remote address 0x{remote_addr:x}, rkey 0x{rkey:x}, length {length}")',
            'f"remote address 0x{remote_addr:x}, length {length}")', (RDMA,)),
-    Mutant("a flushed work request is not taken for a lost connection", "pmemblk/rdma.py",
+    Mutant("a flushed work request is not taken for a lost connection", "pmemblk/endpoint.py",
            "    if HAVE_PYVERBS and wc.status == e.IBV_WC_WR_FLUSH_ERR:",
            "    if HAVE_PYVERBS and wc.status == e.IBV_WC_REM_ACCESS_ERR:", (RDMA,)),
     Mutant("the drain takes completions without checking their status",
            "pmemblk/transport/verbs.py",
            "                if wc.status != rdma.e.IBV_WC_SUCCESS:\n"
-           "                    raise rdma.wc_failure(",
+           "                    raise wc_failure(",
            "                if False:\n"
-           "                    raise rdma.wc_failure(", (VERBS_SHAPE,)),
+           "                    raise wc_failure(", (VERBS_SHAPE,)),
     Mutant("finishing a barrier waits on its own, past the drain's checks",
            "pmemblk/transport/verbs.py",
            "            self._drain(self.ep)\n",

@@ -17,8 +17,8 @@ TARGET_SIDE = ("target", "service", "servers")
 #: The on-media format: the region header, atomic blocks, the mapping of the region.
 MEDIA = ("layout", "atomicblocks", "pmem")
 #: What moves bytes over a network, or speaks the wire protocol.
-NETWORK = ("transport", "servers", "rdma", "protocol", "auth", "control", "reactor", "unixsock",
-           "address", "client", "blockmap")
+NETWORK = ("transport", "servers", "rdma", "endpoint", "protocol", "auth", "control", "reactor",
+           "unixsock", "address", "client", "blockmap")
 
 
 def modules(package: Path = PACKAGE) -> dict[str, Path]:

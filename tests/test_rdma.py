@@ -9,6 +9,7 @@ import types
 import pytest
 
 from pmemblk import rdma
+from pmemblk.endpoint import wc_failure
 from pmemblk.errors import ConnectionLost, TransportError
 
 
@@ -41,10 +42,10 @@ def test_a_failed_completion_names_its_work_request_and_is_not_logged_where_take
     what it means logs it, once (so the place that takes the completion does not)."""
     caplog.set_level(logging.DEBUG)
     wc = types.SimpleNamespace(status=rdma.e.IBV_WC_REM_ACCESS_ERR, vendor_err=0x81)
-    err = rdma.wc_failure(wc, "RDMA WRITE", 0x7F0000001000, 0xABC, 4096)
+    err = wc_failure(wc, "RDMA WRITE", 0x7F0000001000, 0xABC, 4096)
     assert type(err) is TransportError
     assert str(err) == ("RDMA WRITE failed: completion status REM_ACCESS_ERR (vendor error "
                         "0x81); remote address 0x7f0000001000, rkey 0xabc, length 4096")
     flushed = types.SimpleNamespace(status=rdma.e.IBV_WC_WR_FLUSH_ERR, vendor_err=0)
-    assert isinstance(rdma.wc_failure(flushed, "SEND"), ConnectionLost)  # the QP is gone
+    assert isinstance(wc_failure(flushed, "SEND"), ConnectionLost)  # the QP is gone
     assert caplog.records == []

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import durability, rdma
 from ..address import Address, TCPAddress
+from ..endpoint import Endpoint, wc_failure
 from ..errors import ConfigError, PmemblkError, PmemError, TransportError
 from ..pmem import is_devdax
 from ..protocol import COMMIT_DEPTH, MAX_MESSAGE_SIZE, Commit, Reject
-from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name
+from ..rdma import Device, EventChannel, RegisteredBuffer, event_name
 from ..reactor import Reactor
 
 if TYPE_CHECKING:
@@ -383,7 +384,7 @@ class VerbsServer:
                 log.info("client %d: queue pair flushed: the client left", conn.number)
             else:
                 log.error("client %d: %s: disconnecting it", conn.number,
-                          rdma.wc_failure(wc, "message"))
+                          wc_failure(wc, "message"))
             self._drop(conn, disconnect=True)
             return
         if _SEND_BASE <= wc.wr_id < _SEND_BASE + self.depth:

@@ -30,6 +30,7 @@ from typing import Any
 from .. import rdma
 from ..address import TCPAddress, resolve_ip
 from ..auth import ClientHandshake
+from ..endpoint import Endpoint, wc_failure
 from ..errors import ConfigError, ConnectionLost, ProtocolError, TransportError
 from ..protocol import (
     FLUSH_NATIVE,
@@ -42,7 +43,7 @@ from ..protocol import (
     Welcome,
     message_type,
 )
-from ..rdma import Device, Endpoint, EventChannel, RegisteredBuffer, event_name, require_pyverbs
+from ..rdma import Device, EventChannel, RegisteredBuffer, event_name, require_pyverbs
 from . import ConnectOptions, Persist, PersistStep, TransportBase, check_commit_reply, refused
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class VerbsTransport(TransportBase):
                     raise TransportError(f"completion for unknown work request {wc.wr_id}")
                 kind, remote, length, slot, dst = wr
                 if wc.status != rdma.e.IBV_WC_SUCCESS:
-                    raise rdma.wc_failure(wc, _WHAT[kind], remote,
+                    raise wc_failure(wc, _WHAT[kind], remote,
                                           self.info.rkey if remote else 0, length)
                 if dst is not None:  # an RDMA READ's data, out of its slot
                     dst[:] = view[slot * chunk:slot * chunk + length]

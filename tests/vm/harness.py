@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pmemblk import rdma
 from pmemblk.auth import create_secret, load_secret
+from pmemblk.endpoint import Endpoint
 from pmemblk.transport.verbs import VerbsTransport
 
 from ..procs import Target
@@ -49,7 +50,7 @@ def raw_connect(port: int, private: bytes, silent_for: float = 0.0) -> tuple[int
             events.wait_for(rdma.ce.RDMA_CM_EVENT_ADDR_RESOLVED, deadline, "address")
             cmid.resolve_route(5000)
             events.wait_for(rdma.ce.RDMA_CM_EVENT_ROUTE_RESOLVED, deadline, "route")
-            with rdma.Device(cmid.dev_name) as dev, rdma.Endpoint(dev.ctx, dev.pd, 2, 2) as ep:
+            with rdma.Device(cmid.dev_name) as dev, Endpoint(dev.ctx, dev.pd, 2, 2) as ep:
                 param = rdma.ConnParam(qp_num=ep.qp_num, data_len=len(private))
                 param.set_private_data(private)
                 cmid.connect(param)

@@ -19,9 +19,10 @@ import pytest
 
 from pmemblk import rdma
 from pmemblk.client import Client
+from pmemblk.endpoint import Endpoint
 from pmemblk.errors import ConfigError
 from pmemblk.protocol import FLUSH_NATIVE, Welcome
-from pmemblk.rdma import Endpoint, RegisteredBuffer
+from pmemblk.rdma import RegisteredBuffer
 
 from ..blockmap import check_map
 from ..conftest import report
