@@ -19,7 +19,9 @@ Keys::
     allow-visibility-only=true
                           accept a flush method that gives only visibility (not persistence)
     readonly=true|false   open the export read-only (default false)
-    secret-file=PATH      the target's shared secret (when it serves with --secret-file)
+    secret-file=PATH      the target's shared secret (when it serves with --secret-file), or
+                          this client's own (with client=)
+    client=NAME           the identity to connect as: a line of the target's --clients file
     reconnect-timeout=SECONDS
                           how long to keep reconnecting to a lost target before requests
                           fail with EIO (default 60; 0: fail at once)
@@ -56,7 +58,7 @@ from .address import UNIX_PATH_MAX, Address, TCPAddress, UnixAddress, parse_addr
 from .client import DEFAULT_CHANNELS, OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
-from .protocol import FLUSH_METHODS
+from .protocol import FLUSH_METHODS, check_identity
 from .transport import Transport
 from .transport.stream import DEFAULT_CHUNK_SIZE as STREAM_CHUNK_SIZE
 from .transport.stream import StreamTransport
@@ -71,8 +73,8 @@ from .units import parse_size
 log = logging.getLogger(__name__)
 
 KEYS = ("target", "transport", "flush", "allow-visibility-only", "readonly", "secret-file",
-        "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control", "stats", "name",
-        "log")
+        "client", "reconnect-timeout", "timeout", "channels", "depth", "chunk", "control",
+        "stats", "name", "log")
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 TRANSPORTS = ("auto", "verbs", "tcp")
 #: Names of devices and attachments (also directory names under /run/pmemblk).
@@ -115,6 +117,7 @@ class PluginConfig:
     chunk: int | None = None
     secret_file: str = ""
     secret: bytes | None = field(default=None, repr=False)
+    client: str = ""
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     control: str = ""
     stats: bool = True
@@ -146,6 +149,10 @@ class PluginConfig:
             self.readonly = parse_bool(key, value)
         elif key == "secret-file":
             self.secret_file = value
+        elif key == "client":
+            if not value:
+                raise ConfigError("client=: expected an identity's name")
+            self.client = check_identity(value, "client=")
         elif key == "reconnect-timeout":
             self.reconnect_timeout = _seconds(key, value, allow_zero=True)
         elif key == "timeout":
@@ -185,6 +192,9 @@ class PluginConfig:
             raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
         if self.secret_file:
             self.secret = auth.load_secret(self.secret_file)
+        elif self.client:
+            raise ConfigError(f"client={self.client} needs secret-file=PATH: that identity's "
+                              "secret")
         if self.transport == "verbs":
             if not isinstance(self.target, TCPAddress):
                 raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
@@ -247,11 +257,13 @@ def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
         return VerbsTransport(cfg.rdma_ip, cfg.target.port, readonly=readonly,
                               timeout=cfg.timeout, depth=cfg.depth,
                               chunk_size=cfg.chunk or DEFAULT_CHUNK_SIZE,
-                              secret=cfg.secret, client_id=cfg.client_id)
+                              secret=cfg.secret, client_id=cfg.client_id,
+                              identity=cfg.client)
     return StreamTransport(cfg.address, readonly=readonly, timeout=cfg.timeout,
                            depth=cfg.depth,
                            chunk_size=min(cfg.chunk or STREAM_CHUNK_SIZE, 4 << 20),
-                           secret=cfg.secret, client_id=cfg.client_id)
+                           secret=cfg.secret, client_id=cfg.client_id,
+                              identity=cfg.client)
 
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:

@@ -66,7 +66,8 @@ class StreamTransport(TransportBase):
 
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
                  depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 secret: bytes | None = None, client_id: bytes | None = None) -> None:
+                 secret: bytes | None = None, client_id: bytes | None = None,
+                 identity: str = "") -> None:
         if isinstance(address, str):
             address = parse_address(address, "target")
         family, addr = address.socket_address()
@@ -91,7 +92,8 @@ class StreamTransport(TransportBase):
                     f"cannot connect to {self.peer}: {exc.strerror or exc}") from None
             if family != socket.AF_UNIX:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id))
+            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id,
+                                                          identity))
         except BaseException:
             self.close()
             raise

@@ -54,7 +54,7 @@ class VerbsTransport(TransportBase):
     def __init__(self, host: str, port: int, *, readonly: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, depth: int = DEFAULT_DEPTH,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, secret: bytes | None = None,
-                 client_id: bytes | None = None) -> None:
+                 client_id: bytes | None = None, identity: str = "") -> None:
         require_pyverbs()
         self.peer = f"{host}:{port}"
         self.timeout = timeout
@@ -71,7 +71,7 @@ class VerbsTransport(TransportBase):
         self.events = EventChannel()
         try:
             self._connect(resolve_ip(host, "target"), port,
-                          ClientHandshake(self.peer, secret, readonly, client_id))
+                          ClientHandshake(self.peer, secret, readonly, client_id, identity))
         except BaseException:
             self.close()
             raise
