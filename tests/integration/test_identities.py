@@ -262,3 +262,39 @@ def test_the_plugin_connects_as_client_name(served: Target, site: Site) -> None:
                                 'nbdinfo "$uri"'], capture_output=True, text=True, timeout=120)
     assert no_secret.returncode != 0 and "client=alice needs secret-file=" in no_secret.stderr
     assert "Traceback" not in no_secret.stderr
+
+
+def test_the_mac_binds_the_identity_name(served: Target, site: Site) -> None:
+    """Two names on one secret file (one rw, one ro): a name changed in flight is refused."""
+    site.write("viewer ro shared.secret\neditor rw shared.secret\n")
+    site.secret("shared")
+    pmemblk("reload", "--target", control(served))
+    secret = load_secret(str(site.secret("shared")))
+    hs = ClientHandshake("test", secret, readonly=False, identity="viewer")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(served.listen[len("unix:"):])
+        s.sendall(hs.hello.encode())
+        challenge = p.Challenge.decode(s.recv(p.CHALLENGE.size, socket.MSG_WAITALL))
+        forged = p.Auth(hs.answer(challenge).mac, "editor")  # viewer's MAC, editor's name
+        s.sendall(forged.encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    reject = p.Reject.decode(out)
+    assert reject.errno == errno.EACCES and "authentication failed" in reject.reason
+    as_(served, site, "editor", secret=site.secret("shared")).close()  # the honest way works
+
+
+def test_a_client_id_is_not_joined_across_identities(served: Target, site: Site) -> None:
+    client_id = os.urandom(16)
+    alice = StreamTransport(served.listen, identity="alice", client_id=client_id,
+                            secret=load_secret(str(site.secret("alice"))))
+    try:
+        with pytest.raises(RemoteError, match="belongs to another identity"):
+            StreamTransport(served.listen, identity="dave", client_id=client_id,
+                            secret=load_secret(str(site.secret("dave"))))
+        StreamTransport(served.listen, identity="alice", client_id=client_id,
+                        secret=load_secret(str(site.secret("alice")))).close()
+    finally:
+        alice.close()
