@@ -69,7 +69,7 @@ CASES = {
     "bad version": (True, HELLO[:4] + struct.pack("<H", 9) + HELLO[6:], "protocol version 9"),
     "not HELLO first": (True, io(p.MSG_READ, 0, 10), "expected HELLO first"),
     "not AUTH after HELLO": (True, HELLO + io(p.MSG_WRITE, 0, 10), "expected AUTH first"),
-    "bad AUTH": (True, HELLO + p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 1, 0, bytes(32)), "bad AUTH"),
+    "bad AUTH": (True, HELLO + p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 0, 1, bytes(32), bytes(32)), "bad AUTH"),
     "truncated then gone": (True, HELLO[:11], "middle of a frame"),
     "read past the end": (False, io(p.MSG_READ, EXPORT - 10, 11), "past the end"),
     "write past the end": (False, io(p.MSG_WRITE, EXPORT, 1) + b"x", "past the end"),
