@@ -91,6 +91,8 @@ def test_identities_get_the_modes_their_lines_give(served: Target, site: Site) -
             by_identity = {c["identity"]: c["mode"] for c in st["clients"]}
             assert by_identity == {"alice": "read-write", "bob": "read-only"}
             assert st["identities"] == {"alice": "rw", "bob": "ro", "dave": "rw"}
+            shown = pmemblk("status", "--target", control(served)).stdout
+            assert "(alice): read-write" in shown and "(bob): read-only" in shown, shown
             metrics = ask_metrics(control(served)).decode()
             assert 'identity="alice"' in metrics and 'identity="bob"' in metrics
     # Without a name (the --secret-file way), alice's secret does not let anyone in.
