@@ -100,6 +100,9 @@ class Target:
         except ConfigError as exc:
             log.error("reload refused, the identities in force stay: %s", exc)
             return f"error: {exc}"
+        except Exception as exc:  # a bug: say so, keep serving the clients
+            log.exception("reload failed")
+            return f"error: reload failed: {exc}"
         finally:
             notify_systemd("READY=1")
 

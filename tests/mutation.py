@@ -726,7 +726,7 @@ MUTANTS = (
            "            return None", ("tests/integration/test_identities.py",),
            select="reload_adds"),
     Mutant("ident: the stream server does not drop revoked channels", "pmemblk/servers/stream.py",
-           "                channel.stop()", "                pass",
+           '                channel.stop(f"disconnected: {why}")', "                pass",
            ("tests/integration/test_identities.py",), select="reload_adds"),
     Mutant("ident: the verbs server does not drop revoked connections", "pmemblk/servers/verbs.py",
            "                            conn.number, why)\n                self._drop(conn, disconnect=True)",  # noqa: E501

@@ -102,14 +102,16 @@ class DataChannel:
         self._on_exit = on_exit
         self._header = bytearray(max(IO.size, COMMIT.size, HELLO.size, AUTH.size))
         self._stopping = False
+        self._stop_why = ""
         self.thread = threading.Thread(target=self._run, name=f"pmemblk-channel-{number}",
                                        daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, why: str = "disconnected: the target is stopping") -> None:
         """End the thread: its blocked recv or send returns (called from another thread)."""
+        self._stop_why = why
         self._stopping = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -148,7 +150,7 @@ class DataChannel:
             log.exception("client %d: internal error", self.number)
             why, warn = "hit an internal error", True
         if self._stopping:
-            why, warn = "disconnected: the target is stopping", False
+            why, warn = self._stop_why, False
         (log.warning if warn else log.info)(
             "client %d (%s) %s after %d requests%s", self.number, self.peer, why, self.requests,
             ": disconnecting it" if warn else "")

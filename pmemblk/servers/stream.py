@@ -393,7 +393,7 @@ class StreamServer:
             if why is not None:
                 log.warning("client %d (%s): %s: disconnecting it", channel.number,
                             channel.peer, why)
-                channel.stop()
+                channel.stop(f"disconnected: {why}")
 
     def channel_ended(self, channel: DataChannel) -> None:
         """Called by a channel's thread as it ends."""
