@@ -420,6 +420,62 @@ def atomic_cost(quick: bool) -> dict[str, Any]:
     return result
 
 
+def connect_cost(quick: bool) -> dict[str, Any]:
+    """On the host, over a Unix socket (TCP transport): the time to connect (the whole
+    handshake) and close, one connection at a time, to a target with one --secret-file and to
+    targets with a --clients file of 1 and of 1000 identities (the connecting one last)."""
+    from pmemblk.auth import load_secret
+    from pmemblk.transport.stream import StreamTransport
+
+    repeats, n = (2, 50) if quick else (5, 300)
+    work = Path(tempfile.mkdtemp(prefix="pmemblk-bench-"))
+    create_secret(str(work / "secret"))
+    secret = load_secret(str(work / "secret"))
+    kinds = {"secret-file": ("--secret-file", str(work / "secret")), "clients-1": (),
+             "clients-1000": ()}
+    for kind, count in (("clients-1", 1), ("clients-1000", 1000)):
+        clients = work / f"{kind}.txt"
+        clients.write_text("".join(f"host{i} rw secret\n" for i in range(count - 1))
+                           + "me rw secret\n")
+        clients.chmod(0o600)
+        kinds[kind] = ("--clients", str(clients))
+    result: dict[str, Any] = {"repeats": repeats, "n": n, "kinds": {}}
+    targets = []
+    try:
+        region = work / "region.img"
+        subprocess.run([PY, "-m", "pmemblk", "create", str(region), "--size", "16M"],
+                       check=True, capture_output=True)
+        for kind, opts in kinds.items():
+            pid = work / f"{kind}.pid"
+            targets.append(subprocess.Popen(
+                [PY, "-m", "pmemblk", "serve", str(region), "--readonly", "--listen",
+                 f"unix:{work / kind}.sock", "--transport", "tcp", "--pid-file", str(pid),
+                 *opts], stderr=subprocess.DEVNULL))
+            wait_for(pid, targets[-1], "the target")
+        for r in range(repeats):
+            for kind in kinds:
+                identity = "" if kind == "secret-file" else "me"
+                took = []
+                for _ in range(n):
+                    began = time.perf_counter()
+                    StreamTransport(f"unix:{work / kind}.sock", readonly=True, secret=secret,
+                                    identity=identity).close()
+                    took.append(time.perf_counter() - began)
+                took.sort()
+                p50 = took[len(took) // 2] * 1e6
+                result["kinds"].setdefault(kind, []).append(p50)
+                log(f"connect #{r + 1} {kind}: p50 {p50:.0f} us")
+    finally:
+        for t in targets:
+            t.send_signal(signal.SIGTERM)
+            t.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    base = sorted(result["kinds"]["secret-file"])[repeats // 2]
+    result["ratio_to_secret_file"] = {
+        kind: round(sorted(v)[repeats // 2] / base, 3) for kind, v in result["kinds"].items()}
+    return result
+
+
 def job_groups() -> list[tuple[int, list[tuple[str, dict[str, Any]]]]]:
     """The jobs by their number of NBD connections (each group gets its own nbdkit)."""
     groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
@@ -701,7 +757,7 @@ def main() -> int:
                           help="also measure pmemblk as it was at this git revision")
     d = sub.add_parser("render")
     d.add_argument("file")
-    for extra in ("stats-cost", "tls-cost", "scale-out", "native", "atomic"):
+    for extra in ("stats-cost", "tls-cost", "connect-cost", "scale-out", "native", "atomic"):
         c = sub.add_parser(extra)
         c.add_argument("--quick", action="store_true")
         c.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
@@ -724,13 +780,14 @@ def main() -> int:
         render(saved)
         return 0
 
-    if args.cmd in ("stats-cost", "tls-cost"):
+    if args.cmd in ("stats-cost", "tls-cost", "connect-cost"):
         saved = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else None
         if saved is None:
             log(f"{args.out} does not exist: run the whole bench first")
             return 1
-        key = args.cmd.replace("-", "_")
-        saved[key] = stats_cost(args.quick) if key == "stats_cost" else tls_cost(args.quick)
+        measure = {"stats-cost": stats_cost, "tls-cost": tls_cost,
+                   "connect-cost": connect_cost}[args.cmd]
+        saved[args.cmd.replace("-", "_")] = measure(args.quick)
         Path(args.out).write_text(json.dumps(saved, indent=1))
         from render import render
 
@@ -762,8 +819,8 @@ def main() -> int:
     }
     if Path(args.out).exists():
         saved = json.loads(Path(args.out).read_text())
-        # Measured on their own (tls_cost: with the host part, kept for --only vm).
-        for kept in ("stats_cost", "tls_cost", "scale_out", "native"):
+        # Measured on their own (tls_cost, connect_cost: with the host part, kept for --only vm).
+        for kept in ("stats_cost", "tls_cost", "connect_cost", "scale_out", "native"):
             if kept in saved:
                 results[kept] = saved[kept]
         if args.only:
@@ -771,6 +828,7 @@ def main() -> int:
     if args.only != "vm":
         results["parts"]["host"] = run_part("host", args.quick, args.baseline)
         results["tls_cost"] = tls_cost(args.quick)
+        results["connect_cost"] = connect_cost(args.quick)
     if not args.no_vm and args.only != "host":
         vm = in_vm("vm", args.quick, args.baseline)
         if vm is not None:

@@ -186,6 +186,19 @@ def tls_table(cost: dict[str, Any]) -> list[str]:
     return lines
 
 
+def connect_table(cost: dict[str, Any]) -> list[str]:
+    """What identities cost a connection (bench.py connect_cost)."""
+    lines = [f"### Connect cost with identities (host, TCP over a Unix socket, the whole "
+             f"handshake and close, p50 of {cost['n']} connections, median of "
+             f"{cost['repeats']} repeats)", "",
+             "| target authenticates with | connect + close | against --secret-file |",
+             "|---|---|---|"]
+    for kind, p50s in cost["kinds"].items():
+        lines.append(f"| {kind} | {med([float(v) for v in p50s]):.0f} µs | "
+                     f"{cost['ratio_to_secret_file'][kind]:.2f} |")
+    return lines
+
+
 def scale_table(scale: dict[str, Any]) -> list[str]:
     """One target against md RAID0 and RAID1 over two (docs/scale-out.md)."""
     lines = [f"### Scale-out: md over two targets ({scale['date']}, VM, Soft-RoCE under TCG, "
@@ -279,6 +292,8 @@ def render(results: dict[str, Any]) -> None:
         lines += ["", *stats_table(results["stats_cost"])]
     if "tls_cost" in results:
         lines += ["", *tls_table(results["tls_cost"])]
+    if "connect_cost" in results:
+        lines += ["", *connect_table(results["connect_cost"])]
     if "scale_out" in results:
         lines += ["", *scale_table(results["scale_out"])]
     if "native" in results:

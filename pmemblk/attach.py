@@ -72,6 +72,7 @@ class AttachOptions:
     device: str | None = None  # None: the first free one
     no_device: bool = False  # serve the NBD socket only (libnbd, qemu, fio's nbd engine)
     secret_file: str | None = None
+    client: str | None = None  # the identity (serve --clients) to connect as
     flush: str = "auto"
     transport: str = "auto"
     readonly: bool = False
@@ -323,6 +324,8 @@ def plugin_keys(opts: AttachOptions) -> list[str]:
             f"reconnect-timeout={opts.reconnect_timeout:g}"]
     if opts.secret_file:
         keys.append(f"secret-file={os.path.abspath(opts.secret_file)}")
+    if opts.client:
+        keys.append(f"client={opts.client}")
     if opts.readonly:
         keys.append("readonly=true")
     if opts.allow_visibility_only:

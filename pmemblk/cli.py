@@ -1,4 +1,4 @@
-"""The ``pmemblk`` command: create, info, serve, secret, tls-certificates, attach, list, ...
+"""The ``pmemblk`` command: create, info, serve, reload, secret, tls-certificates, attach, ...
 
 Exit status: 0 success, 1 a pmemblk error (the message says what to do), 2 bad usage,
 130 interrupted. Tracebacks only with ``--debug``.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from . import __version__, atomicblocks, layout
 from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
-from .errors import ConfigError, LayoutError, PmemblkError
+from .errors import ConfigError, LayoutError, PmemblkError, ServiceError
 from .lock import path_holder
 from .pmem import PmemRegion, is_devdax
 from .provision import create_region
@@ -161,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       max_handshakes=args.max_handshakes, keepalive=args.keepalive,
                       apm_durable=args.apm_durable, shared=args.shared,
                       durable_image=args.testing_durable_image, secret=secret,
+                      clients_file=args.clients,
                       insecure_no_auth=args.insecure_no_auth,
                       fail_persist=args.testing_fail_persist,
                       lose_reply=args.testing_lose_reply, control=args.control,
@@ -198,6 +199,15 @@ def cmd_tls_certificates(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_reload(args: argparse.Namespace) -> None:
+    from .control import ask
+
+    answer = ask(args.target, "reload").decode("utf-8", "replace").strip()
+    if not answer.startswith("ok: "):
+        raise ServiceError(f"{args.target}: {answer.removeprefix('error: ')}")
+    print(answer.removeprefix("ok: "))
+
+
 def cmd_secret(args: argparse.Namespace) -> None:
     create_secret(args.path)
     print(f"wrote a new secret to {args.path} (mode 600): give it to the target "
@@ -209,7 +219,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
     att = attach(AttachOptions(
         target=args.target, device=args.device, no_device=args.no_device,
-        secret_file=args.secret_file, flush=args.flush, transport=args.transport,
+        secret_file=args.secret_file, client=args.client, flush=args.flush,
+        transport=args.transport,
         readonly=args.readonly, connections=args.connections, name=args.name,
         **({"threads": args.threads} if args.threads is not None else {}),
         reconnect_timeout=args.reconnect_timeout,
@@ -383,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--secret-file", metavar="PATH",
                    help="clients must prove they hold this shared secret (make one with "
                    "pmemblk secret PATH); required to listen on a non-loopback address")
+    s.add_argument("--clients", metavar="FILE",
+                   help="a clients file: one line per identity, NAME rw|ro SECRET_FILE; "
+                   "re-read on SIGHUP and by pmemblk reload (instead of --secret-file)")
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address without a secret: anyone who can "
                    "connect can read and write the region")
@@ -423,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--days", type=int, default=825, help="validity (default 825)")
     tc.set_defaults(func=cmd_tls_certificates)
 
+    rl = sub.add_parser("reload", help="make a running target re-read its --clients file "
+                        "(as SIGHUP does): removed identities are dropped at once")
+    rl.add_argument("--target", metavar="SOCKET", required=True,
+                    help="the target's --control socket")
+    rl.set_defaults(func=cmd_reload)
+
     k = sub.add_parser("secret", help="write a new random shared secret to a file (mode 600)")
     k.add_argument("path")
     k.set_defaults(func=cmd_secret)
@@ -435,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no kernel device: serve the NBD socket only and print its URI "
                    "(for libnbd, qemu, fio's nbd engine)")
     a.add_argument("--secret-file", metavar="PATH", help="the target's shared secret")
+    a.add_argument("--client", metavar="NAME",
+                   help="the identity to connect as (a line of the target's --clients file)")
     a.add_argument("--flush", default="auto", choices=("auto", "native", "gpspm", "apm"))
     a.add_argument("--transport", default="auto", choices=("auto", "verbs", "tcp"))
     a.add_argument("--readonly", action="store_true")

@@ -2,8 +2,9 @@
 
 A Unix stream socket, mode 600 (only its owner, normally root, may ask: the same privilege the
 region or the device needs). The asker sends one line naming a request and reads the answer
-until the server closes; requests are ``status`` (JSON) and ``metrics`` (the Prometheus text
-format). Served by one thread that answers one asker at a time with deadlines on both sides, so
+until the server closes; requests are ``status`` (JSON), ``metrics`` (the Prometheus text
+format) and, for a target, ``reload`` (re-read its clients file: a line starting ``ok:`` or
+``error:``). Served by one thread that answers one asker at a time with deadlines on both sides, so
 a silent asker delays the next one by at most ``REQUEST_TIMEOUT`` (less than an asker waits,
 ``TIMEOUT``), and none of them touches the data path. Each deadline is for the whole request or
 answer, not for each receive: an asker (or a server) that sends a byte at a time gets no more.
@@ -31,7 +32,7 @@ TIMEOUT = 5.0
 REQUEST_TIMEOUT = 1.0
 MAX_REQUEST = 64
 MAX_ANSWER = 16 << 20
-REQUESTS = ("status", "metrics")
+REQUESTS = ("status", "metrics", "reload")
 
 
 class ControlServer(Closeable):
@@ -39,12 +40,15 @@ class ControlServer(Closeable):
     manager; ``close()`` is safe twice and removes the socket if it is still ours."""
 
     def __init__(self, path: str, status: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes], what: str = "") -> None:
+                 metrics: Callable[[], bytes], what: str = "",
+                 reload: Callable[[], bytes] | None = None) -> None:
         self.path = path
         self._answers: dict[str, Callable[[], bytes]] = {
             "status": lambda: json.dumps(status(), indent=2).encode() + b"\n",
             "metrics": metrics,
         }
+        if reload is not None:
+            self._answers["reload"] = reload
         self.sock, self._ident = listen_unix(path, what or f"control socket {path}")
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="pmemblk-control", daemon=True)
@@ -78,7 +82,7 @@ class ControlServer(Closeable):
         answer = self._answers.get(name)
         if answer is None:
             conn.sendall(f"error: unknown request {name[:MAX_REQUEST]!r}: ask "
-                         f"{' or '.join(REQUESTS)}\n".encode())
+                         f"{' or '.join(self._answers)}\n".encode())
             return
         conn.sendall(answer())
 

@@ -33,7 +33,7 @@ from .address import UNIX_PATH_MAX, Address, TCPAddress, UnixAddress, parse_addr
 from .client import DEFAULT_CHANNELS, OPS, Client
 from .control import ControlServer
 from .errors import ConfigError, RemoteError, TransportError
-from .protocol import FLUSH_METHODS
+from .protocol import FLUSH_METHODS, check_identity
 from .tls import ClientTls, client_context, parse_mode
 from .transport import ConnectOptions, Transport
 from .transport.registry import REGISTRY
@@ -116,6 +116,12 @@ def _log(key: str, value: str) -> str:
     return value
 
 
+def _client(key: str, value: str) -> str:
+    if not value:
+        raise ConfigError("client=: expected an identity's name")
+    return check_identity(value, "client=")
+
+
 def _tls_certificates(key: str, value: str) -> str:
     if not value:
         raise ConfigError("tls-certificates=: expected a folder")
@@ -158,9 +164,12 @@ KEY_TABLE: tuple[Key, ...] = (
     Key("readonly", "true|false", "open the export read-only (default false)",
         parse_bool, "readonly"),
     Key("secret-file", "PATH",
-        "the shared secret of a target that serves with --secret-file (mode 600); the plugin "
-        "then also refuses a target that cannot prove it holds the secret",
-        lambda key, value: value, "secret_file"),
+        "the shared secret of a target that serves with --secret-file, or this client's own "
+        "(with client=; mode 600); the plugin then also refuses a target that cannot prove it "
+        "holds the secret", lambda key, value: value, "secret_file"),
+    Key("client", "NAME",
+        "the identity to connect as: a line of the target's --clients file (its secret in "
+        "secret-file=)", _client, "client"),
     Key("reconnect-timeout", "SECONDS",
         "how long to keep reconnecting to a lost target before requests fail with EIO "
         f"(default {DEFAULT_RECONNECT_TIMEOUT:g}; 0: fail at once)",
@@ -225,6 +234,7 @@ class PluginConfig:
     chunk: int | None = None
     secret_file: str = ""
     secret: bytes | None = field(default=None, repr=False)
+    client: str = ""
     reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
     control: str = ""
     stats: bool = True
@@ -252,6 +262,9 @@ class PluginConfig:
             raise ConfigError("target=HOST:PORT is required (the address pmemblk serve listens on)")
         if self.secret_file:
             self.secret = auth.load_secret(self.secret_file)
+        elif self.client:
+            raise ConfigError(f"client={self.client} needs secret-file=PATH: that identity's "
+                              "secret")
         if self.transport == "verbs":
             if not isinstance(self.target, TCPAddress):
                 raise ConfigError("transport=verbs needs target=HOST:PORT, not a unix: socket")
@@ -324,7 +337,8 @@ def connect_transport(cfg: PluginConfig, readonly: bool) -> tuple[Transport, str
 def _connect_kind(cfg: PluginConfig, kind: str, readonly: bool) -> Transport:
     return REGISTRY[kind].connect(ConnectOptions(
         cfg.address, readonly=readonly, timeout=cfg.timeout, depth=cfg.depth,
-        chunk_size=cfg.chunk, secret=cfg.secret, client_id=cfg.client_id, tls=cfg.tls_client))
+        chunk_size=cfg.chunk, secret=cfg.secret, client_id=cfg.client_id, tls=cfg.tls_client,
+        identity=cfg.client))
 
 
 def connect(cfg: PluginConfig, readonly: bool, io_stats: stats.IoStats | None = None) -> Client:

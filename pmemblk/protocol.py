@@ -27,10 +27,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 
 MAGIC = b"PMBK"
-PROTOCOL_VERSION = 5
+#: 6: AUTH names the client's identity (serve --clients), and its MAC covers the name.
+PROTOCOL_VERSION = 6
 
 MSG_HELLO = 1
 MSG_WELCOME = 2
@@ -82,11 +83,15 @@ CLIENT_NONCE_SIZE = 16
 CLIENT_ID_SIZE = 16
 TARGET_NONCE_SIZE = 32
 MAC_SIZE = 32
+#: An identity's name (serve --clients): 1 to 32 of these characters; "" is the anonymous
+#: identity of a target with one --secret-file.
+IDENTITY_MAX = 32
+IDENTITY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 PREAMBLE = struct.Struct("<4sHH")
 HELLO = struct.Struct("<4sHHII16s16s")  # preamble, flags, reserved, client nonce, client id
 CHALLENGE = struct.Struct("<4sHHHHI32s")  # preamble, auth method, reserved x2, target nonce
-AUTH = struct.Struct("<4sHHII32s")  # preamble, reserved x2, client MAC
+AUTH = struct.Struct("<4sHHII32s32s")  # preamble, name length, reserved, MAC, identity name
 WELCOME = struct.Struct("<4sHHQIIIIQ16sIHHQQHHI32s")
 REJECT = struct.Struct("<4sHHIH")  # preamble, errno, reason length; reason follows
 COMMIT = struct.Struct("<4sHHIIQ")  # preamble, range count, reserved, request id
@@ -208,23 +213,46 @@ class Challenge:
         return cls(method, nonce)
 
 
+def check_identity(name: str, what: str = "identity") -> str:
+    """``name`` if it is a valid identity name (or "", the anonymous one); ConfigError if not."""
+    if len(name) > IDENTITY_MAX or not set(name) <= IDENTITY_CHARS:
+        raise ConfigError(f"{what} {name[:IDENTITY_MAX + 8]!r} is not a valid name: 1 to "
+                          f"{IDENTITY_MAX} letters, digits, '.', '_' or '-'")
+    return name
+
+
 @dataclass(frozen=True)
 class Auth:
-    """The client's proof that it holds the shared secret (all zeros when there is none)."""
+    """The client's proof that it holds its identity's secret (all zeros when the target does
+    not authenticate), and the identity's name ("" for a target with one --secret-file)."""
 
     mac: bytes
+    identity: str = ""
 
     def encode(self) -> bytes:
-        return AUTH.pack(MAGIC, PROTOCOL_VERSION, MSG_AUTH, 0, 0, self.mac)
+        name = self.identity.encode()
+        return AUTH.pack(MAGIC, PROTOCOL_VERSION, MSG_AUTH, len(name), 0, self.mac, name)
+
+    def unproven(self) -> bytes:
+        """What the client's MAC covers of its AUTH: all of it but the MAC."""
+        return Auth(bytes(MAC_SIZE), self.identity).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Auth:
         _preamble(raw, MSG_AUTH)
         _exact(raw, AUTH, "AUTH")
-        _, _, _, r1, r2, mac = AUTH.unpack_from(raw)
-        if r1 or r2:
-            raise ProtocolError("AUTH reserved fields are not zero")
-        return cls(mac)
+        _, _, _, length, reserved, mac, padded = AUTH.unpack_from(raw)
+        if reserved:
+            raise ProtocolError("AUTH reserved field is not zero")
+        if length > IDENTITY_MAX or any(padded[length:]):
+            raise ProtocolError(f"AUTH identity length {length} does not match its name")
+        try:
+            name = padded[:length].decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError("AUTH identity name is not ASCII") from None
+        if not set(name) <= IDENTITY_CHARS:
+            raise ProtocolError(f"AUTH identity name {name!r} has characters a name cannot have")
+        return cls(mac, name)
 
 
 # --- WELCOME -------------------------------------------------------------------------------

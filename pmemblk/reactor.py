@@ -6,6 +6,7 @@ blocks the process (docs/design.md).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import itertools
@@ -23,6 +24,8 @@ class Reactor:
         self._timers: list[tuple[float, int, Callback]] = []
         self._ids = itertools.count()
         self._stop = False
+        #: Callbacks posted from other threads or signal handlers (deque appends are atomic).
+        self._posted: collections.deque[Callback] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add(self._wake_r, self._drain_wake)
         self._closed = False
@@ -60,9 +63,18 @@ class Reactor:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
+    def post(self, callback: Callback) -> None:
+        """Run ``callback`` on the loop's thread soon. Safe from another thread and from a
+        signal handler."""
+        self._posted.append(callback)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
+        while self._posted and not self._stop:
+            self._posted.popleft()()
 
     def _run_timers(self) -> float | None:
         now = time.monotonic()

@@ -2,7 +2,8 @@
 
 ``Target`` checks the configuration, makes the servers (addresses validated before the region
 is touched), opens the export, publishes the pid file and tells systemd it is ready; on
-SIGTERM, SIGINT or SIGHUP it shuts everything down in order. The export itself — the region,
+SIGTERM or SIGINT it shuts everything down in order; SIGHUP (like ``pmemblk reload``)
+re-reads the clients file. The export itself — the region,
 admission, lanes, COMMIT — is ``pmemblk.target``.
 """
 
@@ -14,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import threading
 
 from . import files, servers
 from .control import ControlServer
@@ -24,10 +26,14 @@ from .target import Export, ServeConfig
 
 log = logging.getLogger(__name__)
 
+#: How long ``pmemblk reload`` waits for the reactor (less than the asker's control.TIMEOUT).
+RELOAD_TIMEOUT = 4.0
+
 
 def check_exposure(config: ServeConfig) -> None:
     """Refuse to serve a network address to anyone who asks, unless told to."""
-    if config.secret is None and not config.insecure_no_auth and not config.listen.is_local:
+    if (config.secret is None and config.clients_file is None and not config.insecure_no_auth
+            and not config.listen.is_local):
         raise ConfigError(
             f"--listen {config.listen} is reachable from other hosts and no --secret-file was "
             "given: anyone who can connect could read and write the region. Create a secret "
@@ -52,10 +58,12 @@ class Target:
                                                        self.config.handshake_timeout))
 
     def run(self) -> None:
-        # SIGHUP too: a target started from a terminal that closes must stop cleanly, not die.
+        # SIGHUP reloads (the daemon convention), as ``pmemblk reload`` does: it no longer
+        # stops the target.
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        for s in old:
+        for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda signum, frame: self.reactor.stop())
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.post(self._reload_logged))
         try:
             check_exposure(self.config)
             self._make_servers()  # validates addresses before the region is touched
@@ -68,7 +76,8 @@ class Target:
             if self.config.control:
                 self.control = ControlServer(self.config.control, self.export.status,
                                              self.export.metrics,
-                                             f"--control {self.config.control}")
+                                             f"--control {self.config.control}",
+                                             reload=self._reload_asked)
             self.export.begin()
             if self.pid_file is not None:
                 self.pid_file.publish()
@@ -79,6 +88,41 @@ class Target:
             for s, handler in old.items():
                 signal.signal(s, handler)
             self.shutdown()
+
+    def reload(self) -> str:
+        """Re-read the clients file (on the reactor's thread): ``ok: ...`` or ``error: ...``;
+        on an error the identities in force stay."""
+        if self.export is None:
+            return "error: the target is not serving yet"
+        notify_systemd("RELOADING=1")
+        try:
+            return f"ok: {self.export.reload()}"
+        except ConfigError as exc:
+            log.error("reload refused, the identities in force stay: %s", exc)
+            return f"error: {exc}"
+        except Exception as exc:  # a bug: say so, keep serving the clients
+            log.exception("reload failed")
+            return f"error: reload failed: {exc}"
+        finally:
+            notify_systemd("READY=1")
+
+    def _reload_logged(self) -> None:
+        """SIGHUP: reload; the outcome is in the log."""
+        self.reload()
+
+    def _reload_asked(self) -> bytes:
+        """``pmemblk reload`` on the control socket (its thread): the reactor reloads."""
+        done = threading.Event()
+        answer: list[str] = []
+
+        def run() -> None:
+            answer.append(self.reload())
+            done.set()
+
+        self.reactor.post(run)
+        if not done.wait(RELOAD_TIMEOUT):
+            return f"error: the target did not reload within {RELOAD_TIMEOUT:g}s\n".encode()
+        return answer[0].encode() + b"\n"
 
     def shutdown(self) -> None:
         """Servers, then the export, the reactor and the pid file: each one even if an earlier

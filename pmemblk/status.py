@@ -82,7 +82,8 @@ def render_target(st: dict[str, Any]) -> str:
         f"({human(t['write_bytes'])}), {t['zeros']} zeroes (verbs data bypasses the target)",
     ]
     for c in st["clients"]:
-        lines.append(f"  client {c['client']}: {c['mode']} over {c['transport']} from "
+        who = f" ({c['identity']})" if c.get("identity") else ""
+        lines.append(f"  client {c['client']}{who}: {c['mode']} over {c['transport']} from "
                      f"{c['address'] or '?'}, {c['connected_s']:g} s; {c['reads']} reads, "
                      f"{c['writes']} writes, {c['commits']} commits")
     return "\n".join(lines)

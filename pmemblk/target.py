@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import __version__, atomicblocks, auth, durability, layout, stats
 from .address import Address
+from .auth import Identity
 from .errors import ConfigError, LayoutError, PmemblkError, PmemError
 from .faults import LostReply, PersistFault
 from .lock import RegionLock
@@ -80,6 +81,8 @@ class ServeConfig:
     shared: bool = False
     #: The shared secret clients must prove they hold (None: no authentication).
     secret: bytes | None = dataclasses.field(default=None, repr=False)
+    #: The clients file (--clients): an identity per client, re-read by ``Export.reload``.
+    clients_file: str | None = None
     #: Serve a non-loopback address without authentication anyway.
     insecure_no_auth: bool = False
     #: TESTING ONLY: fault injection (pmemblk.faults).
@@ -117,6 +120,8 @@ class Session:
     transport: str
     peer: str
     client_id: bytes
+    #: The identity it proved ("" for a target with one --secret-file, or none).
+    identity: str = ""
     since: float = dataclasses.field(default_factory=time.time)
     counts: dict[str, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(SESSION_COUNTS, 0))
@@ -141,9 +146,21 @@ class Admission:
 
     greeting: Greeting
     auth: Auth
+    identity: Identity
     writer: bool
     readonly: bool
     session: Session
+
+
+def initial_identities(config: ServeConfig) -> auth.Identities | None:
+    """Who may connect at start: the clients file's identities, or the one of a --secret-file,
+    or anyone (None)."""
+    if config.clients_file is not None:
+        if config.secret is not None:
+            raise ConfigError("--clients and --secret-file: give one (a clients file names "
+                              "a secret file per identity)")
+        return auth.load_clients(config.clients_file)
+    return auth.anonymous(config.secret) if config.secret is not None else None
 
 
 class Export:
@@ -154,6 +171,11 @@ class Export:
         ``begin()``, so a target that fails to start leaves the region as it found it."""
         self.config = config
         self.readonly = config.readonly
+        #: Who may connect, by name (None: anyone, without authentication). Replaced whole
+        #: by ``reload``.
+        self.identities = initial_identities(config)
+        #: Each server's way to drop the connections ``revoked`` no longer allows.
+        self._revokers: list[Callable[[], None]] = []
         self._stack = contextlib.ExitStack()
         with self._stack as stack:
             stack.enter_context(RegionLock(config.path, "serve it", shared=config.readonly))
@@ -288,7 +310,7 @@ class Export:
             hello = Hello.decode(raw)
         except PmemblkError as exc:
             return Reject(errno.EPROTO, f"bad HELLO: {exc}")
-        return Greeting(hello, auth.new_challenge(self.config.secret))
+        return Greeting(hello, auth.new_challenge(self.identities))
 
     def admit(self, greeting: Greeting, raw_auth: bytes, transport: str = "tcp",
               peer: str = "") -> Admission | Reject:
@@ -312,12 +334,23 @@ class Export:
             proof = Auth.decode(raw_auth)
         except PmemblkError as exc:
             return Reject(errno.EPROTO, f"bad AUTH: {exc}")
-        if not auth.verify_auth(self.config.secret, greeting.hello, greeting.challenge, proof):
-            return Reject(errno.EACCES, "authentication failed: the client's secret is not "
-                                        "the target's (check secret-file=)")
+        identity, why = auth.verify_auth(self.identities, greeting.hello, greeting.challenge,
+                                         proof)
+        if identity is None:
+            # The operator is told which; the peer is told the same either way (no oracle).
+            log.warning("authentication failed for %s (%s): %s", peer or transport,
+                        transport, why)
+            return Reject(errno.EACCES, "authentication failed: the client's identity or "
+                                        "secret is not the target's (check client= and "
+                                        "secret-file=)")
+        if identity.readonly and not greeting.hello.readonly and not self.readonly:
+            return Reject(errno.EACCES, f"identity {identity.name} may only read (its line in "
+                                        "the clients file says ro): connect read-only")
         client_id = greeting.hello.client_id
         # All zeros: a client of its own (never joined to another connection's session).
         session = self._by_client_id.get(client_id) if any(client_id) else None
+        if session is not None and session.identity != identity.name:
+            return Reject(errno.EACCES, "this client id belongs to another identity's client")
         if session is None and self.clients >= self.config.max_clients:
             return Reject(errno.EBUSY,
                           f"the target already serves {self.config.max_clients} clients")
@@ -338,7 +371,8 @@ class Export:
             lanes = granted
         if session is None:
             self._session_numbers += 1
-            session = Session(self._session_numbers, transport, peer, client_id)
+            session = Session(self._session_numbers, transport, peer, client_id,
+                              identity.name)
             self.sessions[session.number] = session
             if any(client_id):
                 self._by_client_id[client_id] = session
@@ -349,8 +383,54 @@ class Export:
             if lanes is not None:
                 session.lanes = lanes
                 self._lane_owner[lanes[0] // atomicblocks.LANES_PER_WRITER] = session
-        return Admission(greeting, proof, writer=not readonly, readonly=readonly,
+        return Admission(greeting, proof, identity, writer=not readonly, readonly=readonly,
                          session=session)
+
+    # -- identities: reload and revocation -------------------------------------------------
+
+    def on_revoke(self, revoke: Callable[[], None]) -> None:
+        """A server's way to drop its connections that ``revoked`` names; called by
+        ``reload`` on the reactor's thread."""
+        self._revokers.append(revoke)
+
+    def revoked(self, admission: Admission) -> str | None:
+        """Why an admitted connection may no longer stay, or None: its identity was removed,
+        or narrowed to read-only while this connection writes. A new secret alone keeps it
+        (the secret is checked at admission, so it applies to new connections)."""
+        if self.identities is None:
+            return None
+        name = admission.identity.name
+        now = self.identities.get(name)
+        if now is None:
+            return f"identity {name!r} was removed from the clients file"
+        if now.readonly and admission.writer:
+            return f"identity {name!r} is now read-only"
+        return None
+
+    def reload(self) -> str:
+        """Re-read the clients file; drop every connection it no longer allows (over RDMA,
+        with its client's MR when it was the last: its rkey dies). A file that cannot be read
+        or parsed is refused whole (ConfigError) and the identities in force stay. Runs on the
+        reactor's thread. Returns a line saying what changed."""
+        path = self.config.clients_file
+        if path is None:
+            raise ConfigError("the target was started without --clients: there is no clients "
+                              "file to reload")
+        new = auth.load_clients(path)
+        with self.lock:
+            old, self.identities = self.identities or {}, new
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(n for n in set(old) & set(new)
+                         if (old[n].readonly, old[n].secret) != (new[n].readonly, new[n].secret))
+        for revoke in self._revokers:
+            revoke()
+        summary = (f"reloaded {path}: {len(new)} identities ({len(added)} added, "
+                   f"{len(removed)} removed, {len(changed)} changed)")
+        log.info("%s%s%s%s", summary, f"; added {', '.join(added)}" if added else "",
+                 f"; removed {', '.join(removed)}" if removed else "",
+                 f"; changed {', '.join(changed)}" if changed else "")
+        return summary
 
     # -- atomic blocks ---------------------------------------------------------------------
 
@@ -441,13 +521,12 @@ class Export:
             loss_epoch=self.loss_epoch, instance=self.instance, lane_first=first,
             lane_count=count, lane_grant=grant,
         )
-        secret = self.config.secret
-        if secret is None:
+        if self.identities is None:
             return welcome
         g = admission.greeting
         return dataclasses.replace(
-            welcome, proof=auth.target_proof(secret, g.hello, g.challenge, admission.auth,
-                                             welcome))
+            welcome, proof=auth.target_proof(admission.identity.secret, g.hello, g.challenge,
+                                             admission.auth, welcome))
 
     def lose_reply(self, kind: str) -> bool:
         """TESTING ONLY: whether this reply of ``kind`` is to be lost (pmemblk.faults)."""
@@ -546,11 +625,14 @@ class Export:
             "persistence": region.persist_method, "readonly": self.readonly,
             "shared": self.config.shared, "listen": str(self.config.listen),
             "transports": list(self.config.transports),
-            "authentication": self.config.secret is not None,
+            "authentication": self.identities is not None,
+            "identities": None if self.identities is None else {
+                i.name: i.mode for i in self.identities.values()},
             "loss_epoch": self.loss_epoch, "uptime_s": round(time.time() - self.started, 1),
             "flush": {g.method: g.describe() for g in self.guarantees},
             "clients": [{
-                "client": c.number, "transport": c.transport, "address": c.peer,
+                "client": c.number, "identity": c.identity, "transport": c.transport,
+                "address": c.peer,
                 "mode": "read-only" if c.readonly else "read-write", "channels": c.channels,
                 "connected_s": round(time.time() - c.since, 1), **c.counts,
             } for c in sessions],
@@ -582,6 +664,13 @@ class Export:
             for g in self.guarantees:
                 persistent.add_metric([st["region"], g.method], int(g.persistent))
             yield persistent
+            per_client = GaugeMetricFamily("pmemblk_target_client_channels",
+                                           "Connections each client has open, by identity",
+                                           labels=["region", "client", "identity"])
+            for c in st["clients"]:
+                per_client.add_metric([st["region"], str(c["client"]), c["identity"]],
+                                      c["channels"])
+            yield per_client
             for key, value in st["totals"].items():
                 yield stats.counter(f"pmemblk_target_{key}", f"Total {key.replace('_', ' ')}",
                                     value, labels)

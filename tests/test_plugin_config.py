@@ -86,3 +86,14 @@ def test_transport_and_unix_targets() -> None:
 
 def test_parse_bool() -> None:
     assert parse_bool("k", "ON") and not parse_bool("k", "0")
+
+
+def test_client_names_an_identity_and_needs_its_secret() -> None:
+    cfg = PluginConfig()
+    cfg.set("target", "unix:/x")
+    cfg.set("client", "db1.a_b-c")
+    with pytest.raises(ConfigError, match=r"client=db1\.a_b-c needs secret-file="):
+        cfg.complete()
+    for bad in ("", "a b", "x" * 33, "é"):
+        with pytest.raises(ConfigError, match="client="):
+            PluginConfig().set("client", bad)

@@ -20,6 +20,7 @@ GOOD: dict[str, tuple[str, str, object]] = {
     "allow-visibility-only": ("yes", "allow_visibility_only", True),
     "readonly": ("on", "readonly", True),
     "secret-file": ("/etc/s", "secret_file", "/etc/s"),
+    "client": ("backup", "client", "backup"),
     "reconnect-timeout": ("0", "reconnect_timeout", 0.0),
     "timeout": ("7.5", "timeout", 7.5),
     "channels": ("3", "channels", 3),

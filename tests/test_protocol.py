@@ -126,7 +126,24 @@ def test_challenge_and_auth_checks() -> None:
     with pytest.raises(ProtocolError, match="reserved"):
         p.Challenge.decode(p.CHALLENGE.pack(p.MAGIC, V, p.MSG_CHALLENGE, 1, 0, 9, bytes(32)))
     with pytest.raises(ProtocolError, match="reserved"):
-        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 1, 0, bytes(32)))
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 0, 1, bytes(32), bytes(32)))
+
+
+def test_auth_carries_a_checked_identity_name() -> None:
+    auth = p.Auth(b"m" * 32, "host-a.1")
+    assert p.Auth.decode(auth.encode()) == auth
+    assert p.Auth.decode(p.Auth(b"m" * 32).encode()).identity == ""
+    with pytest.raises(ProtocolError, match="does not match its name"):  # bytes past its length
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 2, 0, bytes(32), b"abc"))
+    with pytest.raises(ProtocolError, match="does not match its name"):
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 33, 0, bytes(32), b"a" * 32))
+    with pytest.raises(ProtocolError, match="characters"):
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 3, 0, bytes(32), b"a b"))
+    with pytest.raises(ProtocolError, match="not ASCII"):
+        p.Auth.decode(p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 1, 0, bytes(32), b"\xff"))
+    # a protocol-5 peer is refused with the reason
+    with pytest.raises(ProtocolError, match="version 5 is not supported"):
+        p.Hello.decode(p.HELLO.pack(p.MAGIC, 5, p.MSG_HELLO, 0, 0, bytes(16), bytes(16)))
 
 
 @pytest.mark.parametrize(
@@ -270,8 +287,8 @@ def test_io_request_round_trip_and_frame_sizes() -> None:
     assert p.request_header_size(hello[:8]) == 48
     assert p.parse_request_header(hello, EXPORT) == (48, None)
     auth = p.Auth(bytes(32)).encode()
-    assert p.request_header_size(auth[:8]) == 48
-    assert p.parse_request_header(auth, EXPORT) == (48, None)
+    assert p.request_header_size(auth[:8]) == 80
+    assert p.parse_request_header(auth, EXPORT) == (80, None)
     commit = p.Commit(1, ((0, 1), (10, 1))).encode()
     assert p.request_header_size(commit[:8]) == p.COMMIT.size
     assert p.parse_request_header(commit[:p.COMMIT.size], EXPORT) == (len(commit), None)

@@ -110,14 +110,16 @@ class DataChannel:
         self._header = bytearray(max(IO.size, COMMIT.size, HELLO.size, AUTH.size))
         self._stopping = False
         self._send = self._send_tls if isinstance(sock, ssl.SSLSocket) else self._send_plain
+        self._stop_why = ""
         self.thread = threading.Thread(target=self._run, name=f"pmemblk-channel-{number}",
                                        daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, why: str = "disconnected: the target is stopping") -> None:
         """End the thread: its blocked recv or send returns (called from another thread)."""
+        self._stop_why = why
         self._stopping = True
         with contextlib.suppress(OSError):
             # The socket's own shutdown, also under TLS: SSLSocket.shutdown would drop its
@@ -158,7 +160,7 @@ class DataChannel:
             log.exception("client %d: internal error", self.number)
             why, warn = "hit an internal error", True
         if self._stopping:
-            why, warn = "disconnected: the target is stopping", False
+            why, warn = self._stop_why, False
         (log.warning if warn else log.info)(
             "client %d (%s) %s after %d requests%s", self.number, self.peer, why, self.requests,
             ": disconnecting it" if warn else "")

@@ -410,6 +410,7 @@ class StreamServer:
             self.tls_context = server_tls(config.tls, config.tls_certificates,
                                           config.tls_verify_peer)
             self.tls_mode = config.tls
+        export.on_revoke(self.revoke)
         if self.family == socket.AF_UNIX:
             assert isinstance(self.address, str)
             sock, self._socket_id = listen_unix(self.address, f"--listen {self.listen}",
@@ -496,6 +497,19 @@ class StreamServer:
                 self.channels.pop(channel.number, None)
             return str(exc)
         return None
+
+    def revoke(self) -> None:
+        """Drop the admitted connections the export's identities no longer allow (a reload):
+        their threads end, and their sessions with them."""
+        assert self.export is not None
+        with self._channels_lock:
+            channels = list(self.channels.values())
+        for channel in channels:
+            why = self.export.revoked(channel.admission)
+            if why is not None:
+                log.warning("client %d (%s): %s: disconnecting it", channel.number,
+                            channel.peer, why)
+                channel.stop(f"disconnected: {why}")
 
     def channel_ended(self, channel: DataChannel) -> None:
         """Called by a channel's thread as it ends."""

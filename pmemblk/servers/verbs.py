@@ -124,6 +124,7 @@ class VerbsServer:
 
     def start(self, export: Export) -> None:
         self.export = export
+        export.on_revoke(self.revoke)
         self.events = EventChannel()
         self.listener = rdma.new_cmid(self.events)
         try:
@@ -349,6 +350,18 @@ class VerbsServer:
                 self.export.client_left(conn.admission)
             self._end_handshake(conn)
         conn.close(disconnect)
+
+    def revoke(self) -> None:
+        """Drop the connections the export's identities no longer allow (a reload): each one's
+        QP is destroyed, and with its client's last one on that MR the MR is deregistered, so
+        its rkey dies at once."""
+        assert self.export is not None
+        for conn in list(self.conns.values()):
+            why = None if conn.admission is None else self.export.revoked(conn.admission)
+            if why is not None:
+                log.warning("client %d: %s: disconnecting it and revoking its rkey",
+                            conn.number, why)
+                self._drop(conn, disconnect=True)
 
     def _end_handshake(self, conn: _Connection) -> None:
         if conn.handshaking and self.export is not None:

@@ -227,5 +227,7 @@ class ConnectOptions:
     chunk_size: int | None = None
     secret: bytes | None = field(default=None, repr=False)
     client_id: bytes | None = None
+    #: The identity to connect as (a line of the target's --clients file); "": anonymous.
+    identity: str = ""
     #: TLS over TCP (tls=on|require); RDMA moves data one-sided and cannot use it.
     tls: ClientTls | None = field(default=None, repr=False)

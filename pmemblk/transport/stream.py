@@ -76,7 +76,7 @@ def connect(options: ConnectOptions) -> StreamTransport:
                            depth=options.depth or DEFAULT_DEPTH,
                            chunk_size=min(options.chunk_size or DEFAULT_CHUNK_SIZE, 4 << 20),
                            secret=options.secret, client_id=options.client_id,
-                           tls=options.tls)
+                           tls=options.tls, identity=options.identity)
 
 
 class _Step(PersistStep):
@@ -99,7 +99,7 @@ class StreamTransport(TransportBase):
     def __init__(self, address: Address | str, *, readonly: bool = False, timeout: float = 30.0,
                  depth: int = DEFAULT_DEPTH, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  secret: bytes | None = None, client_id: bytes | None = None,
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, identity: str = "") -> None:
         if isinstance(address, str):
             address = parse_address(address, "target")
         family, addr = address.socket_address()
@@ -123,7 +123,8 @@ class StreamTransport(TransportBase):
             self._connect(family, addr)
             if tls is not None:
                 self._start_tls(tls, address, family, addr)
-            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id))
+            self.info = self._handshake(ClientHandshake(self.peer, secret, readonly, client_id,
+                                                          identity))
         except BaseException:
             self.close()
             raise

@@ -73,7 +73,8 @@ def connect(options: ConnectOptions) -> VerbsTransport:
                           readonly=options.readonly, timeout=options.timeout,
                           depth=options.depth or DEFAULT_DEPTH,
                           chunk_size=options.chunk_size or DEFAULT_CHUNK_SIZE,
-                          secret=options.secret, client_id=options.client_id)
+                          secret=options.secret, client_id=options.client_id,
+                          identity=options.identity)
 
 
 class _Step(PersistStep):
@@ -93,7 +94,7 @@ class VerbsTransport(TransportBase):
     def __init__(self, host: str, port: int, *, readonly: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, depth: int = DEFAULT_DEPTH,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, secret: bytes | None = None,
-                 client_id: bytes | None = None) -> None:
+                 client_id: bytes | None = None, identity: str = "") -> None:
         require_pyverbs()
         self.peer = f"{host}:{port}"
         self.timeout = timeout
@@ -115,7 +116,7 @@ class VerbsTransport(TransportBase):
         self.events = EventChannel()
         try:
             self._connect(resolve_ip(host, "target"), port,
-                          ClientHandshake(self.peer, secret, readonly, client_id))
+                          ClientHandshake(self.peer, secret, readonly, client_id, identity))
         except BaseException:
             self.close()
             raise

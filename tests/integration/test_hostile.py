@@ -163,11 +163,15 @@ def test_a_stale_socket_is_replaced_and_a_target_removes_only_its_own(region: st
     assert not path.exists()  # the second target removed its own
 
 
-def test_the_socket_is_private_and_sighup_stops_the_target_cleanly(region: str,
-                                                                  tmp_path: Path) -> None:
+def test_the_socket_is_private_and_sighup_reloads_then_sigterm_stops_cleanly(
+        region: str, tmp_path: Path) -> None:
     t = tcp_target(region, tmp_path)
     assert (tmp_path / "t.sock").stat().st_mode & 0o777 == 0o600
-    assert t.stop(signal.SIGHUP) == 0  # a closed terminal: a clean stop, not a death
+    assert t.proc is not None
+    os.kill(t.proc.pid, signal.SIGHUP)  # the daemon convention: reload, not stop, not die
+    t.wait_log("no clients file to reload")
+    assert t.proc.poll() is None
+    assert t.stop(signal.SIGTERM) == 0
     info = region_info(region)
     assert info["clean_shutdown"] is True and info["locked_by_pid"] is None
 

@@ -69,7 +69,7 @@ def hostile(path: str, rng: random.Random) -> None:
         elif kind == 6:  # a request instead of AUTH
             s.sendall(hello + p.IORequest(p.MSG_WRITE, 1, 0, 4).encode() + b"evil")
         else:  # an AUTH with reserved bits set
-            s.sendall(hello + p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 7, 0, bytes(32)))
+            s.sendall(hello + p.AUTH.pack(p.MAGIC, V, p.MSG_AUTH, 0, 7, bytes(32), bytes(32)))
         s.shutdown(socket.SHUT_WR)
         while s.recv(65536):
             pass
