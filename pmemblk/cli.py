@@ -20,6 +20,7 @@ from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
 from .errors import ConfigError, LayoutError, PmemblkError
 from .lock import path_holder
+from .memkind import region_kind
 from .pmem import PmemRegion, is_devdax
 from .provision import create_region
 from .units import human, parse_size
@@ -79,6 +80,8 @@ def region_info(path: str) -> dict[str, object]:
             "region_size": region.size,
             "is_pmem": region.is_pmem,
             "persistence": region.persist_method,
+            "memory": region.memory.describe(),
+            "memory_persistent": region.memory.persistent,
             "layout_version": header.version,
             "uuid": str(header.uuid),
             "block_size": header.block_size,
@@ -114,8 +117,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     info = region_info(args.path)
     is_pmem, method = bool(info["is_pmem"]), str(info["persistence"])
-    flush = {g.method: g.describe() for g in durability.guarantees(is_pmem, method, False)}
-    if is_pmem:
+    memory = region_kind(os.stat(args.path), is_pmem)
+    flush = {g.method: g.describe()
+             for g in durability.guarantees(is_pmem, method, False, memory=memory)}
+    if is_pmem and memory.persistent:
         flush["apm"] += "; with serve --apm-durable: persistent"
     info["flush"] = flush
     info["native_flush"] = durability.native_flush_support()
