@@ -228,6 +228,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from . import control, status
 
+    if args.watch:
+        _watch_status(args)
+        return
+    if args.count is not None:
+        raise ConfigError("--count goes with --watch")
     if args.target is not None:
         if args.what is not None:
             raise ConfigError("give a device or name, or --target SOCKET, not both")
@@ -260,6 +265,34 @@ def cmd_status(args: argparse.Namespace) -> None:
         if i:
             print()
         print(status.render(value, args.target))
+
+
+def _watch_status(args: argparse.Namespace) -> None:
+    from . import control, watch
+
+    if args.json or args.prometheus or args.textfile:
+        raise ConfigError("--watch shows the table: not with --json, --prometheus or --textfile")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    ask: Callable[[], dict[str, object]]
+    if args.target is not None:
+        if args.what is not None:
+            raise ConfigError("give a device or name, or --target SOCKET, not both")
+        socket_path = args.target
+        what = f"the target at {socket_path}"
+        ask = lambda: control.ask_status(socket_path)  # noqa: E731
+    else:
+        from .attach import attachments, find, live_status
+
+        atts = [find(args.what)] if args.what is not None else attachments()
+        if len(atts) != 1:
+            raise ConfigError("--watch shows one device: name it (pmemblk list)" if atts else
+                              "nothing is attached (pmemblk attach TARGET)")
+        att = atts[0]
+        what = att.name
+        ask = lambda: live_status(att)  # noqa: E731
+    closing = watch.watch(ask, what, args.count)
+    print(f"pmemblk: {closing}", file=sys.stderr)
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:
@@ -421,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--textfile", metavar="PATH",
                     help="write the Prometheus text format to PATH atomically (for "
                     "node_exporter's textfile collector)")
+    st.add_argument("--watch", action="store_true",
+                    help="refresh every second (ops/s, MB/s, p99 per operation, reconnects) "
+                    "until Ctrl-C or the device goes")
+    st.add_argument("--count", type=int, metavar="N",
+                    help="with --watch: stop after N refreshes")
     st.set_defaults(func=cmd_status)
 
     ip = sub.add_parser("install-plugin", help="install the plugin where nbdkit finds it, so "
