@@ -6,9 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pmemblk import durability
+import pytest
+
+from pmemblk import durability, layout, pmem
+from pmemblk.address import parse_address
 from pmemblk.memkind import devdax_kind, region_kind
-from pmemblk.protocol import FLUSH_APM, FLUSH_GPSPM
+from pmemblk.pmem import PmemRegion
+from pmemblk.protocol import CLIENT_NONCE_SIZE, FLUSH_APM, FLUSH_GPSPM, MAC_SIZE, Auth, Hello
+from pmemblk.target import Admission, Export, Greeting, ServeConfig
 
 MAJ, MIN = 252, 0
 
@@ -114,3 +119,33 @@ def test_persistent_memory_keeps_its_guarantees(tmp_path: Path) -> None:
                                            region_uevent="DEVTYPE=nd_pmem\n")))
     items = durability.guarantees(True, "pmem_persist", True, memory=kind)
     assert all(g.persistent for g in items)
+
+
+def test_a_target_on_volatile_memory_declares_nothing_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WELCOME, the serve log's table and the target's status, on a region whose memory
+    sysfs calls volatile (the sysfs answer planted; the rest is the real target), even with a
+    native FLUSH_PERSISTENT probe and --apm-durable."""
+    hmem = devdax_kind(MAJ, MIN, str(_tree(tmp_path / "sys", "platform/hmem.0/dax0.0")))
+    monkeypatch.setattr(pmem, "region_kind", lambda st, is_pmem: hmem)
+    path = str(tmp_path / "r.img")
+    with PmemRegion.create(path, 1 << 20) as r:
+        layout.format_region(r)
+    ex = Export(ServeConfig(path=path, listen=parse_address(f"unix:{tmp_path}/s", "--listen"),
+                            transports=("tcp",), apm_durable=True))
+    try:
+        ex.begin()
+        ex.offer_native(durability.NativeOffer("persistent", False, "probed"))
+        hello = Hello(readonly=False, nonce=os.urandom(CLIENT_NONCE_SIZE),
+                      client_id=os.urandom(16))
+        greeting = ex.greet(hello.encode())
+        assert isinstance(greeting, Greeting)
+        admission = ex.admit(greeting, Auth(bytes(MAC_SIZE)).encode())
+        assert isinstance(admission, Admission)
+        w = ex.welcome(admission, rkey=1, remote_addr=4096, native=True)
+        assert w.flush_methods & FLUSH_GPSPM and w.durable_methods == 0
+        st = ex.status()
+        assert st["memory_persistent"] is False and "soft-reserved" in st["memory"]
+        assert all("visibility only" in text for text in st["flush"].values())
+    finally:
+        ex.close()
