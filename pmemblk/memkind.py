@@ -76,7 +76,9 @@ def devdax_kind(major: int, minor: int, sys_root: str = "/sys") -> MemoryKind:
         for i in range(len(parts) - 1, 0, -1):
             if _REGION.fullmatch(parts[i]):
                 region = os.sep.join(parts[:i + 1])
-                devtype = _uevent(region).get("DEVTYPE", "")
+                # the region's devtype file (seen on 6.1: "nd_pmem"), else its uevent's
+                devtype = (_read(os.path.join(region, "devtype"))
+                           or _uevent(region).get("DEVTYPE", ""))
                 domain = _read(os.path.join(region, "persistence_domain"))
                 if devtype == "nd_pmem":
                     return MemoryKind(

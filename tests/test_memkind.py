@@ -47,6 +47,14 @@ def test_e820_pmem_namespace_is_persistent(tmp_path: Path) -> None:
     assert "region0" in kind.why
 
 
+def test_the_region_devtype_file_is_read_as_seen_in_the_vm(tmp_path: Path) -> None:
+    """6.1's e820 region: .../ndbus0/region0/devtype says nd_pmem (the uevent may not)."""
+    root = _tree(tmp_path, "platform/e820_pmem/ndbus0/region0/dax0.0/dax0.0", region_uevent="")
+    (root / "devices/platform/e820_pmem/ndbus0/region0/dax0.0/devtype").unlink(missing_ok=True)
+    (root / "devices/platform/e820_pmem/ndbus0/region0/devtype").write_text("nd_pmem\n")
+    assert devdax_kind(MAJ, MIN, str(root)).persistent
+
+
 def test_nfit_pmem_namespace_is_persistent_with_its_domain(tmp_path: Path) -> None:
     root = _tree(tmp_path, "LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus1/region1/dax1.0",
                  region_uevent="DEVTYPE=nd_pmem\n", domain="memory_controller")
