@@ -42,7 +42,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from . import files, nbdplugin
+from . import files, nbdplugin, nbdqueue
 from .errors import ConfigError, PmemblkError, ServiceError
 from .transport.verbs import DEFAULT_TIMEOUT
 
@@ -403,6 +403,7 @@ def attach(opts: AttachOptions) -> Attachment:
         if device is not None:
             _connect_device(att, device, opts)
             undo.callback(_disconnect_device, device)
+            check_kernel(device, opts.readonly)
         undo.pop_all()
     log.info("attached %s as %s", opts.target, device or att.uri)
     return att
@@ -516,6 +517,14 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
             _disconnect_device(device)
             raise ServiceError(f"{device} did not get its size within {START_TIMEOUT:g}s")
         time.sleep(0.05)
+
+
+def check_kernel(device: str, readonly: bool, sys_root: str = "/sys") -> None:
+    """Refuse a device whose kernel will not send the FLUSH and FUA the export offers (the
+    plugin offers both to a read-write connection, none to a read-only one)."""
+    queue = nbdqueue.read_queue(device, sys_root)
+    log.info("%s: the kernel's view: %s", device, queue.describe())
+    nbdqueue.check(queue, offers_flush=not readonly, offers_fua=not readonly)
 
 
 def _disconnect_device(device: str) -> None:
@@ -670,4 +679,9 @@ def live_status(att: Attachment) -> dict[str, Any]:
     except ServiceError as exc:
         out["state"] = f"not answering: {exc}"
     out["name"] = att.name
+    if att.device is not None:
+        try:
+            out["kernel"] = nbdqueue.read_queue(att.device).as_dict()
+        except ServiceError as exc:
+            out["kernel"] = str(exc)
     return out

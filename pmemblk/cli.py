@@ -20,6 +20,7 @@ from .address import UnixAddress, parse_address
 from .auth import create_secret, load_secret
 from .errors import ConfigError, LayoutError, PmemblkError, ServiceError
 from .lock import path_holder
+from .memkind import region_kind
 from .pmem import PmemRegion, is_devdax
 from .provision import create_region
 from .units import human, parse_size
@@ -79,6 +80,8 @@ def region_info(path: str) -> dict[str, object]:
             "region_size": region.size,
             "is_pmem": region.is_pmem,
             "persistence": region.persist_method,
+            "memory": region.memory.describe(),
+            "memory_persistent": region.memory.persistent,
             "layout_version": header.version,
             "uuid": str(header.uuid),
             "block_size": header.block_size,
@@ -114,8 +117,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     info = region_info(args.path)
     is_pmem, method = bool(info["is_pmem"]), str(info["persistence"])
-    flush = {g.method: g.describe() for g in durability.guarantees(is_pmem, method, False)}
-    if is_pmem:
+    memory = region_kind(os.stat(args.path), is_pmem)
+    flush = {g.method: g.describe()
+             for g in durability.guarantees(is_pmem, method, False, memory=memory)}
+    if is_pmem and memory.persistent:
         flush["apm"] += "; with serve --apm-durable: persistent"
     info["flush"] = flush
     info["native_flush"] = durability.native_flush_support()
@@ -268,6 +273,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from . import control, status
 
+    if args.watch:
+        _watch_status(args)
+        return
+    if args.count is not None:
+        raise ConfigError("--count goes with --watch")
     if args.target is not None:
         if args.what is not None:
             raise ConfigError("give a device or name, or --target SOCKET, not both")
@@ -300,6 +310,34 @@ def cmd_status(args: argparse.Namespace) -> None:
         if i:
             print()
         print(status.render(value, args.target))
+
+
+def _watch_status(args: argparse.Namespace) -> None:
+    from . import control, watch
+
+    if args.json or args.prometheus or args.textfile:
+        raise ConfigError("--watch shows the table: not with --json, --prometheus or --textfile")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    ask: Callable[[], dict[str, object]]
+    if args.target is not None:
+        if args.what is not None:
+            raise ConfigError("give a device or name, or --target SOCKET, not both")
+        socket_path = args.target
+        what = f"the target at {socket_path}"
+        ask = lambda: control.ask_status(socket_path)  # noqa: E731
+    else:
+        from .attach import attachments, find, live_status
+
+        atts = [find(args.what)] if args.what is not None else attachments()
+        if len(atts) != 1:
+            raise ConfigError("--watch shows one device: name it (pmemblk list)" if atts else
+                              "nothing is attached (pmemblk attach TARGET)")
+        att = atts[0]
+        what = att.name
+        ask = lambda: live_status(att)  # noqa: E731
+    closing = watch.watch(ask, what, args.count)
+    print(f"pmemblk: {closing}", file=sys.stderr)
 
 
 def cmd_install_plugin(args: argparse.Namespace) -> None:
@@ -497,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--textfile", metavar="PATH",
                     help="write the Prometheus text format to PATH atomically (for "
                     "node_exporter's textfile collector)")
+    st.add_argument("--watch", action="store_true",
+                    help="refresh every second (ops/s, MB/s, p99 per operation, reconnects) "
+                    "until Ctrl-C or the device goes")
+    st.add_argument("--count", type=int, metavar="N",
+                    help="with --watch: stop after N refreshes")
     st.set_defaults(func=cmd_status)
 
     ip = sub.add_parser("install-plugin", help="install the plugin where nbdkit finds it, so "

@@ -16,6 +16,10 @@ it to every client in its WELCOME (``durable_methods``).
   persistent (an NVDIMM namespace; not ``memmap=`` "legacy" pmem, never DRAM or a file):
   the target finds that out by registering the region with it. FLUSH_GLOBAL alone is
   visibility, like apm on non-pmem. Offered over RDMA only, where both devices have the verb.
+
+None of them is persistence on volatile memory (a devdax device made from soft-reserved, CXL
+RAM or kmem-onlined memory: pmemblk.memkind asks sysfs): there every method is visibility only,
+and a client's flush=auto refuses unless allow-visibility-only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .memkind import MemoryKind
 from .protocol import FLUSH_APM, FLUSH_GPSPM, FLUSH_METHODS, FLUSH_NATIVE
 
 
@@ -83,7 +88,16 @@ def native_offer(flush_global: bool, flush_persistent: bool, atomic_write: bool,
 
 
 def guarantees(is_pmem: bool, persist_method: str, apm_durable: bool,
-               native: NativeOffer | None = None) -> list[Guarantee]:
+               native: NativeOffer | None = None, memory: MemoryKind | None = None
+               ) -> list[Guarantee]:
+    """What each flush method gives on a region. ``memory`` is what the kernel says the
+    region's memory is (pmemblk.memkind): volatile memory makes every method visibility only,
+    whatever libpmem's ``is_pmem`` says (it says 1 for every devdax device)."""
+    if memory is not None and not memory.persistent:
+        why = f"the memory is {memory.kind}: {memory.why}"
+        extra = native.guarantee() if native is not None else None
+        return [Guarantee(g, False, why)
+                for g in ["gpspm", "apm"] + (["native"] if extra is not None else [])]
     gpspm = Guarantee("gpspm", True, f"the target calls {persist_method} before it replies")
     if is_pmem and apm_durable:
         apm = Guarantee("apm", True, "real pmem, and the operator asserted with --apm-durable "

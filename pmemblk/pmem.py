@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import PmemError
+from .memkind import MemoryKind, region_kind
 from .resource import Closeable
 
 log = logging.getLogger(__name__)
@@ -143,11 +144,14 @@ class PmemRegion(Closeable):
     Use :meth:`open` for an existing file or device and :meth:`create` for a new file.
     """
 
-    def __init__(self, path: str, addr: int, size: int, is_pmem: bool) -> None:
+    def __init__(self, path: str, addr: int, size: int, is_pmem: bool,
+                 memory: MemoryKind | None = None) -> None:
         self.path = path
         self.addr = addr
         self.size = size
         self.is_pmem = is_pmem
+        #: What the memory is (pmemblk.memkind): a devdax device is not always persistent.
+        self.memory = memory if memory is not None else region_kind(os.stat(path), is_pmem)
         self._closed = False
         #: Called with (offset, length) after each successful persist (power-cut emulation).
         self.on_persist: Callable[[int, int], None] | None = None
@@ -155,9 +159,12 @@ class PmemRegion(Closeable):
         #: injection, pmemblk.faults).
         self.persist_fault: Callable[[int, int], None] | None = None
         log.info(
-            "mapped %s: %d bytes at 0x%x, is_pmem=%d, persistence by %s",
-            path, size, addr, int(is_pmem), self.persist_method,
+            "mapped %s: %d bytes at 0x%x, is_pmem=%d, persistence by %s; memory: %s",
+            path, size, addr, int(is_pmem), self.persist_method, self.memory.describe(),
         )
+        if not self.memory.persistent:
+            log.warning("%s is %s: no flush method gives persistence on it",
+                        path, self.memory.describe())
 
     @property
     def persist_method(self) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import files
 from .errors import ServiceError
+from .nbdqueue import KernelQueue
 from .units import human
 
 
@@ -32,6 +33,13 @@ def render_client(st: dict[str, Any]) -> str:
                      f"{st.get('region_uuid')}, loss epoch {st.get('loss_epoch')}"
                      + (", read-only" if st.get("readonly") else ""))
     lines.append(f"  state:        {st.get('state', '?')}")
+    kernel = st.get("kernel")
+    if isinstance(kernel, dict):
+        lines.append(f"  kernel:       {KernelQueue(**kernel).describe()}"
+                     + ("" if kernel["write_cache"] == "write back" or st.get("readonly")
+                        else " -- fsync does not reach the target"))
+    elif kernel is not None:
+        lines.append(f"  kernel:       {kernel}")
     if "connections" in st:
         lines.append(f"  connections:  {st['connections']} open, {st['reconnects']} "
                      f"reconnects, {st['connections_failed']} failed to open"
@@ -68,6 +76,8 @@ def render_target(st: dict[str, Any]) -> str:
     lines = [
         f"target {st['region']} ({st['kind']}, {human(st['export_size'])}, is_pmem="
         f"{int(st['is_pmem'])}, persistence by {st['persistence']})",
+        *([f"  memory:       {st['memory']}"] if "memory" in st else []),
+        *[f"  flush:        {text}" for text in st.get("flush", {}).values()],
         f"  region:       {st['region_uuid']}, loss epoch {st['loss_epoch']}"
         + (", read-only" if st["readonly"] else "") + (", shared" if st["shared"] else ""),
         f"  listening:    {st['listen']} over {', '.join(st['transports'])}, "

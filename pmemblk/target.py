@@ -221,7 +221,7 @@ class Export:
         self.began = False
         self._closed = False
         self.guarantees = durability.guarantees(region.is_pmem, region.persist_method,
-                                                config.apm_durable)
+                                                config.apm_durable, memory=region.memory)
         self.durable_methods = durability.durable_mask(self.guarantees)
         #: What the RDMA listener's device and this region allow of the native verbs (set
         #: by the verbs server when it starts; offered to its connections only).
@@ -497,7 +497,8 @@ class Export:
             # TESTING ONLY: the power-cut emulation must see FLUSHes the CPU never does.
             self._stack.enter_context(contextlib.closing(FlushTracer(self.durable)))
         self.guarantees = durability.guarantees(self.region.is_pmem, self.region.persist_method,
-                                                self.config.apm_durable, offer)
+                                                self.config.apm_durable, offer,
+                                                self.region.memory)
 
     def welcome(self, admission: Admission, rkey: int = 0, remote_addr: int = 0,
                 native: bool = False) -> Welcome:
@@ -513,6 +514,8 @@ class Export:
                                       admission.readonly)
         flags |= REGION_ATOMIC_WRITE if declared.atomic_write else 0
         methods, durable = declared.flush_methods, declared.durable_methods
+        if not self.region.memory.persistent:  # not even a native FLUSH_PERSISTENT
+            durable = 0
         welcome = Welcome(
             export_size=self.size, block_size=self.header.block_size, region_flags=flags,
             flush_methods=methods, rkey=rkey, remote_addr=remote_addr,
@@ -622,7 +625,8 @@ class Export:
             "kind": "devdax" if is_devdax(region.path) else "file",
             "region_uuid": str(header.uuid), "export_size": self.size,
             "block_size": header.block_size, "is_pmem": region.is_pmem,
-            "persistence": region.persist_method, "readonly": self.readonly,
+            "persistence": region.persist_method, "memory": region.memory.describe(),
+            "memory_persistent": region.memory.persistent, "readonly": self.readonly,
             "shared": self.config.shared, "listen": str(self.config.listen),
             "transports": list(self.config.transports),
             "authentication": self.identities is not None,

@@ -55,6 +55,11 @@ def test_attach_mkfs_status_restart_detach(shm_region: Path, workdir: Path,
                f"and 8 MiB: {st['ops']['write']['requests']} writes, p50/p99/p99.9 "
                f"{st['ops']['write']['p50_us']}/{st['ops']['write']['p99_us']}/"
                f"{st['ops']['write']['p99.9_us']} µs, {st['ops']['flush']['requests']} flushes")
+        kernel = st["kernel"]  # what the kernel decided, as attach checked it
+        assert kernel["write_cache"] == "write back" and kernel["fua"] is True, kernel
+        assert kernel["connections"] == 1 and kernel["timeout_s"], kernel
+        assert "kernel:       write cache write back, FUA on" in pmemblk("status", "data").stdout
+        report(f"attach: the kernel's view of {device}: {kernel}")
         tgt = json.loads(pmemblk("status", "--target", str(control), "--json").stdout)
         (client,) = tgt["clients"]
         assert client["transport"] == "verbs" and client["mode"] == "read-write"
@@ -156,4 +161,31 @@ def test_an_nbd_client_that_hangs_is_one_line_and_leaves_nothing(
     assert "Traceback" not in res.stderr and "did not connect /dev/nbd0 within" in res.stderr
     nothing_left(run_dir, "/dev/nbd0")
     report("attach: an nbd-client that hangs: one line at the deadline, nothing left")
+    target.stop()
+
+
+def test_a_kernel_that_will_not_send_flush_is_refused_and_leaves_nothing(
+        shm_region: Path, workdir: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export offers FLUSH and FUA, but the device's queue is write-through (here: a
+    wrapper, first on PATH, runs the real nbd-client and then writes "write through" to the
+    queue's write_cache, as a udev rule or an old nbd-client would leave it): fsync would never
+    reach the target. attach refuses in one line naming the setting; the device is
+    disconnected and its nbdkit stopped."""
+    pmemblk("create", str(shm_region), "--size", str(SIZE))
+    target = vm_target(str(shm_region), 7803, workdir).start()
+    real = run("sh", "-c", "command -v nbd-client").stdout.strip()
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nbd-client").write_text(
+        f'#!/bin/sh\n{real} "$@" || exit $?\n[ "$1" = -d ] && exit 0\n'
+        "echo 'write through' > /sys/block/nbd0/queue/write_cache\n")
+    (bin_dir / "nbd-client").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    res = pmemblk("attach", f"{ADDR}:7803", "--secret-file", str(secret_file(workdir)),
+                  "--device", "/dev/nbd0", check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "will not send FLUSH to /dev/nbd0" in res.stderr and "write_cache" in res.stderr
+    assert "Traceback" not in res.stderr
+    nothing_left(run_dir, "/dev/nbd0")
+    report(f"attach: a write-through kernel queue refused: {res.stderr.strip()}")
     target.stop()

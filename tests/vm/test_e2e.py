@@ -115,6 +115,9 @@ def test_devdax_region(workdir: Path) -> None:
     info = region_info(dax)
     assert info["is_pmem"] is True and info["persistence"] == "pmem_persist"
     assert info["kind"] == "devdax"
+    # memmap= e820 pmem (stable) is under a libnvdimm nd_pmem region: still persistent
+    assert info["memory_persistent"] is True, info["memory"]
+    report(f"devdax memory: {info['memory']}")
     filesystem_story(dax, 7120, workdir, "gpspm")  # apm is persistent only with --apm-durable
 
 

@@ -59,6 +59,10 @@ def test_auto_chooses_native_on_nvdimm_and_ext4_survives_a_target_sigkill(workdi
     need_native()
     need_pmem(DAX)
     pmemblk("create", DAX, "--force")
+    memory = region_info(DAX)
+    # QEMU's NVDIMM (nfit) is under a libnvdimm nd_pmem region: persistent
+    assert memory["memory_persistent"] is True, memory["memory"]
+    report(f"NVDIMM devdax memory: {memory['memory']}")
     target = vm_target(DAX, 7130, workdir).start()
     try:
         target.wait_log("flush native: persistent")
