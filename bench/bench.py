@@ -39,7 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pmemblk.attach import NBDKIT_THREADS
+from pmemblk.attachments import NBDKIT_THREADS
 from pmemblk.auth import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent

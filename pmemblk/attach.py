@@ -24,13 +24,10 @@ socket) and says what it left.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import stat
@@ -42,28 +39,32 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from . import files, nbdplugin, nbdqueue
+from . import commands, files, nbdplugin, nbdqueue
+from .attachments import (
+    FILES,
+    NBDKIT_THREADS,
+    Attachment,
+    Leftover,
+    attachments,
+    device_busy,
+    free_device,
+    holders,
+    our_nbdkit,
+    read_pid,
+    read_record,
+    run_dir,
+    sys_block,
+)
 from .errors import ConfigError, PmemblkError, ServiceError
 from .transport.verbs import DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-#: Where attachments live; PMEMBLK_RUN_DIR (or --run-dir) moves it, e.g. for tests.
-DEFAULT_RUN_DIR = "/run/pmemblk"
 #: How long nbdkit may take to listen, and the device to show its size.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 MAX_CONNECTIONS = 16
-_DEVICE_RE = re.compile(r"/dev/(nbd\d+)")
-#: nbdkit worker threads in all, shared by the NBD connections unless attach --threads says how
-#: many each: with one GIL, more of them only wait for each other (docs/benchmarks.md).
-NBDKIT_THREADS = 8
 MAX_THREADS = 64
-_FILES = ("attach.json", "nbdkit.pid", "nbdkit.log", "nbd.sock", "control.sock")
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("PMEMBLK_RUN_DIR") or DEFAULT_RUN_DIR)
 
 
 @dataclass(frozen=True)
@@ -85,209 +86,6 @@ class AttachOptions:
     #: Plugin keys tls= and tls-certificates= (pmemblk.tls).
     tls: str = "off"
     tls_certificates: str | None = None
-
-
-@dataclass
-class Attachment:
-    name: str
-    folder: Path
-    target: str
-    device: str | None
-    connections: int
-    readonly: bool
-    keys: list[str]
-    created: float = dataclasses.field(default_factory=time.time)
-    threads: int = NBDKIT_THREADS
-
-    @property
-    def nbd_socket(self) -> Path:
-        return self.folder / "nbd.sock"
-
-    @property
-    def control_socket(self) -> Path:
-        return self.folder / "control.sock"
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.nbd_socket}"
-
-    def save(self) -> None:
-        record = {k: v for k, v in dataclasses.asdict(self).items() if k != "folder"}
-        files.write_atomic(str(self.folder / "attach.json"),
-                           (json.dumps(record, indent=2) + "\n").encode(), 0o644,
-                           "the attachment's record")
-
-    def nbdkit_pid(self) -> int | None:
-        """nbdkit's PID if it is running and is this attachment's (checked by its command
-        line naming our socket), else None."""
-        return _our_nbdkit(self.folder)
-
-
-#: attach.json's fields and their types (a record with others, or other types, is broken).
-_RECORD: dict[str, tuple[type, ...]] = {
-    "name": (str,), "target": (str,), "device": (str, type(None)), "connections": (int,),
-    "readonly": (bool,), "keys": (list,), "created": (int, float), "threads": (int,)}
-
-
-#: attach.json is a few hundred bytes: more is not a record of ours.
-MAX_RECORD = 1 << 16
-
-
-def _read_record(folder: Path) -> dict[str, Any] | str:
-    """``folder``'s attach.json, or what is wrong with it."""
-    try:
-        record = json.loads(files.read_regular(folder / "attach.json", MAX_RECORD))
-    except FileNotFoundError:
-        left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        return "no record; it holds " + (", ".join(left) or "nothing")
-    except (OSError, ValueError) as exc:
-        return f"its record cannot be read: {exc}"
-    why = _record_problem(record)
-    return record if why is None else why
-
-
-def _record_problem(record: object) -> str | None:
-    if not isinstance(record, dict):
-        return "its record is not a JSON object"
-    missing = sorted(set(_RECORD) - set(record) - {"created", "threads"})
-    extra = sorted(set(record) - set(_RECORD))
-    if missing or extra:
-        return f"its record lacks {missing} or has unknown fields {extra}"
-    for key, value in record.items():
-        types = _RECORD[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            return f"its record's {key} is {value!r}"
-    if not all(isinstance(k, str) for k in record["keys"]):
-        return "its record's keys are not all strings"
-    return None
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
-def _our_nbdkit(folder: Path) -> int | None:
-    """The PID in ``folder``'s nbdkit.pid if that process names ``folder``'s socket."""
-    pid = _read_pid(folder / "nbdkit.pid")
-    if pid is None:
-        return None
-    return pid if str(folder / "nbd.sock").encode() in _cmdline(pid) else None
-
-
-@dataclass(frozen=True)
-class Leftover:
-    """A folder in the run directory that holds no readable attachment record."""
-
-    name: str
-    folder: Path
-    why: str
-
-    def devices(self) -> list[str]:
-        """The NBD devices whose nbd-client names this folder's socket (provably ours)."""
-        found = []
-        sock = str(self.folder / "nbd.sock").encode()
-        for sysfs in Path("/sys/block").glob("nbd*"):
-            pid = _read_pid(sysfs / "pid")
-            if pid is not None and any(sock in arg for arg in _cmdline(pid)):
-                found.append(f"/dev/{sysfs.name}")
-        return sorted(found)
-
-
-# -- finding attachments and devices ---------------------------------------------------------
-
-
-def scan() -> tuple[list[Attachment], list[Leftover]]:
-    """The run directory read once: its attachments, and the folders with no readable record
-    (torn, wrongly typed, or left by a detach because they held files pmemblk did not make)."""
-    found: list[Attachment] = []
-    left: list[Leftover] = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in sorted(run_dir().iterdir()):
-            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
-                continue
-            record = _read_record(entry)
-            if isinstance(record, str):
-                left.append(Leftover(entry.name, entry, record))
-            else:
-                found.append(Attachment(folder=entry, **record))
-    return found, left
-
-
-def attachments() -> list[Attachment]:
-    return scan()[0]
-
-
-def leftovers() -> list[Leftover]:
-    return scan()[1]
-
-
-def find(name_or_device: str) -> Attachment:
-    """The attachment called NAME, or the one holding DEVICE (/dev/nbdN)."""
-    atts, lefts = scan()
-    for att in atts:
-        if name_or_device in (att.name, att.device):
-            return att
-    for left in lefts:
-        if left.name == name_or_device:
-            raise ConfigError(f"attachment {left.name} is broken ({left.why}) in "
-                              f"{left.folder}: pmemblk detach {left.name} cleans up what is "
-                              "provably its own")
-    known = ", ".join(f"{a.name} ({a.device or a.uri})" for a in atts) or "none"
-    raise ConfigError(f"no attachment is called {name_or_device!r} or holds that device "
-                      f"(attached: {known}; see pmemblk list)")
-
-
-def _sys_block(dev: str) -> Path:
-    m = _DEVICE_RE.fullmatch(dev)
-    if not m:
-        raise ConfigError(f"--device {dev}: expected an NBD device, e.g. /dev/nbd0")
-    return Path("/sys/block") / m.group(1)
-
-
-def device_busy(dev: str) -> str | None:
-    """Why ``dev`` cannot be attached (connected, or claimed by an attachment), or None."""
-    sysfs = _sys_block(dev)
-    if (sysfs / "pid").exists():
-        return "it is connected (nbd-client -c says by whom)"
-    with contextlib.suppress(OSError, ValueError):
-        if int((sysfs / "size").read_text()) > 0:
-            return "it is in use"
-    for att in attachments():
-        if att.device == dev:
-            return f"attachment {att.name} holds it"
-    return None
-
-
-def free_device() -> str:
-    candidates = sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:] or 0))
-    for sysfs in candidates:
-        dev = f"/dev/{sysfs.name}"
-        if os.path.exists(dev) and device_busy(dev) is None:
-            return dev
-    raise ConfigError(f"all {len(candidates)} NBD devices are in use: detach one, or load "
-                      "the module with more (modprobe nbd nbds_max=32)")
-
-
-def holders(dev: str) -> list[str]:
-    """What keeps ``dev`` busy: mount points of it or its partitions, md/dm holders."""
-    sysfs = _sys_block(dev)
-    numbers = set()
-    for node in [sysfs, *sysfs.glob(f"{sysfs.name}p*")]:
-        with contextlib.suppress(OSError):
-            numbers.add((node / "dev").read_text().strip())
-    found = []
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[2] in numbers:
-                found.append(f"mounted on {fields[4]}")
-    with contextlib.suppress(OSError):
-        for node in [sysfs, *sysfs.glob(f"{sysfs.name}p*")]:
-            found += [f"held by {h.name}" for h in (node / "holders").iterdir()]
-    return found
 
 
 # -- attach ----------------------------------------------------------------------------------
@@ -373,7 +171,7 @@ def attach(opts: AttachOptions) -> Attachment:
         if opts.device is not None:
             if not os.path.exists(opts.device):
                 raise ConfigError(f"--device {opts.device} does not exist")
-            _sys_block(opts.device)
+            sys_block(opts.device)
     if shutil.which("nbdkit") is None:
         raise ConfigError("nbdkit is not installed (apt install nbdkit nbdkit-plugin-python)")
     keys = plugin_keys(opts)
@@ -451,7 +249,7 @@ def _start_nbdkit(att: Attachment) -> int:
         except subprocess.TimeoutExpired:
             status = None
     if status != 0:  # the plugin refused its configuration, or nbdkit could not listen
-        pid = _read_pid(pid_file)
+        pid = read_pid(pid_file)
         if pid is not None:
             _stop_process(pid)
         raise ServiceError(f"nbdkit did not start: {_log_tail(att)}")
@@ -467,14 +265,6 @@ def _start_nbdkit(att: Attachment) -> int:
             raise ServiceError(f"nbdkit {'exited' if gone else 'did not start'}: "
                                  f"{_log_tail(att)}")
         time.sleep(0.05)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        pid = int(files.read_regular(path, 32).strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid > 0 else None
 
 
 def _log_tail(att: Attachment) -> str:
@@ -497,17 +287,17 @@ def _connect_device(att: Attachment, device: str, opts: AttachOptions) -> None:
     if opts.readonly:
         command.append("-readonly")
     try:
-        res = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _disconnect_device(device)  # whatever it did before it hung (it was killed)
+        res = commands.run(command, timeout=START_TIMEOUT, check=False)
+    except ServiceError as exc:  # it hung (and was killed), or is not installed
+        _disconnect_device(device)  # whatever it did before it hung
         raise ServiceError(f"nbd-client did not connect {device} within {START_TIMEOUT:g}s "
-                             f"and was stopped; nbdkit said: {_log_tail(att)}") from None
+                           f"({exc}); nbdkit said: {_log_tail(att)}") from None
     if res.returncode != 0:
         said = (res.stderr.strip() or res.stdout.strip()).splitlines()
         raise ServiceError(f"nbd-client could not connect {device}: "
-                             f"{said[-1] if said else 'exit ' + str(res.returncode)}; "
-                             f"nbdkit said: {_log_tail(att)}")
-    size = _sys_block(device) / "size"
+                           f"{said[-1] if said else 'exit ' + str(res.returncode)}; "
+                           f"nbdkit said: {_log_tail(att)}")
+    size = sys_block(device) / "size"
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         with contextlib.suppress(OSError, ValueError):
@@ -529,12 +319,11 @@ def check_kernel(device: str, readonly: bool, sys_root: str = "/sys") -> None:
 
 def _disconnect_device(device: str) -> None:
     try:
-        subprocess.run(["nbd-client", "-d", device], capture_output=True,
-                       timeout=STOP_TIMEOUT * 3)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        commands.run(["nbd-client", "-d", device], timeout=STOP_TIMEOUT * 3, check=False)
+    except ServiceError as exc:
         log.warning("nbd-client -d %s failed (%s): check it with nbd-client -c %s", device,
                     exc, device)
-    pid_path = _sys_block(device) / "pid"
+    pid_path = sys_block(device) / "pid"
     deadline = time.monotonic() + STOP_TIMEOUT
     while pid_path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -570,7 +359,7 @@ def _alive(pid: int) -> bool:
 
 def _remove_folder(folder: Path) -> None:
     """Remove what attach made there, and the folder if nothing else is in it."""
-    for name in _FILES:
+    for name in FILES:
         path = folder / name
         with contextlib.suppress(FileNotFoundError):
             if path.is_symlink() or not path.is_dir():
@@ -594,7 +383,7 @@ def detach(att: Attachment, force: bool = False) -> list[str]:
             if busy:
                 raise ConfigError(f"{att.device} is {', '.join(busy)}: unmount or stop it "
                                   "first; detach would pull the device from under it")
-            connected = (_sys_block(att.device) / "pid").exists()
+            connected = (sys_block(att.device) / "pid").exists()
             if connected:
                 problem = _final_flush(att.device)
                 if problem and not force:
@@ -620,7 +409,7 @@ def detach_leftover(left: Leftover, force: bool = False) -> list[str]:
     pmemblk's own files; returns what it could not do or left behind."""
     warnings = []
     with _locked():
-        if not isinstance(_read_record(left.folder), str):  # an attach finished meanwhile
+        if not isinstance(read_record(left.folder), str):  # an attach finished meanwhile
             raise ConfigError(f"{left.name} is attached again: pmemblk detach {left.name}")
         for device in left.devices():
             busy = holders(device)
@@ -634,7 +423,7 @@ def detach_leftover(left: Leftover, force: bool = False) -> list[str]:
             if problem:
                 warnings.append(f"the final flush of {device} failed ({problem})")
             _disconnect_device(device)
-        pid = _our_nbdkit(left.folder)
+        pid = our_nbdkit(left.folder)
         if pid is not None:
             _stop_process(pid)
         _remove_folder(left.folder)

@@ -141,7 +141,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .servers import parse_names
     from .service import serve
-    from .target import ServeConfig
+    from .session import ServeConfig
 
     transports = parse_names(args.transport)
     listen = parse_address(args.listen, "--listen")
@@ -235,7 +235,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def cmd_detach(args: argparse.Namespace) -> None:
-    from .attach import detach, detach_leftover, find, leftovers
+    from .attach import detach, detach_leftover
+    from .attachments import find, leftovers
 
     left = next((lo for lo in leftovers() if lo.name == args.what), None)
     if left is not None:
@@ -250,7 +251,8 @@ def cmd_detach(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from .attach import live_status, scan
+    from .attach import live_status
+    from .attachments import scan
 
     atts, lefts = scan()
     rows = [live_status(att) for att in atts]
@@ -286,7 +288,8 @@ def cmd_status(args: argparse.Namespace) -> None:
                   else None)
         values = [control.ask_status(socket_path)] if answer is None else []
     else:
-        from .attach import attachments, find, live_status
+        from .attach import live_status
+        from .attachments import attachments, find
 
         atts = [find(args.what)] if args.what is not None else attachments()
         if not atts:
@@ -327,7 +330,8 @@ def _watch_status(args: argparse.Namespace) -> None:
         what = f"the target at {socket_path}"
         ask = lambda: control.ask_status(socket_path)  # noqa: E731
     else:
-        from .attach import attachments, find, live_status
+        from .attach import live_status
+        from .attachments import attachments, find
 
         atts = [find(args.what)] if args.what is not None else attachments()
         if len(atts) != 1:

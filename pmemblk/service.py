@@ -22,7 +22,8 @@ from .control import ControlServer
 from .errors import ConfigError
 from .reactor import Reactor
 from .servers import Server
-from .target import Export, ServeConfig
+from .session import ServeConfig
+from .target import Export
 
 log = logging.getLogger(__name__)
 

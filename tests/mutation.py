@@ -232,7 +232,7 @@ MUTANTS = (
     Mutant("the bytes of failed requests are counted", "pmemblk/stats.py",
            "            s.bytes += nbytes if ok else 0", "            s.bytes += nbytes",
            ("tests/test_stats.py",)),
-    Mutant("detach takes any PID in the pid file for nbdkit", "pmemblk/attach.py",
+    Mutant("detach takes any PID in the pid file for nbdkit", "pmemblk/attachments.py",
            "    return pid if str(folder / \"nbd.sock\").encode() in _cmdline(pid) else None",
            "    return pid",
            (DAYTWO + "::test_detach_after_nbdkit_died",)),
@@ -331,11 +331,11 @@ MUTANTS = (
            "        with contextlib.suppress(OSError):\n            os.unlink(path)",
            "        with contextlib.suppress(OSError):\n            pass",
            (FILES,), select="secret"),
-    Mutant("a wrongly typed attach record is believed", "pmemblk/attach.py",
+    Mutant("a wrongly typed attach record is believed", "pmemblk/attachments.py",
            "    why = _record_problem(record)\n    return record if why is None else why",
            "    return record", (RECORDS,), select="connections"),
     Mutant("a broken attachment's nbdkit is left running", "pmemblk/attach.py",
-           "        pid = _our_nbdkit(left.folder)\n        if pid is not None:\n"
+           "        pid = our_nbdkit(left.folder)\n        if pid is not None:\n"
            "            _stop_process(pid)\n        _remove_folder(left.folder)",
            "        _remove_folder(left.folder)", (RECORDS,), select="torn"),
     Mutant("a failed lane recovery tells writers to recreate the region", "pmemblk/target.py",
@@ -636,7 +636,7 @@ MUTANTS = (
            "    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)\n    try:\n"
            "        if not stat.S_ISREG(os.fstat(fd).st_mode):", (AUDIT,),
            select="fifo_in_place"),
-    Mutant("attach.json is read with read_text again", "pmemblk/attach.py",
+    Mutant("attach.json is read with read_text again", "pmemblk/attachments.py",
            "json.loads(files.read_regular(folder / \"attach.json\", MAX_RECORD))",
            "json.loads((folder / \"attach.json\").read_text())", (AUDIT,),
            select="fifo_in_place and attach"),

@@ -13,7 +13,8 @@ from pmemblk.address import parse_address
 from pmemblk.memkind import devdax_kind, region_kind
 from pmemblk.pmem import PmemRegion
 from pmemblk.protocol import CLIENT_NONCE_SIZE, FLUSH_APM, FLUSH_GPSPM, MAC_SIZE, Auth, Hello
-from pmemblk.target import Admission, Export, Greeting, ServeConfig
+from pmemblk.session import Admission, Greeting, ServeConfig
+from pmemblk.target import Export
 
 MAJ, MIN = 252, 0
 

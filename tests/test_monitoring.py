@@ -21,7 +21,8 @@ from pmemblk.address import parse_address
 from pmemblk.nbdplugin import PluginState
 from pmemblk.pmem import PmemRegion
 from pmemblk.protocol import CLIENT_NONCE_SIZE, MAC_SIZE, Auth, Hello
-from pmemblk.target import Admission, Export, Greeting, ServeConfig
+from pmemblk.session import Admission, Greeting, ServeConfig
+from pmemblk.target import Export
 
 MONITORING = resources.files("pmemblk").joinpath("monitoring")
 RULES = "pmemblk-alerts.yml"

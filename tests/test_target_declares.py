@@ -33,7 +33,8 @@ from pmemblk.protocol import (
     Auth,
     Hello,
 )
-from pmemblk.target import Admission, Export, Greeting, ServeConfig
+from pmemblk.session import Admission, Greeting, ServeConfig
+from pmemblk.target import Export
 
 FLUSH_KINDS = (None, "global", "persistent")
 

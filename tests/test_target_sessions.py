@@ -24,7 +24,8 @@ from pmemblk import atomicblocks, layout
 from pmemblk.address import parse_address
 from pmemblk.pmem import PmemRegion
 from pmemblk.protocol import CLIENT_NONCE_SIZE, MAC_SIZE, Auth, Hello, Reject, Welcome
-from pmemblk.target import Admission, Export, Greeting, ServeConfig
+from pmemblk.session import Admission, Greeting, ServeConfig
+from pmemblk.target import Export
 
 
 def make_region(tmp_path: Path, groups: int) -> str:

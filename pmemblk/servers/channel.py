@@ -54,7 +54,8 @@ from ..protocol import (
 )
 
 if TYPE_CHECKING:
-    from ..target import Admission, Export
+    from ..session import Admission
+    from ..target import Export
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,8 @@ from ..unixsock import listen_unix, unlink_if_ours
 from .channel import DataChannel
 
 if TYPE_CHECKING:
-    from ..target import Admission, Export, Greeting
+    from ..session import Admission, Greeting
+    from ..target import Export
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from ..rdma import Device, EventChannel, RegisteredBuffer, event_name
 from ..reactor import Reactor
 
 if TYPE_CHECKING:
-    from ..target import Admission, Export, Greeting
+    from ..session import Admission, Greeting
+    from ..target import Export
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from pmemblk.address import parse_address
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, RemoteError
 from pmemblk.pmem import PmemRegion
-from pmemblk.target import Export, ServeConfig
+from pmemblk.session import ServeConfig
+from pmemblk.target import Export
 from pmemblk.transport.stream import StreamTransport
 
 from ..blockmap import check_map
