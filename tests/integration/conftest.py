@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from pmemblk.client import Client
 from pmemblk.nbdplugin import PluginConfig, connect
 
-from ..procs import Nbdkit, Target, pmemblk
+from ..procs import Nbdkit, Target, our_nbdkits, pmemblk
 
 SIZE = 64 << 20  # region file size; the export is 4 KiB less
 
@@ -59,3 +62,16 @@ def read(c: Client, offset: int, n: int) -> bytes:
     buf = bytearray(n)
     c.pread(memoryview(buf), offset)
     return bytes(buf)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``pmemblk attach``'s state folder, private to the test. A failing test (or a mutant)
+    must not leave an nbdkit behind: every one whose command line names this test's folder
+    is stopped, pid file or not."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
+    yield folder
+    for pid in our_nbdkits(tmp_path):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)

@@ -24,7 +24,6 @@ import pytest
 
 from ..procs import PY, Target, our_nbdkits, pmemblk, run, wait_until
 from .conftest import needs_nbdkit
-from .test_daytwo import run_dir  # noqa: F401 - the fixture
 from .test_files import full  # noqa: F401 - the fixture
 from .test_hostile import needs_root, one_error_line, serve_once
 
@@ -356,7 +355,7 @@ def tcp_target(region: str, tmp_path: Path) -> Iterator[Target]:
 @needs_nbdkit
 @pytest.mark.parametrize("record", ["nbdkit.pid", "attach.json"])
 def test_a_fifo_in_place_of_a_record_does_not_hang_list_or_status(
-        tcp_target: Target, run_dir: Path, record: str) -> None:  # noqa: F811
+        tcp_target: Target, run_dir: Path, record: str) -> None:
     """list, status and detach opened it to read and waited for a writer for ever."""
     pmemblk("attach", tcp_target.listen, "--no-device", "--name", "f0")
     path = run_dir / "f0" / record

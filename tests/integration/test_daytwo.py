@@ -4,13 +4,11 @@ tests/vm/test_daytwo.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +21,6 @@ from ..procs import PY, Target, our_nbdkits, pmemblk, run
 from .conftest import needs_nbdkit
 
 pytestmark = needs_nbdkit
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "run"
-    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
-    yield folder
-    # A failing test (or a mutant) must not leave an nbdkit behind: stop every one whose
-    # command line names this test's folder, pid file or not.
-    for pid in our_nbdkits(tmp_path):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def families(text: str) -> dict[str, Metric]:

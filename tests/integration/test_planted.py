@@ -18,7 +18,6 @@ from pmemblk.transport.stream import StreamTransport
 
 from ..procs import Target, our_nbdkits, pmemblk
 from .conftest import needs_nbdkit, read
-from .test_daytwo import run_dir  # noqa: F401 - the fixture
 
 
 @pytest.fixture
@@ -94,7 +93,7 @@ def test_a_client_that_lost_data_is_shown_failing(target: Target, region: str,
 
 @needs_nbdkit
 def test_attach_without_a_name_gives_export0_then_export1(
-        target: Target, run_dir: Path) -> None:  # noqa: F811
+        target: Target, run_dir: Path) -> None:
     uris = [pmemblk("attach", target.listen, "--no-device", "--readonly").stdout.strip()
             for _ in range(2)]
     assert uris == [f"nbd+unix:///?socket={run_dir / name / 'nbd.sock'}"

@@ -14,7 +14,7 @@ import pytest
 
 from ..procs import Target, our_nbdkits, pmemblk
 from .conftest import needs_nbdkit
-from .test_daytwo import one_line, run_dir  # noqa: F401 - the fixture
+from .test_daytwo import one_line
 
 pytestmark = needs_nbdkit
 
@@ -56,7 +56,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 
 @pytest.mark.parametrize("how", DAMAGE)
 def test_a_damaged_record_is_listed_as_broken_and_detach_stops_its_nbdkit(
-        target: Target, run_dir: Path, how: str) -> None:  # noqa: F811
+        target: Target, run_dir: Path, how: str) -> None:
     pmemblk("attach", target.listen, "--no-device", "--name", "d0")
     (pid,) = our_nbdkits(run_dir)
     DAMAGE[how](run_dir / "d0" / "attach.json")
@@ -76,7 +76,7 @@ def test_a_damaged_record_is_listed_as_broken_and_detach_stops_its_nbdkit(
 
 
 def test_a_folder_left_for_a_foreign_file_is_listed_and_detach_says_what_it_left(
-        target: Target, run_dir: Path) -> None:  # noqa: F811
+        target: Target, run_dir: Path) -> None:
     pmemblk("attach", target.listen, "--no-device", "--name", "d1")
     foreign = run_dir / "d1" / "notes.txt"
     foreign.write_text("mine\n")

@@ -3,32 +3,18 @@ target's control socket; a bounded number of refreshes, and a clean end when the
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
-import pytest
 
 from pmemblk.watch import Sample, frame
 
-from ..procs import PY, Target, our_nbdkits, pmemblk
+from ..procs import PY, Target, pmemblk
 from .conftest import needs_nbdkit
 
 pytestmark = needs_nbdkit
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "run"
-    monkeypatch.setenv("PMEMBLK_RUN_DIR", str(folder))
-    yield folder
-    for pid in our_nbdkits(tmp_path):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_rates_are_the_differences_over_the_interval() -> None:
