@@ -39,7 +39,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from . import commands, files, nbdplugin, nbdqueue
+from . import commands, files, nbdqueue, plugin_instance
 from .attachments import (
     FILES,
     NBDKIT_THREADS,
@@ -81,7 +81,7 @@ class AttachOptions:
     #: nbdkit worker threads per NBD connection (None: NBDKIT_THREADS shared by them all).
     threads: int | None = None
     name: str | None = None
-    reconnect_timeout: float = nbdplugin.DEFAULT_RECONNECT_TIMEOUT
+    reconnect_timeout: float = plugin_instance.DEFAULT_RECONNECT_TIMEOUT
     allow_visibility_only: bool = False
     #: Plugin keys tls= and tls-certificates= (pmemblk.tls).
     tls: str = "off"
@@ -138,13 +138,13 @@ def plugin_keys(opts: AttachOptions) -> list[str]:
 def check_target(opts: AttachOptions, keys: list[str]) -> None:
     """Parse the keys as the plugin will, and connect once: a wrong address, secret or flush
     method fails here, in one line, before anything is started."""
-    cfg = nbdplugin.PluginConfig()
+    cfg = plugin_instance.PluginConfig()
     for key in keys:
         k, _, v = key.partition("=")
         cfg.set(k, v)
     cfg.complete()
     # Read-only: the probe must not hold the writer slot the device is about to take.
-    with nbdplugin.connect(cfg, readonly=True):
+    with plugin_instance.connect(cfg, readonly=True):
         pass
 
 
@@ -157,7 +157,7 @@ def attach(opts: AttachOptions) -> Attachment:
         threads = max(1, NBDKIT_THREADS // opts.connections)
     if not 1 <= threads <= MAX_THREADS:
         raise ConfigError(f"--threads must be from 1 to {MAX_THREADS}")
-    if opts.name is not None and not nbdplugin.NAME_RE.fullmatch(opts.name):
+    if opts.name is not None and not plugin_instance.NAME_RE.fullmatch(opts.name):
         raise ConfigError(f"--name {opts.name!r}: use letters, digits, '.', '_' and '-' "
                           "(at most 64)")
     if opts.device is not None and opts.no_device:

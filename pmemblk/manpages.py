@@ -1,6 +1,6 @@
 """The man pages, made from what they describe so they cannot drift: pmemblk(8) from the
 command's argument parser (by argparse-manpage), nbdkit-pmemblk-plugin(1) from the plugin's key
-table (nbdplugin.KEY_TABLE).
+table (plugin_instance.KEY_TABLE).
 
 They are checked in under ``pmemblk/man/`` (package data, and ``share/man`` for pip), so an
 install needs no generator; tests/test_manpages.py regenerates them and fails when the
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .nbdplugin import KEY_TABLE
+from .plugin_instance import KEY_TABLE
 
 #: Where the checked-in pages live, and the name each is installed under.
 MAN_DIR = Path(__file__).parent / "man"

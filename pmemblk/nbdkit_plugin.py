@@ -7,7 +7,7 @@ package so an installed pmemblk has it. Three ways to load it, all the same call
     nbdkit python plugin/pmemblk.py target=... from a checkout
     nbdkit python $(pmemblk plugin-path) ...   what ``pmemblk attach`` runs
 
-Callbacks are in lifecycle order and only forward to pmemblk.nbdplugin; errors become
+Callbacks are in lifecycle order and only forward to pmemblk.plugin_instance; errors become
 nbdkit.set_error(errno) and then raise. See docs/nbdkit-plugin.md.
 """
 
@@ -23,7 +23,7 @@ import nbdkit
 import pmemblk
 from pmemblk.client import Client
 from pmemblk.errors import PmemblkError
-from pmemblk.nbdplugin import KEYS, PluginState, describe, keys_help
+from pmemblk.plugin_instance import KEYS, PluginState, describe, keys_help
 
 __all__ = [
     "API_VERSION", "after_fork", "block_size", "can_fast_zero", "can_flush", "can_fua",

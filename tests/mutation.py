@@ -152,7 +152,7 @@ MUTANTS = (
            "c.wrote_at is not None and (with_own or c is not own)]",
            "c.wrote_at is not None and c is own and with_own]",
            (CLIENT + "::test_a_flush_orders_the_writes_of_every_channel",)),
-    Mutant("each NBD connection is a client of its own", "pmemblk/nbdplugin.py",
+    Mutant("each NBD connection is a client of its own", "pmemblk/plugin_instance.py",
            "if client is not None and client.broken is None and client.lost is None:",
            "if False:", (MULTICONN + "::test_writes_on_three_connections_a_flush_on_a_fourth"
                          "_survive_a_power_cut",)),
@@ -370,7 +370,7 @@ MUTANTS = (
            "        self._lane_grant = int.from_bytes(os.urandom(4), \"little\")",
            "        self._lane_grant = 0", (CHANNELS_IT,), select="restarted_target"),
     Mutant("a plugin client replacing a failed one joins its session and lanes",
-           "pmemblk/nbdplugin.py",
+           "pmemblk/plugin_instance.py",
            "            config = self.config if client is None else dataclasses.replace(",
            "            config = self.config if True else dataclasses.replace(", (CHANNELS_IT,),
            select="replaces_a_lost_one"),
@@ -654,10 +654,10 @@ MUTANTS = (
            select="zero_client_id",
            equivalent="a session is filed under its client id only if the id is not all zero, "
            "so looking up zeros finds none either way; test_planted.py guards the rule itself"),
-    Mutant("planted: a lost plugin client is shared on", "pmemblk/nbdplugin.py",
+    Mutant("planted: a lost plugin client is shared on", "pmemblk/plugin_instance.py",
            'if client is not None and client.broken is None and client.lost is None:',
            'if client is not None and client.broken is None:', (CHANNELS_IT,), select="replaces_a_lost_one"),  # noqa: E501
-    Mutant("planted: a plugin client closes with its second-to-last connection", "pmemblk/nbdplugin.py",  # noqa: E501
+    Mutant("planted: a plugin client closes with its second-to-last connection", "pmemblk/plugin_instance.py",  # noqa: E501
            'if refs > 0:',
            'if refs > 1:', (PLANTED,), select="closes_with_the_last"),
     Mutant("planted: a reconnect to another block size is accepted", "pmemblk/client.py",
@@ -703,7 +703,8 @@ MUTANTS = (
     Mutant("planted: attach has no default name for the first attachment", "pmemblk/attach.py",
            'for i in range(len(taken) + 1) if f"export{i}" not in taken',
            'for i in range(len(taken)) if f"export{i}" not in taken', (PLANTED,), select="without_a_name"),  # noqa: E501
-    Mutant("planted: a plugin client that lost data is not shown failing", "pmemblk/nbdplugin.py",
+    Mutant("planted: a plugin client that lost data is not shown failing",
+           "pmemblk/plugin_instance.py",
            'broken = [c.broken or c.lost for c in clients if c.broken or c.lost]',
            'broken = [c.broken for c in clients if c.broken]', (PLANTED,), select="shown_failing"),
     # -- branch tls (issue 27 item 3): TLS on the stream transport
@@ -734,13 +735,13 @@ MUTANTS = (
     Mutant("tls=require falls back to plaintext", "pmemblk/transport/stream.py",
            'if tls.mode != "on" or not answered_in_plaintext(exc):',
            "if not answered_in_plaintext(exc):", (TLS_IT,), "off_target"),
-    Mutant("the client does not check the target's name", "pmemblk/nbdplugin.py",
+    Mutant("the client does not check the target's name", "pmemblk/plugin_instance.py",
            "self.tls_certificates or None, isinstance(self.target, TCPAddress)))",
            "self.tls_certificates or None, False))", (TLS_IT,), "wrong_ca"),
     Mutant("a TLS channel replies with sendmsg", "pmemblk/servers/channel.py",
            "self._send = self._send_tls if isinstance(sock, ssl.SSLSocket) else self._send_plain",
            "self._send = self._send_plain", (TLS_IT,), "on_serves"),
-    Mutant("transport=verbs takes tls=require", "pmemblk/nbdplugin.py",
+    Mutant("transport=verbs takes tls=require", "pmemblk/plugin_instance.py",
            'if self.tls == "require" and self.transport == "verbs":',
            'if self.tls == "require" and self.transport == "rdma":', (TLS_IT,), "plugin_keys"),
     Mutant("a reset after the TLS byte escapes the target's reactor",
@@ -748,11 +749,11 @@ MUTANTS = (
            "            except OSError as exc:  # it reset since the peek",
            "            except ValueError as exc:  # it reset since the peek", (TLS_IT,),
            "then_a_reset"),
-    Mutant("transport=auto picks RDMA under tls=require", "pmemblk/nbdplugin.py",
+    Mutant("transport=auto picks RDMA under tls=require", "pmemblk/plugin_instance.py",
            '    if cfg.tls == "require":\n        return "tcp"',
            '    if cfg.tls == "never":\n        return "tcp"', (TLS_IT,), "auto_never"),
     # -- wt-man (issue 28 items 3, 4; issue 25 item 5's key table): man pages, completion, alerts
-    Mutant("man: a plugin key sets nothing", "pmemblk/nbdplugin.py",
+    Mutant("man: a plugin key sets nothing", "pmemblk/plugin_instance.py",
            "setattr(self, spec.field, spec.parse(key, value))", "spec.parse(key, value)",
            ("tests/test_plugin_keys.py",)),
     Mutant("man: the plugin page leaves out the last key", "pmemblk/manpages.py",

@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "pmemblk"
 
 #: What runs in the plugin's or attach's process, and what runs in the target's.
-CLIENT_SIDE = ("client", "blockmap", "flush", "transport", "nbdplugin", "nbdkit_plugin",
+CLIENT_SIDE = ("client", "blockmap", "flush", "transport", "plugin_instance", "nbdkit_plugin",
                "attach", "attachments", "install", "status")
 TARGET_SIDE = ("target", "session", "service", "servers")
 #: The on-media format: the region header, atomic blocks, the mapping of the region.

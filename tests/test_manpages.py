@@ -13,7 +13,7 @@ import pytest
 
 from pmemblk import manpages
 from pmemblk.cli import build_parser
-from pmemblk.nbdplugin import KEY_TABLE
+from pmemblk.plugin_instance import KEY_TABLE
 
 from .conftest import ROOT
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pmemblk import layout
 from pmemblk.address import parse_address
-from pmemblk.nbdplugin import PluginState
+from pmemblk.plugin_instance import PluginState
 from pmemblk.pmem import PmemRegion
 from pmemblk.protocol import CLIENT_NONCE_SIZE, MAC_SIZE, Auth, Hello
 from pmemblk.session import Admission, Greeting, ServeConfig

@@ -4,7 +4,7 @@ import pytest
 
 from pmemblk.address import TCPAddress, UnixAddress
 from pmemblk.errors import ConfigError
-from pmemblk.nbdplugin import PluginConfig, parse_bool
+from pmemblk.plugin_instance import PluginConfig, parse_bool
 
 
 def configured(**keys: str) -> PluginConfig:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from pmemblk import nbdplugin
+from pmemblk import plugin_instance
 from pmemblk.address import UnixAddress
-from pmemblk.nbdplugin import KEY_TABLE, KEYS, PluginConfig
+from pmemblk.plugin_instance import KEY_TABLE, KEYS, PluginConfig
 
 from .conftest import ROOT
 
@@ -57,7 +57,7 @@ def test_each_key_sets_its_own_field_only(key: str) -> None:
 
 
 def test_help_docs_and_plugin_name_every_key() -> None:
-    doc = nbdplugin.__doc__ or ""
+    doc = plugin_instance.__doc__ or ""
     plugin_doc = (ROOT / "docs" / "nbdkit-plugin.md").read_text()
     for key in KEY_TABLE:
         assert f"    {key.usage}\n" in doc, key.name

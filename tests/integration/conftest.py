@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pmemblk.client import Client
-from pmemblk.nbdplugin import PluginConfig, connect
+from pmemblk.plugin_instance import PluginConfig, connect
 
 from ..procs import Nbdkit, Target, our_nbdkits, pmemblk
 

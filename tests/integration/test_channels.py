@@ -150,12 +150,12 @@ def test_a_plugin_client_that_replaces_a_lost_one_never_shares_its_lanes(
         atomic_region: str, tmp_path: Path) -> None:
     """A plugin instance's client finds the target after a power cut with writes unflushed
     (every FLUSH fails from then on; its writes still go through). A new NBD connection then
-    gets a new client (nbdplugin.PluginState.open) while the old one's connections still
+    gets a new client (plugin_instance.PluginState.open) while the old one's connections still
     write. With the plugin's one client id the new one joined the old one's session and was
     given the same lanes: two block maps moving blocks through one set of lanes (the new one's
     first write failed on the old one's unsettled record: EIO). A client of its own is
     refused the writer slot while the old one holds it, and admitted once that has gone."""
-    from pmemblk.nbdplugin import PluginState
+    from pmemblk.plugin_instance import PluginState
 
     image = str(tmp_path / "durable.img")
     t = serve(atomic_region, tmp_path, "--testing-durable-image", image)

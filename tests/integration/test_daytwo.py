@@ -197,7 +197,7 @@ def test_install_plugin_runs_under_nbdkit(tmp_path: Path) -> None:
     assert installed.read_text().startswith("#!")
     res = run(str(installed), "--dump-plugin")
     from pmemblk import __version__
-    from pmemblk.nbdplugin import KEYS
+    from pmemblk.plugin_instance import KEYS
     assert f"pmemblk_version={__version__}" in res.stdout
     assert f"pmemblk_keys={','.join(KEYS)}" in res.stdout
 

@@ -20,7 +20,7 @@ import pytest
 from pmemblk import protocol as p
 from pmemblk.client import Client
 from pmemblk.errors import GaveUp, RemoteError, RequestError, TransportError
-from pmemblk.nbdplugin import PluginConfig, connect
+from pmemblk.plugin_instance import PluginConfig, connect
 
 from ..conftest import report
 from ..procs import PY, Target, pmemblk, region_info, run
@@ -155,7 +155,7 @@ def test_a_lost_commit_reply_without_reconnect_is_an_error_not_a_success(
 KEEPS_FAILING = """
 import sys, time
 from pmemblk.errors import GaveUp
-from pmemblk.nbdplugin import PluginConfig, connect
+from pmemblk.plugin_instance import PluginConfig, connect
 cfg = PluginConfig()
 for kv in (("target", sys.argv[1]), ("transport", "tcp"), ("flush", "gpspm"),
            ("reconnect-timeout", "2"), ("timeout", "2")):

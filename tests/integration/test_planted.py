@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pmemblk.errors import RemoteError
-from pmemblk.nbdplugin import PluginState
+from pmemblk.plugin_instance import PluginState
 from pmemblk.transport.stream import StreamTransport
 
 from ..procs import Target, our_nbdkits, pmemblk

@@ -20,7 +20,7 @@ import pytest
 
 from pmemblk.client import Client
 from pmemblk.errors import ConfigError, ConnectionLost, RemoteError, TransportError
-from pmemblk.nbdplugin import PluginConfig, auto_choice
+from pmemblk.plugin_instance import PluginConfig, auto_choice
 from pmemblk.tls import make_certificates
 
 from ..procs import PY, Nbdkit, Target, pmemblk, run
@@ -61,7 +61,7 @@ def tls_client(target: Target | str, mode: str, folder: Path | None) -> Client:
                            *(k.split("=", 1) for k in keys)):
             cfg.set(key, value)
         cfg.complete()
-        from pmemblk.nbdplugin import connect
+        from pmemblk.plugin_instance import connect
 
         return connect(cfg, readonly=False)
     return plugin_client(target, "gpspm", 0, 10, *keys)

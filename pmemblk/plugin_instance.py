@@ -1,4 +1,6 @@
-"""What the nbdkit plugin does, without nbdkit: configuration and the plugin instance's state.
+"""The plugin instance, without nbdkit: its keys, how it connects, and its state.
+
+(``pmemblk.nbdkit_plugin`` is what nbdkit loads: the callbacks, which only forward here.)
 
 One plugin instance (one nbdkit process) is one client of the target: its NBD connections
 share a ``Client`` (one per access mode), whose nbdkit worker threads each get a channel of
